@@ -1,0 +1,230 @@
+"""The command line: ``streamattn run | select | generate | inspect``.
+
+Every command validates its inputs before reading data, prints one clear line and exits
+non-zero on bad input (never a traceback for a user error), and writes outputs
+atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamattn.config import RunConfig, load_config, to_dict
+from streamattn.errors import StreamattnError
+from streamattn.memory import peak_rss_bytes
+from streamattn.outputs import check_writable
+from streamattn.source import open_keys
+from streamattn.synthetic import SyntheticSpec, ensure_store, generate_store
+from streamattn.universal import (
+    Selection,
+    UniversalSet,
+    save_universal_sets,
+    universal_sets,
+)
+
+
+def _say(args: argparse.Namespace, *lines: str) -> None:
+    if not getattr(args, "quiet", False):
+        for line in lines:
+            print(line)
+
+
+def _summary_lines(name: str, uset: UniversalSet) -> list[str]:
+    c = uset.certificate
+    head = uset.indices[:10].tolist()
+    more = " ..." if len(uset) > 10 else ""
+    bound = f", bound rank/eps = {c['size_bound']:.0f}" if "size_bound" in c else ""
+    return [
+        f"  {name}: |U| = {len(uset)}{bound}  (variant {c['variant']}, mode {c['mode']}, "
+        f"passes {c['passes']}, rank {c['numerical_rank']} at rtol {c['rank_rtol']:g})",
+        f"    indices {head}{more}",
+    ]
+
+
+def _compute_and_save(
+    args: argparse.Namespace,
+    source: Any,
+    named: dict[str, Selection],
+    *,
+    out: Path,
+    overwrite: bool,
+    chunk_rows: int | None,
+    engine: str,
+    config: dict[str, Any],
+    progress: bool,
+) -> dict[str, UniversalSet]:
+    check_writable(out, overwrite)
+    t0 = time.perf_counter()
+    results = universal_sets(
+        source, list(named.values()), chunk_rows=chunk_rows, engine=engine, progress=progress
+    )
+    seconds = time.perf_counter() - t0
+    sets = dict(zip(named, results, strict=True))
+    report = {
+        "config": config,
+        "seconds": seconds,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "sets": {
+            name: {"size": len(u), "indices_head": u.indices[:20], "certificate": u.certificate}
+            for name, u in sets.items()
+        },
+    }
+    save_universal_sets(out, sets, report=report, overwrite=overwrite)
+    _say(args, f"streamattn: {len(sets)} universal set(s) in {seconds:.1f} s -> {out}")
+    for name, uset in sets.items():
+        _say(args, *_summary_lines(name, uset))
+    _say(args, "  guarantee: x^2 / (x+c)^2 attention only; softmax coverage must be measured.")
+    return sets
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg: RunConfig = load_config(args.config)
+    path = Path(cfg.input.path)
+    if cfg.input.generate is not None:
+        _, made = ensure_store(path, cfg.input.generate)
+        _say(args, f"streamattn: {'generated' if made else 'using cached'} store {path}")
+    source = open_keys(path, array=cfg.input.array)
+    _say(args, f"streamattn: {source.label}: n = {source.n}, d = {source.d}, {source.dtype}")
+    named = {s.name: s.selection() for s in cfg.select}
+    _compute_and_save(
+        args,
+        source,
+        named,
+        out=Path(cfg.output.dir),
+        overwrite=cfg.output.overwrite or args.overwrite,
+        chunk_rows=cfg.engine.chunk_rows,
+        engine=cfg.engine.kind,
+        config=to_dict(cfg),
+        progress=cfg.progress and not args.quiet,
+    )
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    source = open_keys(args.input, array=args.array)
+    sel = Selection(args.eps, args.variant, args.budget, args.rtol)
+    sel.check(source.n)
+    name = f"{args.variant}" + (f"-eps{args.eps:g}" if args.eps else "") + (
+        f"-top{args.budget}" if args.budget else ""
+    )
+    _compute_and_save(
+        args,
+        source,
+        {name: sel},
+        out=Path(args.out),
+        overwrite=args.overwrite,
+        chunk_rows=args.chunk_rows,
+        engine=args.engine,
+        config={"command": "select", **{k: v for k, v in vars(args).items() if k != "func"}},
+        progress=not args.quiet,
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    spec = SyntheticSpec(
+        n=args.n,
+        d=args.d,
+        rank=min(args.rank, args.d),
+        noise=args.noise,
+        outliers=args.outliers,
+        seed=args.seed,
+        chunk_rows=args.chunk_rows,
+        dtype=args.dtype,
+        compressor=args.compressor,
+    )
+    t0 = time.perf_counter()
+    generate_store(args.out, spec, overwrite=args.overwrite)
+    _say(args, f"streamattn: wrote {args.out} ({spec.n} x {spec.d} {spec.dtype}) "
+         f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    source = open_keys(args.input, array=args.array)
+    info = source.describe()
+    rows = source.read(0, min(source.n, 4096)).rows.astype(np.float64)
+    norms = np.linalg.norm(rows, axis=1)
+    info["sample_rows"] = int(rows.shape[0])
+    info["sample_mean_norm"] = float(norms.mean())
+    info["sample_mean_key_norm_ratio"] = float(np.linalg.norm(rows.mean(0)) / norms.mean())
+    info["default_chunk_rows"] = source.default_chunk_rows()
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamattn",
+        description="Heavy parts of attention over key stores far longer than memory.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+    p = sub.add_parser("run", help="run a config (default: the embedded default job)")
+    p.add_argument("config", nargs="?", help="YAML config; none = embedded default")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("select", help="universal set of one key store")
+    p.add_argument("input", help="zarr array/group or .npy file")
+    p.add_argument("--array", help="key array name inside a zarr group (default keys)")
+    p.add_argument("--eps", type=float, help="threshold: keep keys with score >= eps")
+    p.add_argument("--variant", choices=["plain", "affine"], default="plain")
+    p.add_argument("--budget", type=int, help="keep the top-B keys by score")
+    p.add_argument("--rtol", type=float, default=1e-10, help="numerical-rank tolerance")
+    p.add_argument("--chunk-rows", type=int, help="rows per block (default: storage-aligned)")
+    p.add_argument("--engine", default="local", help="engine (default local)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    common(p)
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("generate", help="write a deterministic synthetic key store")
+    p.add_argument("out", help="output zarr group path")
+    defaults = SyntheticSpec()
+    p.add_argument("--n", type=int, default=defaults.n)
+    p.add_argument("--d", type=int, default=defaults.d)
+    p.add_argument("--rank", type=int, default=defaults.rank)
+    p.add_argument("--noise", type=float, default=defaults.noise)
+    p.add_argument("--outliers", type=int, default=defaults.outliers)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--chunk-rows", type=int, default=defaults.chunk_rows)
+    p.add_argument("--dtype", default=defaults.dtype, choices=["float16", "float32", "float64"])
+    p.add_argument("--compressor", default=defaults.compressor, choices=["zstd", "none"])
+    p.add_argument("--overwrite", action="store_true")
+    common(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="describe a key store (shape, dtype, chunks)")
+    p.add_argument("input")
+    p.add_argument("--array")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except StreamattnError as exc:
+        print(f"streamattn: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("streamattn: interrupted; no output was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

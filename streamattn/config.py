@@ -1,0 +1,168 @@
+"""Run configuration: YAML → frozen dataclasses, validated, unknown keys refused.
+
+The embedded default (``RunConfig()``) is what ``streamattn run`` does with no argument;
+``configs/default.yaml`` spells it out and a test keeps the two equal. Every section is
+a frozen dataclass; ``load_config`` rejects unknown keys with the dotted path of the key
+and the closest known name, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from streamattn.errors import ConfigError
+from streamattn.synthetic import SyntheticSpec
+from streamattn.universal import Selection
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Where the keys are; with ``generate``, the store is made there once and cached."""
+
+    path: str = "data/default-keys.zarr"
+    array: str | None = None
+    generate: SyntheticSpec | None = None
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """One universal set to compute (see ``streamattn.universal.Selection``)."""
+
+    name: str
+    eps: float | None = None
+    variant: str = "plain"
+    budget: int | None = None
+    rtol: float = 1e-10
+
+    def selection(self) -> Selection:
+        return Selection(self.eps, self.variant, self.budget, self.rtol)
+
+
+def _default_selections() -> tuple[SelectionConfig, ...]:
+    return (
+        SelectionConfig(name="plain-eps0.01", eps=0.01, variant="plain"),
+        SelectionConfig(name="affine-eps0.01", eps=0.01, variant="affine"),
+        SelectionConfig(name="affine-top256", variant="affine", budget=256),
+    )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the pass runs: ``kind`` local (one process) or another registered engine."""
+
+    kind: str = "local"
+    chunk_rows: int | None = None
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where results go; an existing output is replaced (atomically) only if ``overwrite``."""
+
+    dir: str = "runs/default"
+    overwrite: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole ``streamattn run``."""
+
+    input: InputConfig = field(default_factory=lambda: InputConfig(generate=SyntheticSpec()))
+    select: tuple[SelectionConfig, ...] = field(default_factory=_default_selections)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    progress: bool = True
+
+    def check(self) -> None:
+        names = [s.name for s in self.select]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"select: selection names must be unique, got {names}.")
+        for i, sel in enumerate(self.select):
+            try:
+                sel.selection().check()
+            except ConfigError as exc:
+                raise ConfigError(f"select[{i}] ({sel.name}): {exc}") from exc
+        if self.input.generate is not None:
+            self.input.generate.check()
+        if self.engine.chunk_rows is not None and self.engine.chunk_rows < 1:
+            raise ConfigError(f"engine.chunk_rows must be >= 1, got {self.engine.chunk_rows}.")
+
+
+def _build(tp: Any, value: Any, where: str) -> Any:
+    """Build a value of type ``tp`` from plain YAML data, naming ``where`` on error."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _build(args[0], value, where) if len(args) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}.")
+        return from_dict(tp, value, where)  # type: ignore[arg-type]
+    if origin is tuple:
+        (item,) = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}.")
+        return tuple(_build(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (
+        isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}.")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, refusing unknown or mistyped keys."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{where}: unknown key {key!r}{hint}; known keys: {', '.join(names)}."
+            )
+        kwargs[key] = _build(hints[key], value, f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data form of a config (for provenance records and the default YAML)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    """Read a YAML run config (``None``: the embedded default), validated."""
+    if path is None:
+        cfg = RunConfig()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found.")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config must be a mapping at the top level.")
+        cfg = from_dict(RunConfig, data, where=str(path))
+    cfg.check()
+    return cfg

@@ -1,0 +1,36 @@
+"""The local engine: one sequential pass folding every block through every operator.
+
+Reads run ahead in a background thread (``KeySource.blocks``), so reading and
+decompressing the next block overlaps with the BLAS work on the current one. Several
+operators share each block: one read of the data serves them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from streamattn.operators.protocol import Operator
+from streamattn.progress import progress_bar
+from streamattn.source import KeySource
+
+
+def run_local(
+    source: KeySource,
+    operators: Sequence[Operator],
+    *,
+    chunk_rows: int | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    progress: bool = False,
+    prefetch: int = 2,
+    description: str = "pass",
+) -> list[Operator]:
+    """Fold rows ``[start, stop)`` of ``source`` into each operator, in order, in place."""
+    ops = list(operators)
+    stop = source.n if stop is None else stop
+    with progress_bar(stop - start, description, enabled=progress) as bar:
+        for block in source.blocks(chunk_rows, start=start, stop=stop, prefetch=prefetch):
+            for op in ops:
+                op.update(block)
+            bar.update(block.rows.shape[0])
+    return ops

@@ -1,0 +1,14 @@
+"""Mergeable operators (sketches). Each module holds one algorithm family."""
+
+from streamattn.operators.leverage import LeverageScores, LeverageSpec, TopScores, TopScoresSpec
+from streamattn.operators.protocol import Operator, RowRanges, State
+
+__all__ = [
+    "LeverageScores",
+    "LeverageSpec",
+    "Operator",
+    "RowRanges",
+    "State",
+    "TopScores",
+    "TopScoresSpec",
+]

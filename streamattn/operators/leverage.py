@@ -1,0 +1,287 @@
+"""Leverage scores and the exact one-pass LevAttention universal set (p = 2).
+
+Mathematics (DESIGN 2.1; Kannan, Bhattacharyya, Kacham, Woodruff, arXiv 2410.05462).
+For keys k_j (rows of K) and G = KᵀK, the leverage score is τ_j = k_jᵀ G⁺ k_j. For
+f(x) = x² attention, A_qj = (q·k_j)² / Σ_l (q·k_l)² ≤ τ_j for every query q
+(Cauchy–Schwarz in the G metric), and Σ_j τ_j = rank(K) ≤ d. Hence
+U_ε = {j : τ_j ≥ ε} holds every key that any query weights ≥ ε, and |U_ε| ≤ rank/ε.
+
+One pass, exact. The state is (R, C): R the triangular factor of all rows seen so far
+(TSQR in float64: R ← qr([R; block]).R, never the normal equations, since real keys have
+cond(KᵀK) ≈ 1e13), and C the candidate rows whose score against the current R is
+≥ threshold. Adding rows only lowers every score (G grows in Loewner order), so a row
+dropped once never qualifies again: no false negatives, and |C| ≤ rank/threshold at
+every step. Merge stacks the two factors and re-prunes. The final set is the offline
+U_ε for any chunking and merge tree, up to float rounding at the threshold itself.
+
+Numerical rank: scores use the pseudo-inverse on the numerical range of R,
+σ_i > rtol · σ_max (default rtol = 1e-10), computed from the SVD of the d × d factor.
+
+Affine variant: each key is augmented with a constant 1, k̃_j = (k_j, 1). Its score is
+τ̃_j = 1/n + (k_j − μ)ᵀ S⁺ (k_j − μ) (μ the mean, S the scatter matrix): centred
+leverage. It bounds (q·k_j + c)² shares for every query q and every offset c, and
+softmax is unchanged by a common key offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+
+from streamattn.operators.protocol import Operator, State
+from streamattn.source import Block
+
+DEFAULT_RTOL = 1e-10
+
+
+def augment(rows: np.ndarray, affine: bool) -> np.ndarray:
+    """Rows as float64, with a constant-1 column appended for the affine variant."""
+    x = np.asarray(rows, dtype=np.float64)
+    if not affine:
+        return x
+    return np.hstack([x, np.ones((x.shape[0], 1))])
+
+
+def stack_qr(*parts: np.ndarray) -> np.ndarray:
+    """The R factor of the vertically stacked parts (float64, economy, min(m, d) × d)."""
+    stacked = np.vstack(parts)
+    if stacked.shape[0] == 0:
+        return stacked
+    return scipy.linalg.qr(stacked, mode="r", overwrite_a=True, check_finite=False)[0][
+        : min(stacked.shape)
+    ]
+
+
+@dataclass(frozen=True)
+class ScoringMap:
+    """W with τ(k) = ‖k W‖²: the pseudo-inverse of R on its numerical range.
+
+    From R = U Σ Vᵀ we get KᵀK = V Σ² Vᵀ, so τ(k) = ‖Σ_r⁻¹ V_rᵀ k‖², W = V_r Σ_r⁻¹.
+    """
+
+    w: np.ndarray
+    rank: int
+    sigma_max: float
+    sigma_min_kept: float
+    abs_tol: float
+
+    @classmethod
+    def from_factor(cls, r: np.ndarray, rtol: float, d: int) -> ScoringMap:
+        if r.shape[0] == 0:
+            return cls(np.zeros((d, 0)), 0, 0.0, 0.0, 0.0)
+        _, s, vt = np.linalg.svd(r, full_matrices=False)
+        tol = rtol * s[0]
+        rank = int(np.count_nonzero(s > tol)) if s[0] > 0 else 0
+        w = vt[:rank].T / s[:rank]
+        return cls(w, rank, float(s[0]), float(s[rank - 1]) if rank else 0.0, float(tol))
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """τ for each row of ``x`` (already augmented, float64)."""
+        y = x @ self.w
+        return np.einsum("ij,ij->i", y, y)
+
+
+@dataclass(frozen=True)
+class LeverageSpec:
+    """Keep every row whose leverage score can still be ≥ ``threshold``."""
+
+    threshold: float
+    affine: bool = False
+    rtol: float = DEFAULT_RTOL
+
+
+class LeverageScores(Operator):
+    """One-pass exact set {j : τ_j ≥ threshold} with its rows, scores and factor.
+
+    Memory: O(d² + (rank/threshold) · (d + d_v)) floats, independent of n.
+    """
+
+    family = "leverage-scores"
+    Spec = LeverageSpec
+    needs_values = True  # carries value rows of candidates when the store has them
+
+    def __init__(self, spec: LeverageSpec) -> None:
+        super().__init__(spec)
+        self.r = np.zeros((0, 0))
+        self.idx = np.zeros(0, dtype=np.int64)
+        self.rows = np.zeros((0, 0))
+        self.values: np.ndarray | None = None
+        self.rows_dtype = ""
+
+    def _dim(self, d: int) -> int:
+        return d + 1 if self.spec.affine else d
+
+    def _prune(self, idx: np.ndarray, rows: np.ndarray, values: np.ndarray | None) -> None:
+        smap = ScoringMap.from_factor(self.r, self.spec.rtol, self.r.shape[1])
+        keep = smap.scores(augment(rows, self.spec.affine)) >= self.spec.threshold
+        order = np.argsort(idx[keep], kind="stable")
+        self.idx = idx[keep][order]
+        self.rows = rows[keep][order]
+        self.values = None if values is None else values[keep][order]
+
+    def _update(self, block: Block) -> None:
+        x = augment(block.rows, self.spec.affine)
+        if self.r.size == 0 and self.idx.size == 0:
+            self.r = np.zeros((0, x.shape[1]))
+            self.rows = np.zeros((0, block.rows.shape[1]))
+            self.rows_dtype = str(block.rows.dtype)
+            if block.values is not None:
+                self.values = np.zeros((0, block.values.shape[1]))
+        self.r = stack_qr(self.r, x)
+        idx = np.concatenate([self.idx, np.arange(block.start, block.stop, dtype=np.int64)])
+        rows = np.vstack([self.rows, np.asarray(block.rows, dtype=np.float64)])
+        values = None
+        if self.values is not None and block.values is not None:
+            values = np.vstack([self.values, np.asarray(block.values, dtype=np.float64)])
+        self._prune(idx, rows, values)
+
+    def _merge(self, other: LeverageScores) -> None:
+        self.r = stack_qr(self.r, other.r)
+        values = None
+        if self.values is not None and other.values is not None:
+            values = np.vstack([self.values, other.values])
+        self._prune(
+            np.concatenate([self.idx, other.idx]), np.vstack([self.rows, other.rows]), values
+        )
+
+    def _state(self) -> State:
+        out: State = {
+            "r": self.r,
+            "idx": self.idx,
+            "rows": self.rows,
+            "rows_dtype": np.array(self.rows_dtype),
+        }
+        if self.values is not None:
+            out["values"] = self.values
+        return out
+
+    def _load(self, state: State) -> None:
+        self.r = np.array(state["r"], dtype=np.float64)
+        self.idx = np.array(state["idx"], dtype=np.int64)
+        self.rows = np.array(state["rows"], dtype=np.float64)
+        self.rows_dtype = str(state["rows_dtype"])
+        self.values = np.array(state["values"], dtype=np.float64) if "values" in state else None
+
+    def scoring_map(self) -> ScoringMap:
+        return ScoringMap.from_factor(self.r, self.spec.rtol, self.r.shape[1])
+
+    def result(self) -> dict[str, Any]:
+        """Candidates with their exact final scores, and the factor's numerical rank."""
+        smap = self.scoring_map()
+        scores = smap.scores(augment(self.rows, self.spec.affine)) if self.idx.size else np.zeros(0)
+        return {
+            "indices": self.idx.copy(),
+            "scores": scores,
+            "rows": self.rows.astype(self.rows_dtype or np.float64),
+            "values": None if self.values is None else self.values.copy(),
+            "scoring_map": smap,
+            "n": self.n_rows,
+        }
+
+    def nbytes_bound(self, d: int, d_values: int = 0) -> int:
+        dim = self._dim(d)
+        max_candidates = int(dim / self.spec.threshold)
+        return 8 * (dim * dim + max_candidates * (d + d_values + 1))
+
+
+@dataclass(frozen=True)
+class TopScoresSpec:
+    """Keep the ``budget`` rows with the largest ‖k W‖² (ties: smaller index first)."""
+
+    budget: int
+    w: np.ndarray
+    affine: bool = False
+
+
+class TopScores(Operator):
+    """Mergeable exact top-B by a fixed scoring map (the second pass of budget mode).
+
+    Memory: O(B · (d + d_v)), independent of n.
+    """
+
+    family = "top-scores"
+    Spec = TopScoresSpec
+    needs_values = True
+
+    def __init__(self, spec: TopScoresSpec) -> None:
+        super().__init__(spec)
+        self.idx = np.zeros(0, dtype=np.int64)
+        self.scores = np.zeros(0)
+        self.rows = np.zeros((0, 0))
+        self.values: np.ndarray | None = None
+        self.rows_dtype = ""
+
+    def _keep_top(self, idx, scores, rows, values) -> None:  # type: ignore[no-untyped-def]
+        order = np.lexsort((idx, -scores))[: self.spec.budget]
+        order = order[np.argsort(idx[order], kind="stable")]
+        self.idx, self.scores, self.rows = idx[order], scores[order], rows[order]
+        self.values = None if values is None else values[order]
+
+    def _update(self, block: Block) -> None:
+        if self.rows.size == 0 and self.idx.size == 0:
+            self.rows = np.zeros((0, block.rows.shape[1]))
+            self.rows_dtype = str(block.rows.dtype)
+            if block.values is not None:
+                self.values = np.zeros((0, block.values.shape[1]))
+        x = augment(block.rows, self.spec.affine)
+        y = x @ self.spec.w
+        s = np.einsum("ij,ij->i", y, y)
+        # Only rows that can enter the top-B are copied.
+        if s.size > self.spec.budget:
+            cut = np.partition(s, s.size - self.spec.budget)[s.size - self.spec.budget]
+            sel = np.flatnonzero(s >= cut)
+        else:
+            sel = np.arange(s.size)
+        values = None
+        if self.values is not None and block.values is not None:
+            values = np.vstack([self.values, block.values[sel].astype(np.float64)])
+        self._keep_top(
+            np.concatenate([self.idx, block.start + sel.astype(np.int64)]),
+            np.concatenate([self.scores, s[sel]]),
+            np.vstack([self.rows, block.rows[sel].astype(np.float64)]),
+            values,
+        )
+
+    def _merge(self, other: TopScores) -> None:
+        values = None
+        if self.values is not None and other.values is not None:
+            values = np.vstack([self.values, other.values])
+        self._keep_top(
+            np.concatenate([self.idx, other.idx]),
+            np.concatenate([self.scores, other.scores]),
+            np.vstack([self.rows, other.rows]),
+            values,
+        )
+
+    def _state(self) -> State:
+        out: State = {
+            "idx": self.idx,
+            "scores": self.scores,
+            "rows": self.rows,
+            "rows_dtype": np.array(self.rows_dtype),
+        }
+        if self.values is not None:
+            out["values"] = self.values
+        return out
+
+    def _load(self, state: State) -> None:
+        self.idx = np.array(state["idx"], dtype=np.int64)
+        self.scores = np.array(state["scores"], dtype=np.float64)
+        self.rows = np.array(state["rows"], dtype=np.float64)
+        self.rows_dtype = str(state["rows_dtype"])
+        self.values = np.array(state["values"], dtype=np.float64) if "values" in state else None
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "indices": self.idx.copy(),
+            "scores": self.scores.copy(),
+            "rows": self.rows.astype(self.rows_dtype or np.float64),
+            "values": None if self.values is None else self.values.copy(),
+            "n": self.n_rows,
+        }
+
+    def nbytes_bound(self, d: int, d_values: int = 0) -> int:
+        return 8 * self.spec.budget * (d + d_values + 2) + self.spec.w.nbytes

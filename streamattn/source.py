@@ -1,0 +1,332 @@
+"""Key stores: open, validate once at the boundary, and stream row blocks.
+
+A key store is an ``n × d`` floating-point matrix K whose rows are keys. It may be a
+zarr array (format 2 or 3), a zarr group holding ``keys`` (and optionally ``values`` and
+``queries``), a ``.npy`` file (memory-mapped read-only), a numpy array or a dask array.
+``open_keys`` checks the shape and dtype up front; ``KeySource.blocks`` yields
+``Block(start, rows)`` aligned with the storage chunks and checks every block for NaN/Inf
+as it is read, naming the first bad row. Reads run ahead of the consumer in a background
+thread (zarr decompression and file reads release the GIL), so I/O overlaps with BLAS.
+Inputs are only ever opened read-only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamattn.errors import InvalidInputError
+
+#: Rows per block when neither the caller nor the storage chunking suggests one.
+DEFAULT_BLOCK_ROWS = 65536
+#: Blocks are sized to roughly this many bytes (a multiple of the storage chunk).
+TARGET_BLOCK_BYTES = 32 * 2**20
+FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows ``start .. start + len(rows)`` of the key matrix (and matching value rows)."""
+
+    start: int
+    rows: np.ndarray
+    values: np.ndarray | None = None
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.rows.shape[0]
+
+
+def _check_float_array(arr: Any, what: str) -> None:
+    dtype = np.dtype(arr.dtype)
+    if dtype.kind in "iub":
+        raise InvalidInputError(
+            f"{what} has integer dtype {dtype}; keys must be floating point "
+            "(float16, float32 or float64). Convert the store first, e.g. "
+            "arr.astype('float32')."
+        )
+    if dtype.kind == "c":
+        raise InvalidInputError(
+            f"{what} has complex dtype {dtype}; attention keys must be real "
+            "(float16, float32 or float64)."
+        )
+    if dtype.type not in FLOAT_DTYPES:
+        raise InvalidInputError(
+            f"{what} has dtype {dtype}; supported dtypes are float16, float32 and float64."
+        )
+
+
+def _chunk_rows_of(arr: Any) -> int | None:
+    chunks = getattr(arr, "chunks", None)
+    if chunks is None:
+        return None
+    first = chunks[0]
+    if isinstance(first, tuple):  # dask: a tuple of chunk sizes per axis
+        return int(first[0]) if first else None
+    return int(first)
+
+
+def _is_dask(arr: Any) -> bool:
+    return type(arr).__module__.startswith("dask.")
+
+
+class KeySource:
+    """A validated, read-only key matrix with optional ``values`` and ``queries``.
+
+    Parameters
+    ----------
+    keys
+        Array-like of shape ``(n, d)`` with a float dtype (numpy, zarr, dask, memmap).
+    label
+        How error messages name this input (a path and array name).
+    values, queries
+        Optional arrays from the same store; ``values`` must have ``n`` rows.
+    """
+
+    def __init__(
+        self,
+        keys: Any,
+        *,
+        label: str = "<array>",
+        values: Any | None = None,
+        queries: Any | None = None,
+        path: str | None = None,
+        array_name: str | None = None,
+    ) -> None:
+        self.label = label
+        self.path = path
+        self.array_name = array_name
+        shape = tuple(int(s) for s in keys.shape)
+        if len(shape) != 2:
+            raise InvalidInputError(
+                f"{label}: expected a 2-D key matrix (n, d), got shape {shape} "
+                f"({len(shape)}-D)."
+            )
+        _check_float_array(keys, label)
+        n, d = shape
+        if n == 0:
+            raise InvalidInputError(f"{label}: the key matrix has n = 0 rows; nothing to do.")
+        if d == 0:
+            raise InvalidInputError(f"{label}: the key matrix has d = 0 columns.")
+        if values is not None:
+            vshape = tuple(int(s) for s in values.shape)
+            if len(vshape) != 2 or vshape[0] != n:
+                raise InvalidInputError(
+                    f"{label}: values have shape {vshape}; expected ({n}, d_v) to match the keys."
+                )
+            _check_float_array(values, f"{label} (values)")
+        if queries is not None:
+            qshape = tuple(int(s) for s in queries.shape)
+            if len(qshape) != 2 or qshape[1] != d:
+                raise InvalidInputError(
+                    f"{label}: queries have shape {qshape}; expected (s, {d}) to match the keys."
+                )
+            _check_float_array(queries, f"{label} (queries)")
+        self.keys = keys
+        self.values = values
+        self.queries = queries
+        self.n = n
+        self.d = d
+        self.dtype = np.dtype(keys.dtype)
+        self.storage_chunk_rows = _chunk_rows_of(keys)
+
+    # ------------------------------------------------------------------ layout
+    def default_chunk_rows(self) -> int:
+        """A block size aligned with storage chunks, about ``TARGET_BLOCK_BYTES`` each."""
+        row_bytes = self.d * self.dtype.itemsize
+        target = max(1, TARGET_BLOCK_BYTES // row_bytes)
+        base = self.storage_chunk_rows
+        if base is None:
+            return int(min(self.n, max(1024, min(target, DEFAULT_BLOCK_ROWS))))
+        multiple = max(1, round(target / base))
+        return int(min(self.n, base * multiple)) if base < self.n else int(self.n)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data description for provenance records."""
+        return {
+            "label": self.label,
+            "path": self.path,
+            "array": self.array_name,
+            "n": self.n,
+            "d": self.d,
+            "dtype": str(self.dtype),
+            "storage_chunk_rows": self.storage_chunk_rows,
+            "has_values": self.values is not None,
+            "has_queries": self.queries is not None,
+        }
+
+    # ------------------------------------------------------------------ reading
+    def _read_array(self, arr: Any, start: int, stop: int, what: str) -> np.ndarray:
+        try:
+            out = arr[start:stop]
+            if _is_dask(out):
+                out = out.compute()
+            out = np.asarray(out)
+        except InvalidInputError:
+            raise
+        except Exception as exc:  # a corrupt chunk, a vanished file, a codec error
+            raise InvalidInputError(
+                f"{self.label}: could not read {what} rows [{start}, {stop}): "
+                f"{type(exc).__name__}: {exc}. The chunk holding these rows may be "
+                "corrupt or unreadable."
+            ) from exc
+        if out.shape[0] != stop - start:
+            raise InvalidInputError(
+                f"{self.label}: reading {what} rows [{start}, {stop}) returned "
+                f"{out.shape[0]} rows; the store changed or is truncated."
+            )
+        bad = ~np.isfinite(out)
+        if bad.any():
+            row = start + int(np.flatnonzero(bad.any(axis=1))[0])
+            raise InvalidInputError(
+                f"{self.label}: {what} row {row} contains NaN or Inf; every value must be "
+                "finite. Clean or drop that row before streaming."
+            )
+        return out
+
+    def read(self, start: int, stop: int) -> Block:
+        """Read and validate rows ``[start, stop)`` as one block."""
+        if not 0 <= start < stop <= self.n:
+            raise InvalidInputError(
+                f"{self.label}: row range [{start}, {stop}) is outside [0, {self.n})."
+            )
+        rows = self._read_array(self.keys, start, stop, "key")
+        values = None
+        if self.values is not None:
+            values = self._read_array(self.values, start, stop, "value")
+        return Block(start, rows, values)
+
+    def block_ranges(
+        self, chunk_rows: int | None = None, start: int = 0, stop: int | None = None
+    ) -> list[tuple[int, int]]:
+        """The ``[start, stop)`` row ranges that ``blocks`` yields, in order."""
+        rows = int(chunk_rows) if chunk_rows is not None else self.default_chunk_rows()
+        if rows < 1:
+            raise InvalidInputError(f"chunk_rows must be >= 1, got {chunk_rows}.")
+        stop = self.n if stop is None else int(stop)
+        if not 0 <= start <= stop <= self.n:
+            raise InvalidInputError(
+                f"{self.label}: row range [{start}, {stop}) is outside [0, {self.n})."
+            )
+        return [(a, min(a + rows, stop)) for a in range(start, stop, rows)]
+
+    def blocks(
+        self,
+        chunk_rows: int | None = None,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        prefetch: int = 2,
+    ) -> Iterator[Block]:
+        """Yield validated blocks in row order, reading up to ``prefetch`` blocks ahead.
+
+        Memory: at most ``prefetch + 1`` blocks are alive at once, whatever ``n`` is.
+        """
+        ranges = self.block_ranges(chunk_rows, start, stop)
+        if prefetch <= 0:
+            for a, b in ranges:
+                yield self.read(a, b)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamattn-read") as pool:
+            pending: list[Future[Block]] = []
+            it = iter(ranges)
+            try:
+                for a, b in it:
+                    pending.append(pool.submit(self.read, a, b))
+                    if len(pending) > prefetch:
+                        break
+                while pending:
+                    block = pending.pop(0).result()
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(self.read, *nxt))
+                    yield block
+            finally:
+                for fut in pending:
+                    fut.cancel()
+
+
+def _open_path(path: Path, array: str | None) -> KeySource:
+    label = str(path)
+    if not path.exists():
+        raise InvalidInputError(f"{label}: no such file or directory.")
+    if path.is_file():
+        if path.suffix != ".npy":
+            raise InvalidInputError(
+                f"{label}: not a key store; expected a .npy file or a zarr array/group directory."
+            )
+        if array is not None:
+            raise InvalidInputError(f"{label}: a .npy file holds one array; drop array={array!r}.")
+        try:
+            keys = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:
+            raise InvalidInputError(f"{label}: cannot read as .npy: {exc}") from exc
+        return KeySource(keys, label=label, path=str(path))
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as exc:
+        raise InvalidInputError(
+            f"{label}: not a readable zarr array or group ({type(exc).__name__}: {exc})."
+        ) from exc
+    if isinstance(node, zarr.Array):
+        if array is not None:
+            raise InvalidInputError(f"{label}: is a single zarr array; drop array={array!r}.")
+        return KeySource(node, label=label, path=str(path))
+    names = sorted(k for k, v in node.members() if isinstance(v, zarr.Array))
+    name = array or "keys"
+    if name not in names:
+        raise InvalidInputError(
+            f"{label}: zarr group has no array {name!r}; arrays present: {names or 'none'}. "
+            "Name the key array with array=... (CLI: --array)."
+        )
+    values = node["values"] if name == "keys" and "values" in names else None
+    queries = node["queries"] if name == "keys" and "queries" in names else None
+    return KeySource(
+        node[name],
+        label=f"{label}[{name}]",
+        values=values,
+        queries=queries,
+        path=str(path),
+        array_name=name,
+    )
+
+
+def open_keys(path_or_array: Any, array: str | None = None) -> KeySource:
+    """Open a key store read-only and validate its shape and dtype.
+
+    Parameters
+    ----------
+    path_or_array
+        A path to a ``.npy`` file, a zarr array or a zarr group (``keys`` plus optional
+        ``values`` and ``queries`` arrays), or an in-memory numpy / dask / zarr array, or
+        an existing ``KeySource`` (returned as is).
+    array
+        Name of the key array inside a zarr group (default ``"keys"``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> src = open_keys(np.ones((10, 4), dtype=np.float32))
+    >>> (src.n, src.d)
+    (10, 4)
+    """
+    if isinstance(path_or_array, KeySource):
+        return path_or_array
+    if isinstance(path_or_array, (str, os.PathLike)):
+        return _open_path(Path(path_or_array), array)
+    if not hasattr(path_or_array, "shape") or not hasattr(path_or_array, "dtype"):
+        raise InvalidInputError(
+            f"cannot open {type(path_or_array).__name__} as keys: pass a path, or a numpy, "
+            "zarr or dask array of shape (n, d)."
+        )
+    if isinstance(path_or_array, np.ndarray) and path_or_array.dtype == object:
+        raise InvalidInputError("<array> has dtype object; keys must be float16/32/64.")
+    return KeySource(path_or_array, label=f"<{type(path_or_array).__name__}>")

@@ -1,0 +1,391 @@
+"""The LevAttention universal set (p = 2): threshold and budget modes, with a certificate.
+
+``universal_set(source, eps=...)`` returns U_ε = {j : τ_j ≥ ε} exactly, in one pass
+(see :mod:`streamattn.operators.leverage` for the mathematics). ``budget=B`` returns the
+top-B keys by leverage instead (ties broken by the smaller index), exactly: one pass
+when the B-th largest score turns out to be at least the pass's pruning threshold,
+otherwise a second pass with the final factor. The certificate says which.
+
+What is guaranteed: for f(x) = x² attention (plain) or (q·k + c)² attention (affine),
+every key that any query weights ≥ ε is in U_ε, and |U_ε| ≤ rank/ε. Softmax attention
+has no worst-case universal set: for softmax, leverage selection is a heuristic whose
+coverage must be measured, not claimed.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from streamattn.engines import run_operators
+from streamattn.errors import ConfigError
+from streamattn.operators.leverage import (
+    DEFAULT_RTOL,
+    LeverageScores,
+    LeverageSpec,
+    ScoringMap,
+    TopScores,
+    TopScoresSpec,
+)
+from streamattn.source import KeySource, open_keys
+
+VARIANTS = ("plain", "affine")
+#: In budget mode the first pass keeps candidates with score ≥ dim / (BUDGET_SLACK · B),
+#: so at most BUDGET_SLACK · B candidates are held.
+BUDGET_SLACK = 4
+
+GUARANTEE = {
+    "plain": (
+        "For f(x) = x^2 attention, A_qj = (q.k_j)^2 / sum_l (q.k_l)^2 <= tau_j for every "
+        "query q, so every key that any query weights >= eps is in U, and |U| <= rank/eps."
+    ),
+    "affine": (
+        "For f(x) = (x + c)^2 attention with any query q and any common offset c, the share "
+        "of key j is <= tau~_j = 1/n + centred leverage, so every key that any such query "
+        "weights >= eps is in U, and |U| <= (rank of [K, 1])/eps."
+    ),
+}
+SOFTMAX_NOTE = (
+    "No worst-case universal set exists for softmax attention; for softmax this selection "
+    "is a heuristic. Measure its coverage (recall, attention mass) on real queries."
+)
+BUDGET_NOTE = (
+    "Budget mode returns the top-B keys by leverage (exact, ties by index). It carries the "
+    "threshold guarantee only for eps >= the B-th score, reported as eps_equivalent."
+)
+
+
+@dataclass
+class UniversalSet:
+    """A selected key set with its scores, rows and certificate.
+
+    Attributes
+    ----------
+    indices : sorted int64 row indices of the selected keys
+    scores : float64 leverage scores of those keys (affine: 1/n + centred leverage)
+    rows : the selected key rows, in the store's dtype
+    values : the matching value rows when the store has values, else None
+    certificate : eps, n, d, rank and tolerance, sum of scores, variant, chunking,
+        passes, size bound, guarantee text and versions
+    """
+
+    indices: np.ndarray
+    scores: np.ndarray
+    rows: np.ndarray
+    values: np.ndarray | None
+    certificate: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def __contains__(self, j: object) -> bool:
+        if not isinstance(j, (int, np.integer)):
+            return False
+        pos = np.searchsorted(self.indices, j)
+        return bool(pos < self.indices.size and self.indices[pos] == j)
+
+
+def versions() -> dict[str, str]:
+    import scipy
+
+    import streamattn
+
+    out = {
+        "streamattn": streamattn.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import zarr
+
+        out["zarr"] = zarr.__version__
+    except ImportError:  # pragma: no cover - zarr is a dependency
+        pass
+    return out
+
+
+def check_selection(
+    eps: float | None, variant: str, budget: int | None, n: int | None = None
+) -> None:
+    """Validate selection settings; raise ConfigError naming the bad one."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"variant must be one of {list(VARIANTS)}, got {variant!r}.")
+    if eps is None and budget is None:
+        raise ConfigError("give eps (threshold mode) or budget (top-B mode).")
+    if eps is not None:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1:
+            raise ConfigError(f"eps must be in (0, 1], got {eps!r}.")
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
+            raise ConfigError(f"budget must be an integer >= 1, got {budget!r}.")
+        if n is not None and budget > n:
+            raise ConfigError(f"budget {budget} is larger than the number of keys n = {n}.")
+
+
+def _certificate(
+    source: KeySource,
+    smap: ScoringMap,
+    *,
+    eps: float | None,
+    variant: str,
+    budget: int | None,
+    chunk_rows: int,
+    rtol: float,
+    passes: int,
+    scores: np.ndarray,
+    threshold: float,
+) -> dict[str, Any]:
+    cert: dict[str, Any] = {
+        "mode": "budget" if budget is not None else "threshold",
+        "eps": eps,
+        "budget": budget,
+        "variant": variant,
+        "n": source.n,
+        "d": source.d,
+        "dtype": str(source.dtype),
+        "selected": int(scores.size),
+        "numerical_rank": smap.rank,
+        "rank_rtol": rtol,
+        "rank_abs_tol": smap.abs_tol,
+        "sigma_max": smap.sigma_max,
+        "sigma_min_kept": smap.sigma_min_kept,
+        "sum_scores_selected": float(scores.sum()),
+        "sum_scores_all_rows": smap.rank,
+        "sum_scores_all_rows_note": "sum_j tau_j = trace(G^+ G) = numerical rank, exactly",
+        "pruning_threshold": threshold,
+        "chunk_rows": chunk_rows,
+        "passes": passes,
+        "factorisation": "TSQR (Householder, float64), pseudo-inverse on the numerical range",
+        "guarantee": GUARANTEE[variant],
+        "softmax": SOFTMAX_NOTE,
+        "source": source.describe(),
+        "versions": versions(),
+    }
+    if budget is None:
+        assert eps is not None
+        cert["size_bound"] = smap.rank / eps
+        cert["size_bound_holds"] = bool(scores.size <= smap.rank / eps + 1e-9)
+    else:
+        cert["budget_note"] = BUDGET_NOTE
+        cert["eps_equivalent"] = float(scores.min()) if scores.size else None
+    return cert
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One universal-set request: threshold ``eps``, top-``budget``, or both (top-B of U_eps)."""
+
+    eps: float | None = None
+    variant: str = "plain"
+    budget: int | None = None
+    rtol: float = DEFAULT_RTOL
+
+    def check(self, n: int | None = None) -> None:
+        check_selection(self.eps, self.variant, self.budget, n)
+        if not (isinstance(self.rtol, float) and 0 < self.rtol < 1):
+            raise ConfigError(f"rtol must be a float in (0, 1), got {self.rtol!r}.")
+
+    def pruning_threshold(self, d: int) -> float:
+        """Pass-1 threshold: eps, raised in budget mode so <= BUDGET_SLACK·B rows are held."""
+        floor = 0.0 if self.eps is None else float(self.eps)
+        if self.budget is None:
+            return floor
+        dim = d + 1 if self.variant == "affine" else d
+        return max(floor, min(1.0, dim / (BUDGET_SLACK * self.budget)))
+
+
+def universal_sets(
+    source: Any,
+    selections: list[Selection],
+    *,
+    chunk_rows: int | None = None,
+    engine: str = "local",
+    progress: bool = False,
+    array: str | None = None,
+    **engine_options: Any,
+) -> list[UniversalSet]:
+    """Several universal sets from one shared pass (plus one shared pass for budgets).
+
+    Every selection's leverage operator sees the same blocks, so the store is read once
+    however many sets are asked for. Budget selections whose top-B cannot be certified
+    from the first pass share one more pass with their final scoring maps.
+    """
+    src = open_keys(source, array=array)
+    for sel in selections:
+        sel.check(src.n)
+    rows_per_block = int(chunk_rows) if chunk_rows is not None else src.default_chunk_rows()
+    run = dict(engine=engine, chunk_rows=rows_per_block, progress=progress, **engine_options)
+    thresholds = [sel.pruning_threshold(src.d) for sel in selections]
+    ops = [
+        LeverageScores(LeverageSpec(t, sel.variant == "affine", sel.rtol))
+        for sel, t in zip(selections, thresholds, strict=True)
+    ]
+    ops = run_operators(src, ops, description="leverage", **run)
+    firsts = [op.result() for op in ops]
+    # Every row with final score >= threshold is a candidate (scores only fall as rows
+    # are added), so the top-B is exact from pass 1 when B candidates reach the
+    # threshold, or when the threshold is eps itself (U_eps complete, maybe < B keys).
+    second: dict[int, TopScores] = {}
+    for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True)):
+        reached = int(np.count_nonzero(res["scores"] >= t))
+        if sel.budget is not None and reached < sel.budget and t != (sel.eps or 0.0):
+            w = res["scoring_map"].w
+            second[i] = TopScores(TopScoresSpec(sel.budget, w, sel.variant == "affine"))
+    if second:
+        run_operators(src, list(second.values()), description="top-B", **run)
+    out = []
+    for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True)):
+        floor = sel.eps or 0.0
+        if i in second:
+            res = dict(second[i].result(), scoring_map=res["scoring_map"])
+            order = np.flatnonzero(res["scores"] >= floor)
+        elif sel.budget is None:
+            order = np.flatnonzero(res["scores"] >= t)
+        else:
+            count = min(sel.budget, int(np.count_nonzero(res["scores"] >= t)))
+            order = np.sort(np.lexsort((res["indices"], -res["scores"]))[:count])
+        values = res["values"]
+        cert = _certificate(
+            src,
+            res["scoring_map"],
+            eps=sel.eps,
+            variant=sel.variant,
+            budget=sel.budget,
+            chunk_rows=rows_per_block,
+            rtol=sel.rtol,
+            passes=2 if i in second else 1,
+            scores=res["scores"][order],
+            threshold=t,
+        )
+        cert["engine"] = engine
+        out.append(
+            UniversalSet(
+                res["indices"][order],
+                res["scores"][order],
+                res["rows"][order],
+                None if values is None else values[order],
+                cert,
+            )
+        )
+    return out
+
+
+def universal_set(
+    source: Any,
+    eps: float | None = None,
+    *,
+    variant: str = "plain",
+    budget: int | None = None,
+    chunk_rows: int | None = None,
+    rtol: float = DEFAULT_RTOL,
+    engine: str = "local",
+    progress: bool = False,
+    array: str | None = None,
+    **engine_options: Any,
+) -> UniversalSet:
+    """The LevAttention universal set of a key store, exactly, in bounded memory.
+
+    Parameters
+    ----------
+    source
+        A ``KeySource`` or anything ``open_keys`` accepts (path, numpy/zarr/dask array).
+    eps
+        Threshold mode: return {j : τ_j ≥ eps}, eps in (0, 1].
+    variant
+        ``"plain"`` (τ_j = k_jᵀ(KᵀK)⁺k_j) or ``"affine"`` (keys augmented with a 1:
+        1/n + centred leverage; shift-invariant, the variant that matters for softmax).
+    budget
+        Budget mode: the top-``budget`` keys by score (ties by the smaller index); with
+        ``eps`` too, the top-``budget`` keys of U_eps.
+    chunk_rows
+        Rows per block; default aligned with the storage chunks (~32 MB blocks).
+    rtol
+        Numerical-rank tolerance relative to σ_max of K (singular values ≤ rtol·σ_max
+        are treated as zero).
+    engine
+        ``"local"`` (one sequential pass); other engines plug in through ``run_operators``.
+
+    Returns
+    -------
+    UniversalSet
+        ``.indices`` sorted int64, ``.scores`` float64, ``.rows``, ``.values``,
+        ``.certificate``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> k = np.random.default_rng(0).standard_normal((1000, 8))
+    >>> k[17] *= 50.0                      # one outlier key
+    >>> u = universal_set(k, eps=0.5)
+    >>> 17 in u, len(u) <= 8 / 0.5
+    (True, True)
+    """
+    (out,) = universal_sets(
+        source,
+        [Selection(eps, variant, budget, rtol)],
+        chunk_rows=chunk_rows,
+        engine=engine,
+        progress=progress,
+        array=array,
+        **engine_options,
+    )
+    return out
+
+
+def save_universal_sets(
+    out: Any,
+    sets: dict[str, UniversalSet],
+    *,
+    report: dict[str, Any],
+    overwrite: bool = False,
+) -> Any:
+    """Write ``OUT/result.zarr`` (group ``universal_set/<name>``) and ``OUT/report.json``.
+
+    Each set's group holds ``indices``, ``scores``, ``rows`` (and ``values``) with its
+    certificate in the attributes. The whole directory appears atomically.
+    """
+    import zarr
+
+    from streamattn.outputs import atomic_dir, write_arrays, write_json_atomic
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        root = zarr.open_group(str(tmp / "result.zarr"), mode="w")
+        root.attrs.update({"streamattn": versions()["streamattn"], "layout": "universal_set/<name>"})
+        for name, uset in sets.items():
+            group = root.require_group(f"universal_set/{name}")
+            write_arrays(
+                group,
+                {
+                    "indices": uset.indices,
+                    "scores": uset.scores,
+                    "rows": uset.rows,
+                    "values": uset.values,
+                },
+                {"certificate": uset.certificate},
+            )
+        write_json_atomic(tmp / "report.json", report)
+    return out
+
+
+def load_universal_set(out: Any, name: str) -> UniversalSet:
+    """Read back one set written by ``save_universal_sets``."""
+    import zarr
+
+    from streamattn.errors import InvalidInputError
+
+    try:
+        group = zarr.open_group(f"{out}/result.zarr", mode="r")[f"universal_set/{name}"]
+    except (KeyError, FileNotFoundError) as exc:
+        raise InvalidInputError(f"{out}: no universal set named {name!r} in result.zarr.") from exc
+    arrays = {k: v[...] for k, v in group.arrays()}
+    return UniversalSet(
+        arrays["indices"],
+        arrays["scores"],
+        arrays["rows"],
+        arrays.get("values"),
+        dict(group.attrs)["certificate"],
+    )
