@@ -7,8 +7,8 @@ protocol (``Operator``) and ``run_operators`` (engines).
 
 __version__ = "0.1.0"
 
-from streamattn.engines import run_operators  # noqa: E402
-from streamattn.errors import (  # noqa: E402
+from streamattn.engines import run_operators
+from streamattn.errors import (
     ConfigError,
     IncompatibleMergeError,
     InvalidInputError,
@@ -17,9 +17,9 @@ from streamattn.errors import (  # noqa: E402
     StateFormatError,
     StreamattnError,
 )
-from streamattn.operators import LeverageScores, Operator, TopScores  # noqa: E402
-from streamattn.source import Block, KeySource, open_keys  # noqa: E402
-from streamattn.universal import Selection, UniversalSet, universal_set, universal_sets  # noqa: E402
+from streamattn.operators import LeverageScores, Operator, TopScores
+from streamattn.source import Block, KeySource, open_keys
+from streamattn.universal import Selection, UniversalSet, universal_set, universal_sets
 
 __all__ = [
     "Block",

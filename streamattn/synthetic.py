@@ -51,7 +51,9 @@ class SyntheticSpec:
         if self.dtype not in ("float16", "float32", "float64"):
             raise ConfigError(f"generate.dtype must be float16/32/64, got {self.dtype!r}.")
         if self.compressor not in ("zstd", "none"):
-            raise ConfigError(f"generate.compressor must be 'zstd' or 'none', got {self.compressor!r}.")
+            raise ConfigError(
+                f"generate.compressor must be 'zstd' or 'none', got {self.compressor!r}."
+            )
 
 
 def _model(spec: SyntheticSpec) -> dict[str, np.ndarray]:

@@ -354,7 +354,9 @@ def save_universal_sets(
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         root = zarr.open_group(str(tmp / "result.zarr"), mode="w")
-        root.attrs.update({"streamattn": versions()["streamattn"], "layout": "universal_set/<name>"})
+        root.attrs.update(
+            {"streamattn": versions()["streamattn"], "layout": "universal_set/<name>"}
+        )
         for name, uset in sets.items():
             group = root.require_group(f"universal_set/{name}")
             write_arrays(

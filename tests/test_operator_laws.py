@@ -1,0 +1,55 @@
+"""The monoid laws for every operator (see tests/laws.py). One test per operator family."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from laws import check_operator_laws
+from streamattn.operators import LeverageScores, LeverageSpec, TopScores, TopScoresSpec
+
+
+def keys(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) @ np.diag(np.linspace(1, 5, d)) + 2.0
+    x[::37] *= 8.0  # some heavy rows so the candidate sets are not trivial
+    return x
+
+
+def compare_scored(a: dict, b: dict) -> None:
+    np.testing.assert_array_equal(a["indices"], b["indices"])
+    np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(a["rows"], b["rows"])
+    assert a["n"] == b["n"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), affine=st.booleans())
+def test_leverage_scores_laws(data: st.DataObject, affine: bool) -> None:
+    x = keys(300, 6)
+    vals = np.random.default_rng(1).standard_normal((300, 3))
+    check_operator_laws(
+        lambda: LeverageScores(LeverageSpec(0.05, affine)),
+        x,
+        compare_scored,
+        data,
+        values=vals,
+        make_other_spec=lambda: LeverageScores(LeverageSpec(0.06, affine)),
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_top_scores_laws(data: st.DataObject) -> None:
+    x = keys(300, 6)
+    w = np.random.default_rng(2).standard_normal((6, 6))
+    check_operator_laws(
+        lambda: TopScores(TopScoresSpec(17, w)),
+        x,
+        compare_scored,
+        data,
+        make_other_spec=lambda: TopScores(TopScoresSpec(17, w * 2)),
+    )
+
+# New operators: add a test above this line calling check_operator_laws.
