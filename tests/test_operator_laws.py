@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from laws import check_operator_laws
 from streamattn.operators import LeverageScores, LeverageSpec, TopScores, TopScoresSpec
+from streamattn.operators.frequent_directions import FDSpec, FrequentDirections
 
 
 def keys(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -51,5 +52,31 @@ def test_top_scores_laws(data: st.DataObject) -> None:
         data,
         make_other_spec=lambda: TopScores(TopScoresSpec(17, w * 2)),
     )
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_frequent_directions_laws(data: st.DataObject) -> None:
+    """FD sketches depend on the chunking; the law is that every result keeps the bound."""
+    x = keys(200, 8)
+    gram = x.T @ x
+    scale = float(np.linalg.norm(gram, 2))
+
+    def compare(a, b) -> None:  # type: ignore[no-untyped-def]
+        for r in (a, b):
+            gap = np.linalg.eigvalsh(gram - r.sketch.T @ r.sketch)
+            assert gap.min() >= -1e-10 * scale
+            assert gap.max() <= r.delta + 1e-10 * scale
+            assert r.delta <= r.delta_bound * (1 + 1e-9) + 1e-10 * scale
+        assert a.n == b.n and a.sketch.shape == b.sketch.shape
+        np.testing.assert_allclose(a.fro2, b.fro2, rtol=1e-12)
+
+    check_operator_laws(
+        lambda: FrequentDirections(FDSpec(4)),
+        x,
+        compare,
+        data,
+        make_other_spec=lambda: FrequentDirections(FDSpec(5)),
+    )
+
 
 # New operators: add a test above this line calling check_operator_laws.
