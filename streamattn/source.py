@@ -62,6 +62,19 @@ def _check_float_array(arr: Any, what: str) -> None:
         )
 
 
+def _check_positions(positions: Any, queries: Any, n: int, label: str) -> np.ndarray:
+    """``query_positions``: one integer key position in [0, n) per query (causal mode)."""
+    pos = np.asarray(positions[:])
+    if queries is None or pos.shape != (int(queries.shape[0]),) or pos.dtype.kind not in "iu":
+        raise InvalidInputError(
+            f"{label}: query_positions must be a 1-D integer array with one entry per query "
+            f"row; got shape {pos.shape}, dtype {pos.dtype}."
+        )
+    if pos.size and (pos.min() < 0 or pos.max() >= n):
+        raise InvalidInputError(f"{label}: query_positions must lie in [0, n = {n}).")
+    return pos.astype(np.int64)
+
+
 def _chunk_rows_of(arr: Any) -> int | None:
     chunks = getattr(arr, "chunks", None)
     if chunks is None:
@@ -76,6 +89,18 @@ def _is_dask(arr: Any) -> bool:
     return type(arr).__module__.startswith("dask.")
 
 
+def _first_unreadable_chunk(arr: Any, start: int, stop: int) -> tuple[int, int]:
+    """Error path only: the first storage chunk in ``[start, stop)`` that fails to read."""
+    step = _chunk_rows_of(arr) or (stop - start)
+    for a in range((start // step) * step, stop, step):
+        lo, hi = max(a, start), min(a + step, stop)
+        try:
+            np.asarray(arr[lo:hi])
+        except Exception:
+            return lo, hi
+    return start, stop
+
+
 class KeySource:
     """A validated, read-only key matrix with optional ``values`` and ``queries``.
 
@@ -87,6 +112,9 @@ class KeySource:
         How error messages name this input (a path and array name).
     values, queries
         Optional arrays from the same store; ``values`` must have ``n`` rows.
+    query_positions
+        Optional int array, one key position in [0, n) per query row: a query at
+        position i sees keys 0..i in causal attention.
     """
 
     def __init__(
@@ -96,6 +124,7 @@ class KeySource:
         label: str = "<array>",
         values: Any | None = None,
         queries: Any | None = None,
+        query_positions: Any | None = None,
         path: str | None = None,
         array_name: str | None = None,
     ) -> None:
@@ -128,9 +157,12 @@ class KeySource:
                     f"{label}: queries have shape {qshape}; expected (s, {d}) to match the keys."
                 )
             _check_float_array(queries, f"{label} (queries)")
+        if query_positions is not None:
+            query_positions = _check_positions(query_positions, queries, n, label)
         self.keys = keys
         self.values = values
         self.queries = queries
+        self.query_positions = query_positions
         self.n = n
         self.d = d
         self.dtype = np.dtype(keys.dtype)
@@ -171,10 +203,11 @@ class KeySource:
         except InvalidInputError:
             raise
         except Exception as exc:  # a corrupt chunk, a vanished file, a codec error
+            a, b = _first_unreadable_chunk(arr, start, stop)
             raise InvalidInputError(
-                f"{self.label}: could not read {what} rows [{start}, {stop}): "
-                f"{type(exc).__name__}: {exc}. The chunk holding these rows may be "
-                "corrupt or unreadable."
+                f"{self.label}: could not read {what} rows [{a}, {b}) (in the block "
+                f"[{start}, {stop})): {type(exc).__name__}: {exc}. The storage chunk "
+                "holding these rows is corrupt or unreadable."
             ) from exc
         if out.shape[0] != stop - start:
             raise InvalidInputError(
@@ -289,11 +322,14 @@ def _open_path(path: Path, array: str | None) -> KeySource:
         )
     values = node["values"] if name == "keys" and "values" in names else None
     queries = node["queries"] if name == "keys" and "queries" in names else None
+    has_positions = queries is not None and "query_positions" in names
+    positions = node["query_positions"] if has_positions else None
     return KeySource(
         node[name],
         label=f"{label}[{name}]",
         values=values,
         queries=queries,
+        query_positions=positions,
         path=str(path),
         array_name=name,
     )

@@ -6,6 +6,16 @@ a rank-``rank`` signal A z_j (z_j ~ N(0, I)), isotropic noise σ g_j, and ``outl
 planted keys k_j = μ + s·u_j along random unit directions u_j with ‖s·u_j‖ several times
 the typical norm: keys that any universal set must contain.
 
+Optional attention structure (every field off by default, so the default store is
+unchanged bit for bit): ``values_dim`` > 0 adds a ``values`` array (n × d_v, Gaussian);
+``queries`` > 0 adds ``queries`` (s × d) and ``query_positions`` (s,) arrays, queries
+q_i = A w_i scaled so the softmax logits β q·k (β = 1/√d) have standard deviation about
+``query_logit_std``; ``sinks`` > 0 makes keys 0..sinks−1 attention sinks: small keys
+(norm ``sink_norm_ratio`` × typical) along a direction u that a fraction
+``sink_query_fraction`` of queries share, with a logit bonus about ``sink_logit``;
+``recency`` > 0 adds a rotary-like positional component to keys and queries, so
+β q_i·k_j gains recency · mean_m cos(ω_m (i − j)), largest for recent keys.
+
 Rows are generated chunk by chunk from ``numpy.random.default_rng([seed, chunk])``, so
 the store is a pure function of the parameters and generation needs memory for one
 chunk only, whatever n is. The store is a zarr group with a ``keys`` array; its
@@ -39,6 +49,15 @@ class SyntheticSpec:
     chunk_rows: int = 65536
     dtype: str = "float32"
     compressor: str = "zstd"
+    values_dim: int = 0
+    queries: int = 0
+    query_logit_std: float = 2.0
+    sinks: int = 0
+    sink_norm_ratio: float = 0.5
+    sink_logit: float = 6.0
+    sink_query_fraction: float = 0.8
+    recency: float = 0.0
+    recency_freqs: int = 8
 
     def check(self) -> None:
         for name in ("n", "d", "chunk_rows"):
@@ -54,6 +73,86 @@ class SyntheticSpec:
             raise ConfigError(
                 f"generate.compressor must be 'zstd' or 'none', got {self.compressor!r}."
             )
+        for name in ("values_dim", "queries", "sinks", "recency_freqs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"generate.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.sinks > self.n:
+            raise ConfigError(f"generate.sinks must be <= n, got {self.sinks}.")
+        if 2 * self.recency_freqs > self.d and self.recency > 0:
+            raise ConfigError("generate.recency_freqs must be <= d / 2 when recency > 0.")
+        if not 0 <= self.sink_query_fraction <= 1:
+            raise ConfigError("generate.sink_query_fraction must be in [0, 1].")
+
+
+#: Optional fields: left out of the recorded spec while at their defaults, so stores
+#: generated before these fields existed still match ``ensure_store``.
+_OPTIONAL_DEFAULTS = {
+    "values_dim": 0,
+    "queries": 0,
+    "query_logit_std": 2.0,
+    "sinks": 0,
+    "sink_norm_ratio": 0.5,
+    "sink_logit": 6.0,
+    "sink_query_fraction": 0.8,
+    "recency": 0.0,
+    "recency_freqs": 8,
+}
+
+
+def spec_record(spec: SyntheticSpec) -> dict[str, Any]:
+    """The spec as recorded in the store (optional fields only when not at default)."""
+    return {
+        k: v
+        for k, v in asdict(spec).items()
+        if k not in _OPTIONAL_DEFAULTS or v != _OPTIONAL_DEFAULTS[k]
+    }
+
+
+def _attention_model(spec: SyntheticSpec, typical: float) -> dict[str, Any]:
+    """Sink direction, positional basis and frequencies (own RNG stream: keys unchanged)."""
+    rng = np.random.default_rng([spec.seed, 2**31 + 2])
+    d, f = spec.d, spec.recency_freqs
+    u = rng.standard_normal(d)
+    u /= np.linalg.norm(u)
+    basis = np.linalg.qr(rng.standard_normal((d, max(2 * f, 1))))[0][:, : 2 * f]
+    omegas = np.geomspace(1.0, 1.0 / max(spec.n, 2), f) if f else np.zeros(0)
+    beta = 1.0 / np.sqrt(d)
+    # beta * (a q_pos) . (a k_pos) = recency * mean_m cos(omega_m (i - j))
+    amp = np.sqrt(spec.recency / beta) if spec.recency > 0 else 0.0
+    return {"u": u, "basis": basis, "omegas": omegas, "amp": amp, "typical": typical}
+
+
+def _positional(spec: SyntheticSpec, model: dict, positions: np.ndarray) -> np.ndarray:
+    """Rotary-like features a · B [cos(ω p), sin(ω p)] / √F for the given positions."""
+    f = spec.recency_freqs
+    angles = np.outer(positions.astype(np.float64), model["omegas"])
+    feats = np.hstack([np.cos(angles), np.sin(angles)]) / np.sqrt(f)
+    return model["amp"] * feats @ model["basis"].T
+
+
+def synthetic_queries(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The ``queries`` (s × d) and their sorted ``query_positions`` in [0, n)."""
+    model = _model(spec)
+    att = _attention_model(spec, _typical(spec, model["loadings"]))
+    rng = np.random.default_rng([spec.seed, 2**31 + 3])
+    s, beta = spec.queries, 1.0 / np.sqrt(spec.d)
+    positions = np.sort(rng.integers(0, spec.n, size=s)).astype(np.int64)
+    a = model["loadings"]
+    gram = a.T @ a
+    # q = A w with w ~ N(0, c^2 I): Var(beta q.(k - mu)) = beta^2 c^2 ||A^T A||_F^2.
+    c = spec.query_logit_std / (beta * max(np.linalg.norm(gram), 1e-12))
+    q = rng.standard_normal((s, spec.rank)) @ a.T * c
+    if spec.sinks:
+        sink_norm = spec.sink_norm_ratio * att["typical"]
+        aligned = rng.random(s) < spec.sink_query_fraction
+        q += np.outer(aligned * spec.sink_logit / (beta * sink_norm), att["u"])
+    if spec.recency > 0:
+        q += _positional(spec, att, positions)
+    return q, positions
+
+
+def _typical(spec: SyntheticSpec, loadings: np.ndarray) -> float:
+    return float(np.sqrt((loadings**2).sum() + spec.noise**2 * spec.d))
 
 
 def _model(spec: SyntheticSpec) -> dict[str, np.ndarray]:
@@ -86,13 +185,34 @@ def synthetic_rows(spec: SyntheticSpec, start: int, stop: int) -> np.ndarray:
         rows += spec.noise * rng.standard_normal((c1 - c0, spec.d))
         pos = model["outlier_positions"]
         hit = (pos >= c0) & (pos < c1)
+        if spec.recency > 0 or spec.sinks:
+            att = _attention_model(spec, _typical(spec, model["loadings"]))
+            if spec.recency > 0:
+                rows += _positional(spec, att, np.arange(c0, c1))
+            if spec.sinks and c0 < spec.sinks:
+                k = min(spec.sinks, c1) - c0
+                rows[:k] = spec.sink_norm_ratio * att["typical"] * att["u"]
         rows[pos[hit] - c0] = model["outlier_rows"][hit]
         out.append(rows.astype(spec.dtype))
     return np.vstack(out)
 
 
+def synthetic_values(spec: SyntheticSpec, start: int, stop: int) -> np.ndarray:
+    """Value rows ``[start, stop)`` (Gaussian, own RNG stream per chunk)."""
+    out = []
+    for c0 in range(start, stop, spec.chunk_rows):
+        c1 = min(c0 + spec.chunk_rows, stop, spec.n)
+        rng = np.random.default_rng([spec.seed, c0 // spec.chunk_rows, 1])
+        out.append(rng.standard_normal((c1 - c0, spec.values_dim)).astype(spec.dtype))
+    return np.vstack(out)
+
+
 def generate_store(path: str | Path, spec: SyntheticSpec, *, overwrite: bool = False) -> Path:
-    """Write the synthetic store to ``path`` (a zarr group with ``keys``), atomically."""
+    """Write the synthetic store to ``path`` (a zarr group with ``keys``), atomically.
+
+    With ``values_dim`` / ``queries`` set, the group also holds ``values`` (n × d_v),
+    ``queries`` (s × d) and ``query_positions`` (s,, int64) arrays.
+    """
     import zarr
 
     spec.check()
@@ -107,13 +227,28 @@ def generate_store(path: str | Path, spec: SyntheticSpec, *, overwrite: bool = F
             chunks=(spec.chunk_rows, spec.d),
             compressors=compressors,
         )
+        vals = None
+        if spec.values_dim:
+            vals = group.create_array(
+                "values",
+                shape=(spec.n, spec.values_dim),
+                dtype=spec.dtype,
+                chunks=(spec.chunk_rows, spec.values_dim),
+                compressors=compressors,
+            )
         for c0 in range(0, spec.n, spec.chunk_rows):
             c1 = min(c0 + spec.chunk_rows, spec.n)
             arr[c0:c1] = synthetic_rows(spec, c0, c1)
+            if vals is not None:
+                vals[c0:c1] = synthetic_values(spec, c0, c1)
+        if spec.queries:
+            q, qpos = synthetic_queries(spec)
+            group.create_array("queries", data=q.astype(spec.dtype))
+            group.create_array("query_positions", data=qpos)
         group.attrs.update(
             {
                 "generator": "streamattn.synthetic",
-                "spec": asdict(spec),
+                "spec": spec_record(spec),
                 "planted_outliers": _model(spec)["outlier_positions"].tolist(),
             }
         )
@@ -134,7 +269,7 @@ def ensure_store(path: str | Path, spec: SyntheticSpec) -> tuple[Path, bool]:
             cached = dict(zarr.open_group(str(path), mode="r").attrs).get("spec")
         except Exception:
             cached = None
-        if cached != asdict(spec):
+        if cached != spec_record(spec):
             raise ConfigError(
                 f"{path}: exists but was not generated from this generate spec; delete it or "
                 "point input.path elsewhere."
