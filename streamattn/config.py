@@ -114,6 +114,11 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         return tuple(_build(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads exponents without a dot (1e-10) as strings
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and not (
         isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     ):
@@ -163,6 +168,11 @@ def load_config(path: str | Path | None) -> RunConfig:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a config must be a mapping at the top level.")
-        cfg = from_dict(RunConfig, data, where=str(path))
+        try:
+            cfg = from_dict(RunConfig, data, where="config")
+            cfg.check()
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        return cfg
     cfg.check()
     return cfg
