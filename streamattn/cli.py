@@ -8,6 +8,7 @@ atomically.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -16,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.config import RunConfig, load_config, to_dict
+from streamattn.config import EngineConfig, RunConfig, load_config, to_dict
+from streamattn.engines import ENGINES
 from streamattn.errors import StreamattnError
 from streamattn.memory import peak_rss_bytes
 from streamattn.outputs import check_writable
@@ -59,11 +61,17 @@ def _compute_and_save(
     engine: str,
     config: dict[str, Any],
     progress: bool,
+    engine_options: dict[str, Any] | None = None,
 ) -> dict[str, UniversalSet]:
     check_writable(out, overwrite)
     t0 = time.perf_counter()
     results = universal_sets(
-        source, list(named.values()), chunk_rows=chunk_rows, engine=engine, progress=progress
+        source,
+        list(named.values()),
+        chunk_rows=chunk_rows,
+        engine=engine,
+        progress=progress,
+        **(engine_options or {}),
     )
     seconds = time.perf_counter() - t0
     sets = dict(zip(named, results, strict=True))
@@ -84,8 +92,37 @@ def _compute_and_save(
     return sets
 
 
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """Engine flags; for ``run`` they override the config's ``engine:`` section."""
+    p.add_argument("--engine", choices=list(ENGINES), help="engine (default local)")
+    p.add_argument("--scheduler", help="dask: threads, local-cluster or tcp://host:port")
+    p.add_argument("--n-workers", type=int, help="dask local-cluster: worker processes")
+    p.add_argument("--threads-per-worker", type=int, help="dask: threads per worker")
+    p.add_argument("--split-every", type=int, help="dask: fan-in of the merge tree")
+    p.add_argument("--retries", type=int, help="dask: retries of a failed task")
+    p.add_argument("--timeout", type=float, help="dask: seconds to reach the scheduler")
+    p.add_argument("--no-dashboard", action="store_true", help="dask: no LocalCluster dashboard")
+
+
+def _engine_from_args(base: EngineConfig, args: argparse.Namespace) -> EngineConfig:
+    flags = {
+        "kind": args.engine,
+        "scheduler": args.scheduler,
+        "n_workers": args.n_workers,
+        "threads_per_worker": args.threads_per_worker,
+        "split_every": args.split_every,
+        "retries": args.retries,
+        "timeout": args.timeout,
+        "dashboard": False if args.no_dashboard else None,
+    }
+    out = dataclasses.replace(base, **{k: v for k, v in flags.items() if v is not None})
+    out.check()
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg: RunConfig = load_config(args.config)
+    cfg = dataclasses.replace(cfg, engine=_engine_from_args(cfg.engine, args))
     path = Path(cfg.input.path)
     if cfg.input.generate is not None:
         _, made = ensure_store(path, cfg.input.generate)
@@ -103,11 +140,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         engine=cfg.engine.kind,
         config=to_dict(cfg),
         progress=cfg.progress and not args.quiet,
+        engine_options=cfg.engine.options(),
     )
     return 0
 
 
 def cmd_select(args: argparse.Namespace) -> int:
+    engine = _engine_from_args(EngineConfig(chunk_rows=args.chunk_rows), args)
     source = open_keys(args.input, array=args.array)
     sel = Selection(args.eps, args.variant, args.budget, args.rtol)
     sel.check(source.n)
@@ -121,9 +160,10 @@ def cmd_select(args: argparse.Namespace) -> int:
         out=Path(args.out),
         overwrite=args.overwrite,
         chunk_rows=args.chunk_rows,
-        engine=args.engine,
+        engine=engine.kind,
         config={"command": "select", **{k: v for k, v in vars(args).items() if k != "func"}},
         progress=not args.quiet,
+        engine_options=engine.options(),
     )
     return 0
 
@@ -173,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a config (default: the embedded default job)")
     p.add_argument("config", nargs="?", help="YAML config; none = embedded default")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_engine_flags(p)
     common(p)
     p.set_defaults(func=cmd_run)
 
@@ -184,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, help="keep the top-B keys by score")
     p.add_argument("--rtol", type=float, default=1e-10, help="numerical-rank tolerance")
     p.add_argument("--chunk-rows", type=int, help="rows per block (default: storage-aligned)")
-    p.add_argument("--engine", default="local", help="engine (default local)")
+    _add_engine_flags(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     common(p)

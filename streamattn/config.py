@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from streamattn.engines import ENGINES
+from streamattn.engines.dask_engine import DaskOptions
 from streamattn.errors import ConfigError
 from streamattn.synthetic import SyntheticSpec
 from streamattn.universal import Selection
@@ -56,10 +58,44 @@ def _default_selections() -> tuple[SelectionConfig, ...]:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How the pass runs: ``kind`` local (one process) or another registered engine."""
+    """How the pass runs: ``kind`` local (one process) or dask.
+
+    The other keys apply to ``kind: dask`` only (see
+    ``streamattn.engines.dask_engine.DaskOptions``): ``scheduler`` (``threads``,
+    ``local-cluster`` or ``tcp://host:port``), ``n_workers``, ``threads_per_worker``,
+    ``split_every``, ``retries``, ``timeout`` (seconds) and ``dashboard``.
+    """
 
     kind: str = "local"
     chunk_rows: int | None = None
+    scheduler: str = DaskOptions.scheduler
+    n_workers: int | None = None
+    threads_per_worker: int | None = None
+    split_every: int = DaskOptions.split_every
+    retries: int = DaskOptions.retries
+    timeout: float = DaskOptions.timeout
+    dashboard: bool = DaskOptions.dashboard
+
+    def options(self) -> dict[str, Any]:
+        """Keyword options for ``run_operators`` / ``universal_sets`` besides ``engine``."""
+        if self.kind != "dask":
+            return {}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(DaskOptions)}
+
+    def check(self) -> None:
+        if self.kind not in ENGINES:
+            raise ConfigError(f"engine.kind must be one of {list(ENGINES)}, got {self.kind!r}.")
+        if self.chunk_rows is not None and self.chunk_rows < 1:
+            raise ConfigError(f"engine.chunk_rows must be >= 1, got {self.chunk_rows}.")
+        dask_fields = [f.name for f in dataclasses.fields(DaskOptions)]
+        if self.kind == "dask":
+            DaskOptions(**{name: getattr(self, name) for name in dask_fields}).check()
+            return
+        changed = [n for n in dask_fields if getattr(self, n) != getattr(EngineConfig(), n)]
+        if changed:
+            raise ConfigError(
+                f"engine.{changed[0]} applies to kind: dask only (kind is {self.kind!r})."
+            )
 
 
 @dataclass(frozen=True)
@@ -91,8 +127,7 @@ class RunConfig:
                 raise ConfigError(f"select[{i}] ({sel.name}): {exc}") from exc
         if self.input.generate is not None:
             self.input.generate.check()
-        if self.engine.chunk_rows is not None and self.engine.chunk_rows < 1:
-            raise ConfigError(f"engine.chunk_rows must be >= 1, got {self.engine.chunk_rows}.")
+        self.engine.check()
 
 
 def _build(tp: Any, value: Any, where: str) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.engines import run_operators
+from streamattn.engines import engine_session, run_operators
 from streamattn.errors import ConfigError
 from streamattn.operators.leverage import (
     DEFAULT_RTOL,
@@ -212,8 +212,28 @@ def universal_sets(
 
     Every selection's leverage operator sees the same blocks, so the store is read once
     however many sets are asked for. Budget selections whose top-B cannot be certified
-    from the first pass share one more pass with their final scoring maps.
+    from the first pass share one more pass with their final scoring maps. Both passes
+    run on the same engine session (e.g. one Dask cluster, started once).
     """
+    src = open_keys(source, array=array)
+    for sel in selections:
+        sel.check(src.n)
+    with engine_session(engine, progress=progress, **engine_options) as options:
+        return _universal_sets(
+            src, selections, chunk_rows=chunk_rows, engine=engine, progress=progress, **options
+        )
+
+
+def _universal_sets(
+    source: Any,
+    selections: list[Selection],
+    *,
+    chunk_rows: int | None = None,
+    engine: str = "local",
+    progress: bool = False,
+    array: str | None = None,
+    **engine_options: Any,
+) -> list[UniversalSet]:
     src = open_keys(source, array=array)
     for sel in selections:
         sel.check(src.n)

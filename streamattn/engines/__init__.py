@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+from streamattn.engines.dask_engine import DaskOptions, dask_session, run_dask
 from streamattn.engines.local import run_local
 from streamattn.errors import ConfigError
 from streamattn.operators.protocol import Operator
 from streamattn.source import KeySource
 
-ENGINES = ("local",)
+ENGINES = ("local", "dask")
 
 
 def run_operators(
@@ -32,7 +34,33 @@ def run_operators(
         return run_local(
             source, operators, chunk_rows=chunk_rows, progress=progress, description=description
         )
+    if engine == "dask":
+        return run_dask(
+            source,
+            operators,
+            chunk_rows=chunk_rows,
+            progress=progress,
+            description=description,
+            **engine_options,
+        )
     raise ConfigError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}.")
 
 
-__all__ = ["ENGINES", "run_local", "run_operators"]
+@contextmanager
+def engine_session(
+    engine: str, *, progress: bool = False, **engine_options: Any
+) -> Iterator[dict[str, Any]]:
+    """Engine options for several passes that share one cluster (started once, closed after).
+
+    For ``engine="dask"`` with ``scheduler="local-cluster"`` or an address, the yielded
+    options carry a live ``client`` so every ``run_operators`` call inside reuses it.
+    """
+    if engine != "dask" or "client" in engine_options:
+        yield dict(engine_options)
+        return
+    client_free = {k: v for k, v in engine_options.items() if k != "client"}
+    with dask_session(DaskOptions.from_kwargs(client_free), progress=progress) as client:
+        yield client_free if client is None else {**client_free, "client": client}
+
+
+__all__ = ["ENGINES", "engine_session", "run_dask", "run_local", "run_operators"]
