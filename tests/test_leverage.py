@@ -216,9 +216,7 @@ def offline_top(scores: np.ndarray, budget: int) -> np.ndarray:
 
 @settings(max_examples=20, deadline=None)
 @given(cuts=st.lists(st.integers(1, 299), max_size=8), budget=st.integers(1, 40))
-def test_top_scores_equals_offline_top_b_with_ties_by_index(
-    cuts: list[int], budget: int
-) -> None:
+def test_top_scores_equals_offline_top_b_with_ties_by_index(cuts: list[int], budget: int) -> None:
     rng = np.random.default_rng(6)
     base = rng.standard_normal((100, 4))
     x = np.vstack([base, base, base])  # every score appears three times: ties everywhere
