@@ -117,7 +117,8 @@ def check_selection(
     if eps is None and budget is None:
         raise ConfigError("give eps (threshold mode) or budget (top-B mode).")
     if eps is not None:
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1:
+        real = isinstance(eps, (int, float, np.integer, np.floating)) and not isinstance(eps, bool)
+        if not real or not 0 < eps <= 1:
             raise ConfigError(f"eps must be in (0, 1], got {eps!r}.")
     if budget is not None:
         if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
