@@ -275,3 +275,22 @@ def test_installed_entry_point(npy_keys, tmp_path: Path) -> None:  # type: ignor
     assert bad.stderr.strip().splitlines() == [
         f"streamattn: error: {tmp_path / 'nope.npy'}: no such file or directory."
     ]
+
+
+def test_run_refuses_a_cached_store_made_from_other_parameters(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    cfg = small_config(tmp_path)
+    assert main(["run", str(cfg), "--quiet"]) == 0
+    store_before = tree(tmp_path / "store.zarr")
+    cfg.write_text(cfg.read_text().replace("seed: 1", "seed: 2"))
+    assert main(["run", str(cfg), "--quiet", "--overwrite"]) == 2
+    assert "not generated from this generate spec" in capsys.readouterr().err
+    assert tree(tmp_path / "store.zarr") == store_before
+
+
+def test_select_chunk_rows_must_be_positive(npy_keys, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    path, _ = npy_keys
+    out = tmp_path / "o"
+    argv = ["select", str(path), "--eps", "0.1", "--chunk-rows", "0", "--out", str(out)]
+    assert main([*argv, "--quiet"]) == 2
+    assert "chunk_rows must be >= 1" in capsys.readouterr().err
+    assert not out.exists()

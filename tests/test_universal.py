@@ -186,3 +186,43 @@ def test_values_follow_the_selected_keys_and_save_load_round_trip(zarr_store, tm
     np.testing.assert_array_equal(back.values, u.values)
     assert back.certificate["numerical_rank"] == u.certificate["numerical_rank"]
     assert back.certificate["eps"] == 0.04
+
+
+def test_one_pass_budget_breaks_ties_by_index() -> None:
+    # d = 4, B = 3: pass-1 threshold 4 / 12 = 1/3. Three heavy keys, each stored twice
+    # (scores ≈ 1/2 per copy), all reach it: the top-3 is decided in one pass, among ties.
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((600, 4))
+    heavy = 100.0 * rng.standard_normal((3, 4))
+    slots = [[50, 400], [120, 121], [10, 599]]
+    for row, (a, b) in zip(heavy, slots, strict=True):
+        x[a] = x[b] = row
+    tau, _ = svd_leverage(x)
+    u = universal_set(x, budget=3, chunk_rows=64)
+    assert u.certificate["passes"] == 1
+    np.testing.assert_array_equal(u.indices, offline_top(tau, 3))
+    order = np.argsort([-tau[a] for a, _ in slots], kind="stable")
+    first, second = (slots[i] for i in order[:2])
+    assert set(u.indices.tolist()) == {*first, min(second)}
+
+
+def test_numpy_scalar_settings_and_empty_result(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    x = keys(seed=9)
+    a = universal_set(x, eps=np.float32(0.05), budget=np.int64(4))
+    b = universal_set(x, eps=0.05, budget=4)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    empty = universal_set(x, eps=1.0)  # no key of a full-rank 300 x 5 matrix has tau = 1
+    assert len(empty) == 0 and empty.rows.shape == (0, 5) and empty.indices.dtype == np.int64
+    save_universal_sets(tmp_path / "o", {"empty": empty}, report={})
+    back = load_universal_set(tmp_path / "o", "empty")
+    assert back.indices.shape == (0,) and back.rows.shape == (0, 5)
+
+
+def test_zarr_v2_group_with_values_equals_v3(zarr_store) -> None:  # type: ignore[no-untyped-def]
+    x = keys(n=120, seed=10).astype(np.float32)
+    v = np.random.default_rng(0).standard_normal((120, 2)).astype(np.float32)
+    u2 = universal_set(zarr_store(x, chunks=11, values=v, zarr_format=2), eps=0.05)
+    u3 = universal_set(zarr_store(x, chunks=11, values=v, zarr_format=3), eps=0.05)
+    np.testing.assert_array_equal(u2.indices, u3.indices)
+    np.testing.assert_array_equal(u2.values, v[u2.indices])
+    np.testing.assert_array_equal(u3.values, v[u3.indices])
