@@ -34,3 +34,7 @@ class MemoryBudgetError(StreamattnError):
 
 class OutputExistsError(StreamattnError):
     """An output path that exists and would be overwritten without ``overwrite``."""
+
+
+class OutputWriteError(StreamattnError):
+    """An output or checkpoint that could not be written (disk full, permission denied)."""

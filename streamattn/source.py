@@ -335,8 +335,11 @@ def _open_path(path: Path, array: str | None) -> KeySource:
     )
 
 
-def open_keys(path_or_array: Any, array: str | None = None) -> KeySource:
+def open_keys(path_or_array: Any, array: str | None = None) -> Any:
     """Open a key store read-only and validate its shape and dtype.
+
+    A whole KV cache (a 4-D array, or a zarr group of ``keys/layer_{l}`` arrays) is
+    opened by ``streamattn.kvcache.open_kv`` and returned as a ``MultiHeadSource``.
 
     Parameters
     ----------
@@ -356,6 +359,10 @@ def open_keys(path_or_array: Any, array: str | None = None) -> KeySource:
     """
     if isinstance(path_or_array, KeySource):
         return path_or_array
+    from streamattn.kvcache import is_multihead, open_kv  # kvcache imports this module
+
+    if is_multihead(path_or_array, array):
+        return open_kv(path_or_array, array=array)
     if isinstance(path_or_array, (str, os.PathLike)):
         return _open_path(Path(path_or_array), array)
     if not hasattr(path_or_array, "shape") or not hasattr(path_or_array, "dtype"):

@@ -23,16 +23,39 @@ def run_operators(
     chunk_rows: int | None = None,
     progress: bool = False,
     description: str = "pass",
+    checkpoint: Any = None,
     **engine_options: Any,
 ) -> list[Operator]:
-    """One pass of ``source`` through ``operators`` on the chosen engine."""
+    """One pass of ``source`` through ``operators`` on the chosen engine.
+
+    ``checkpoint`` (a ``streamattn.checkpoint.Checkpointer``): resume the pass from its
+    last checkpoint and write new ones as it goes.
+    """
     if engine == "local":
         if engine_options:
             raise ConfigError(
                 f"options {sorted(engine_options)} are not understood by the local engine."
             )
         return run_local(
-            source, operators, chunk_rows=chunk_rows, progress=progress, description=description
+            source,
+            operators,
+            chunk_rows=chunk_rows,
+            progress=progress,
+            description=description,
+            checkpoint=checkpoint,
+        )
+    if checkpoint is not None:
+        from streamattn.checkpoint import run_segmented
+
+        return run_segmented(
+            source,
+            list(operators),
+            checkpoint,
+            lambda src, ops: run_operators(
+                src, ops, engine=engine, chunk_rows=chunk_rows, description=description,
+                **engine_options,
+            ),
+            chunk_rows=chunk_rows,
         )
     if engine == "dask":
         return run_dask(

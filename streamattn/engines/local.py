@@ -8,6 +8,7 @@ operators share each block: one read of the data serves them all.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from streamattn.operators.protocol import Operator
 from streamattn.progress import progress_bar
@@ -24,13 +25,26 @@ def run_local(
     progress: bool = False,
     prefetch: int = 2,
     description: str = "pass",
+    checkpoint: Any = None,
 ) -> list[Operator]:
-    """Fold rows ``[start, stop)`` of ``source`` into each operator, in order, in place."""
+    """Fold rows ``[start, stop)`` of ``source`` into each operator, in order, in place.
+
+    With a ``checkpoint`` (``streamattn.checkpoint.Checkpointer``) the pass starts from
+    the saved states and position when there are any, offers a checkpoint after every
+    block, and records the final states: same blocks, same operations, same result.
+    """
     ops = list(operators)
     stop = source.n if stop is None else stop
+    if checkpoint is not None:
+        chunk_rows = chunk_rows if chunk_rows is not None else source.default_chunk_rows()
+        start = checkpoint.begin(source, ops, start=start, stop=stop, chunk_rows=chunk_rows)
     with progress_bar(stop - start, description, enabled=progress) as bar:
         for block in source.blocks(chunk_rows, start=start, stop=stop, prefetch=prefetch):
             for op in ops:
                 op.update(block)
             bar.update(block.rows.shape[0])
+            if checkpoint is not None:
+                checkpoint.step(source, ops, block.stop)
+    if checkpoint is not None:
+        checkpoint.end(source, ops, stop)
     return ops
