@@ -1,0 +1,314 @@
+"""ℓp universal sets (f(x) = |x|^p attention, any p > 0) from out-of-core Lewis weights.
+
+Mathematics (DESIGN 2.2; Kannan, Bhattacharyya, Kacham, Woodruff, arXiv 2410.05462;
+Cohen & Peng 2015). For f(x) = |x|^p the share of key j under query q is
+A_qj = |q·k_j|^p / Σ_l |q·k_l|^p. With the ℓp Lewis weights w of K (Σ w = r = rank K):
+
+- p ≤ 2: A_qj ≤ w_j for every q, so U = {j : w_j ≥ ε} and |U| ≤ r/ε;
+- p ≥ 2: A_qj ≤ r^{p/2−1} w_j (Hölder; r ≤ d, so this is at most d^{p/2−1} w_j), so
+  U = {j : r^{p/2−1} w_j ≥ ε} and |U| ≤ r^{p/2}/ε.
+
+Either way A_qj ≥ ε ⇒ j ∈ U, for every query. The weights come from the iteration of
+:mod:`streamattn.operators.lewis` (Cohen–Peng for p < 4, damped for p ≥ 4), one pass of
+the store per iteration (plus one first pass for the unweighted factor), with the per-row
+weights in two zarr arrays in a work directory (never an n-sized array in memory).
+The iteration stops when the largest change of log w in a pass is ≤ ``tol``. The
+remaining error of the weights is bounded by m = c·δ/(1 − c) in log (c the contraction
+factor, δ the last change: a proof for p < 4, the local rate for p ≥ 4), and the set uses
+the inflated bound e^m·bound_j ≥ ε, so the approximation cannot drop a key.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamattn.engines import engine_session, run_operators
+from streamattn.errors import ConfigError, StreamattnError
+from streamattn.operators.leverage import DEFAULT_RTOL
+from streamattn.operators.lewis import (
+    LewisPass,
+    LewisPassSpec,
+    contraction_factor,
+    damping,
+)
+from streamattn.source import KeySource, open_keys
+
+#: Default convergence tolerance on max_j |log w_j^{(k+1)} − log w_j^{(k)}|.
+DEFAULT_TOL = 1e-9
+DEFAULT_MAX_ITER = 200
+#: Candidates are collected during every pass down to e^{-COLLECT_SLACK} × the threshold.
+COLLECT_SLACK = 0.25
+
+
+class LewisConvergenceError(StreamattnError):
+    """The Lewis iteration did not reach its tolerance within ``max_iter`` passes."""
+
+
+def check_p(p: Any) -> float:
+    """p must be a finite real > 0."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
+        raise ConfigError(f"p must be a finite number > 0, got {p!r}.")
+    return float(p)
+
+
+def check_lp_selection(sel: Any) -> None:
+    """Settings of a p != 2 ``Selection``: p > 0, threshold mode (``eps``), no budget."""
+    check_p(sel.p)
+    if sel.budget is not None or sel.eps is None:
+        raise ConfigError(
+            f"p = {sel.p:g}: l_p universal sets are computed in threshold mode; give eps "
+            "and no budget (budget mode supports p = 2 only)."
+        )
+
+
+def lp_universal_sets(
+    source: KeySource,
+    selections: list[Any],
+    *,
+    chunk_rows: int | None = None,
+    engine: str = "local",
+    progress: bool = False,
+    **engine_options: Any,
+) -> list[Any]:
+    """``universal_sets`` for a list that holds p != 2 selections (one engine session).
+
+    The p = 2 selections still share their one exact pass; each p != 2 selection runs
+    its own Lewis iteration (its weights differ from pass to pass).
+    """
+    from streamattn.universal import universal_sets
+
+    out: list[Any] = [None] * len(selections)
+    with engine_session(engine, progress=progress, **engine_options) as opts:
+        two = [i for i, sel in enumerate(selections) if sel.p == 2]
+        if two:
+            sets = universal_sets(source, [selections[i] for i in two], chunk_rows=chunk_rows,
+                                  engine=engine, progress=progress, **opts)
+            for i, uset in zip(two, sets, strict=True):
+                out[i] = uset
+        for i, sel in enumerate(selections):
+            if sel.p != 2:
+                out[i] = lp_universal_set(
+                    source, sel.eps, p=sel.p, variant=sel.variant, rtol=sel.rtol,
+                    chunk_rows=chunk_rows, engine=engine, progress=progress, **opts
+                )
+    return out
+
+
+def bound_factor(p: float, rank: int) -> float:
+    """bound_j / w_j: 1 for p ≤ 2, rank^{p/2 − 1} for p ≥ 2."""
+    return 1.0 if p <= 2 else float(max(rank, 1)) ** (p / 2.0 - 1.0)
+
+
+def guarantee_text(p: float) -> str:
+    if p <= 2:
+        return (
+            f"For f(x) = |x|^{p:g} attention, A_qj = |q.k_j|^p / sum_l |q.k_l|^p <= w_j (l_p "
+            "Lewis weight) for every query q, so every key that any query weights >= eps is "
+            "in U, and |U| <= rank/eps."
+        )
+    return (
+        f"For f(x) = |x|^{p:g} attention, A_qj <= rank^(p/2-1) w_j (w the l_p Lewis "
+        "weights, by Hoelder) for every query q, so every key that any query weights >= eps "
+        "is in U, and |U| <= rank^(p/2)/eps <= d^(p/2)/eps."
+    )
+
+
+def _weights_array(path: Path, n: int, rows: int) -> str:
+    import zarr
+
+    zarr.create_array(
+        store=str(path), shape=(n,), chunks=(rows,), dtype="float64", fill_value=0.0,
+        overwrite=True,
+    )
+    return str(path)
+
+
+def lp_universal_set(
+    source: Any,
+    eps: float,
+    *,
+    p: float,
+    variant: str = "plain",
+    rtol: float = DEFAULT_RTOL,
+    tol: float = DEFAULT_TOL,
+    max_iter: int = DEFAULT_MAX_ITER,
+    workdir: str | Path | None = None,
+    chunk_rows: int | None = None,
+    engine: str = "local",
+    progress: bool = False,
+    array: str | None = None,
+    **engine_options: Any,
+) -> Any:
+    """The ℓp universal set {j : bound_j ≥ eps} from Lewis weights, out of core.
+
+    Parameters
+    ----------
+    source : a ``KeySource`` or anything ``open_keys`` accepts.
+    eps : threshold in (0, 1].
+    p : the exponent of f(x) = |x|^p, any p > 0 (p = 2 gives leverage scores).
+    variant : ``"plain"`` or ``"affine"`` (keys augmented with a constant 1).
+    tol : stop when max_j |log(w_j new / w_j old)| ≤ tol.
+    max_iter : most update passes before :class:`LewisConvergenceError`.
+    workdir : where the per-row weight arrays live (``lewis_weights_{0,1}.zarr``; the
+        final weights are named in the certificate). Default: a temporary directory,
+        removed afterwards.
+
+    Returns
+    -------
+    UniversalSet with ``scores`` = bound_j (w_j for p ≤ 2, rank^{p/2−1} w_j for p ≥ 2) and
+    a certificate: method, β, iterations, passes, convergence history, Σw, error margin,
+    size bound.
+
+    Examples
+    --------
+    >>> k = np.random.default_rng(0).standard_normal((500, 4))
+    >>> k[3] *= 40.0
+    >>> u = lp_universal_set(k, 0.3, p=1.0)
+    >>> 3 in u, abs(u.certificate["sum_weights"] - 4) < 1e-6
+    (True, True)
+    """
+    from streamattn.universal import SOFTMAX_NOTE, UniversalSet, check_selection, versions
+
+    p = check_p(p)
+    check_selection(eps, variant, None)
+    if eps is None:
+        raise ConfigError("p != 2 universal sets need eps (budget mode supports p = 2 only).")
+    if not (isinstance(tol, float) and 0 < tol < 1):
+        raise ConfigError(f"tol must be a float in (0, 1), got {tol!r}.")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ConfigError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
+    src: KeySource = open_keys(source, array=array)
+    rows = int(chunk_rows) if chunk_rows is not None else src.default_chunk_rows()
+    affine = variant == "affine"
+    beta = damping(p)
+    c = contraction_factor(p, beta)
+    own_dir = workdir is None
+    wdir = Path(tempfile.mkdtemp(prefix="streamattn-lewis-")) if own_dir else Path(workdir)
+    wdir.mkdir(parents=True, exist_ok=True)
+    paths = [_weights_array(wdir / f"lewis_weights_{i}.zarr", src.n, rows) for i in (0, 1)]
+    history: list[float] = []
+    try:
+        with engine_session(engine, progress=progress, **engine_options) as opts:
+            run = dict(engine=engine, chunk_rows=rows, progress=progress, **opts)
+
+            def one_pass(spec: LewisPassSpec, what: str) -> dict[str, Any]:
+                (op,) = run_operators(src, [LewisPass(spec)], description=what, **run)
+                return op.result()
+
+            first = one_pass(LewisPassSpec(p, np.zeros((0, 0)), affine=affine, rtol=rtol),
+                             "lewis factor")
+            rank = first["scoring_map"].rank
+            factor = bound_factor(p, rank)
+            t_w = eps / factor  # the threshold on w itself
+            collect = t_w * math.exp(-COLLECT_SLACK)
+            cap = int(4 * math.exp(COLLECT_SLACK) * max(rank, 1) / t_w) + 16
+            smap, res, k = first["scoring_map"], first, 0
+            converged = False
+            while k < max_iter:
+                k += 1
+                spec = LewisPassSpec(
+                    p,
+                    smap.w,
+                    weights_in=paths[(k - 1) % 2] if k > 1 else "",
+                    weights_out=paths[k % 2],
+                    beta=beta,
+                    collect=collect,
+                    cap=cap,
+                    affine=affine,
+                    rtol=rtol,
+                )
+                res = one_pass(spec, f"lewis iteration {k}")
+                smap = res["scoring_map"]
+                history.append(res["max_log_change"])
+                if res["max_log_change"] <= tol:
+                    converged = True
+                    break
+            if not converged:
+                raise LewisConvergenceError(
+                    f"l_p Lewis weights (p = {p:g}) did not converge within max_iter = "
+                    f"{max_iter} passes: last max |log change| = {history[-1]:.3g} > tol = "
+                    f"{tol:g}. Raise max_iter or tol."
+                )
+            final = paths[k % 2]
+            margin = c * history[-1] / (1.0 - c)
+            passes = k + 1
+            if res["overflow"] or margin > COLLECT_SLACK:
+                res = one_pass(
+                    LewisPassSpec(
+                        p,
+                        np.zeros((0, 0)),
+                        weights_in=final,
+                        collect=t_w * math.exp(-margin),
+                        cap=int(res["sum_weights"] / (t_w * math.exp(-margin))) + 1,
+                        affine=affine,
+                        rtol=rtol,
+                    ),
+                    "lewis candidates",
+                )
+                passes += 1
+        keep = np.flatnonzero(res["weights"] * math.exp(margin) >= t_w)
+        scores = factor * res["weights"][keep]
+        smap0 = first["scoring_map"]
+        cert: dict[str, Any] = {
+            "n": src.n,
+            "d": src.d,
+            "dtype": str(src.dtype),
+            "numerical_rank": rank,
+            "rank_rtol": rtol,
+            "rank_abs_tol": smap0.abs_tol,
+            "sigma_max": smap0.sigma_max,
+            "chunk_rows": rows,
+            "factorisation": "TSQR (Householder, float64) of the reweighted rows, "
+            "pseudo-inverse on the numerical range",
+            "softmax": SOFTMAX_NOTE,
+            "source": src.describe(),
+            "versions": versions(),
+        }
+        cert.update(
+            {
+                "mode": "threshold",
+                "eps": eps,
+                "budget": None,
+                "variant": variant,
+                "p": p,
+                "selected": int(keep.size),
+                "scores": "bound_j = w_j" if p <= 2 else "bound_j = rank^(p/2-1) w_j",
+                "bound_factor": factor,
+                "method": "cohen-peng" if beta == 1.0 else "damped fixed point",
+                "update": f"w <- w^(1-beta) * sigma(w)^(beta*p/2), beta = {beta:g}",
+                "beta": beta,
+                "contraction_factor": c,
+                "contraction_proven": beta == 1.0,
+                "convergence_criterion": f"max_j |log(w_j new / w_j old)| <= {tol:g}",
+                "iterations": k,
+                "passes": passes,
+                "max_log_change_history": history,
+                "final_max_rel_change": math.expm1(history[-1]),
+                "weights_log_error_bound": margin,
+                "sum_weights": res["sum_weights"],
+                "sum_weights_note": "sum_j w_j = rank at the fixed point",
+                "sum_scores_selected": float(scores.sum()),
+                "size_bound": (rank if p <= 2 else rank ** (p / 2.0)) * math.exp(margin) / eps,
+                "guarantee": guarantee_text(p),
+                "weights_path": None if own_dir else final,
+                "engine": engine,
+            }
+        )
+        cert["size_bound_holds"] = bool(keep.size <= cert["size_bound"] + 1e-9)
+        values = res["values"]
+        return UniversalSet(
+            res["indices"][keep],
+            scores,
+            res["rows"][keep].astype(src.dtype),
+            None if values is None else values[keep],
+            cert,
+        )
+    finally:
+        if own_dir:
+            shutil.rmtree(wdir, ignore_errors=True)
