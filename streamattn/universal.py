@@ -184,9 +184,14 @@ class Selection:
     variant: str = "plain"
     budget: int | None = None
     rtol: float = DEFAULT_RTOL
+    p: float = 2.0  # f(x) = |x|^p; p != 2 is computed by streamattn.lp (Lewis weights)
 
     def check(self, n: int | None = None) -> None:
         check_selection(self.eps, self.variant, self.budget, n)
+        if self.p != 2:
+            from streamattn.lp import check_lp_selection
+
+            check_lp_selection(self)
         if not (isinstance(self.rtol, float) and 0 < self.rtol < 1):
             raise ConfigError(f"rtol must be a float in (0, 1), got {self.rtol!r}.")
 
@@ -219,6 +224,11 @@ def universal_sets(
     src = open_keys(source, array=array)
     for sel in selections:
         sel.check(src.n)
+    if any(sel.p != 2 for sel in selections):
+        from streamattn.lp import lp_universal_sets
+
+        return lp_universal_sets(src, selections, chunk_rows=chunk_rows, engine=engine,
+                                 progress=progress, **engine_options)
     with engine_session(engine, progress=progress, **engine_options) as options:
         return _universal_sets(
             src, selections, chunk_rows=chunk_rows, engine=engine, progress=progress, **options
@@ -306,6 +316,7 @@ def universal_set(
     engine: str = "local",
     progress: bool = False,
     array: str | None = None,
+    p: float = 2.0,
     **engine_options: Any,
 ) -> UniversalSet:
     """The LevAttention universal set of a key store, exactly, in bounded memory.
@@ -329,6 +340,9 @@ def universal_set(
         are treated as zero).
     engine
         ``"local"`` (one sequential pass); other engines plug in through ``run_operators``.
+    p
+        Attention f(x) = |x|^p. p = 2: leverage scores (above). p != 2 (threshold mode):
+        ℓp Lewis weights, one pass per fixed-point iteration (see ``streamattn.lp``).
 
     Returns
     -------
@@ -347,7 +361,7 @@ def universal_set(
     """
     (out,) = universal_sets(
         source,
-        [Selection(eps, variant, budget, rtol)],
+        [Selection(eps, variant, budget, rtol, p)],
         chunk_rows=chunk_rows,
         engine=engine,
         progress=progress,
