@@ -43,9 +43,10 @@ class SelectionConfig:
     variant: str = "plain"
     budget: int | None = None
     rtol: float = 1e-10
+    p: float = 2.0  # f(x) = |x|^p attention; p != 2: l_p Lewis weights (streamattn.lp)
 
     def selection(self) -> Selection:
-        return Selection(self.eps, self.variant, self.budget, self.rtol)
+        return Selection(self.eps, self.variant, self.budget, self.rtol, self.p)
 
 
 def _default_selections() -> tuple[SelectionConfig, ...]:
