@@ -24,7 +24,7 @@ attributes record the parameters and the planted outlier indices.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +276,69 @@ def ensure_store(path: str | Path, spec: SyntheticSpec) -> tuple[Path, bool]:
             )
         return path, False
     return generate_store(path, spec), True
+
+
+def head_spec(spec: SyntheticSpec, layer: int, head: int, heads: int) -> SyntheticSpec:
+    """The single-head spec of (layer, head) in a synthetic KV cache (its own seed)."""
+    return replace(spec, seed=spec.seed * 1_000_003 + layer * heads + head + 1)
+
+
+def generate_kv_store(
+    path: str | Path,
+    spec: SyntheticSpec,
+    *,
+    layers: int,
+    heads: int,
+    overwrite: bool = False,
+) -> Path:
+    """A synthetic multi-layer, multi-head KV cache, written atomically.
+
+    Layout (what ``streamattn.kvcache.open_kv`` reads): a zarr group with arrays
+    ``keys/layer_{l}`` of shape ``(n, heads·d)`` (chunks ``(chunk_rows, heads·d)``),
+    columns ``[h·d, (h+1)·d)`` holding head ``h``: the single-head store of
+    ``head_spec(spec, l, h, heads)`` (``d = spec.d`` is d_head; each head has its own
+    offset, low-rank structure and planted outliers). With ``values_dim`` > 0 also
+    ``values/layer_{l}`` of shape ``(n, heads·values_dim)``. The group's ``heads``
+    attribute declares the split.
+    """
+    import zarr
+
+    spec.check()
+    for name, value in (("layers", layers), ("heads", heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"generate --{name} must be an integer >= 1, got {value!r}.")
+    compressors: Any = None if spec.compressor == "none" else "auto"
+    specs = [[head_spec(spec, lay, h, heads) for h in range(heads)] for lay in range(layers)]
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        root = zarr.open_group(str(tmp), mode="w")
+        kgroup = root.require_group("keys")
+        kgroup.attrs.update({"heads": heads})
+        vgroup = root.require_group("values") if spec.values_dim else None
+        for lay in range(layers):
+            width = heads * spec.d
+            karr = kgroup.create_array(
+                f"layer_{lay}", shape=(spec.n, width), dtype=spec.dtype,
+                chunks=(spec.chunk_rows, width), compressors=compressors,
+            )
+            varr = None
+            if vgroup is not None:
+                vwidth = heads * spec.values_dim
+                varr = vgroup.create_array(
+                    f"layer_{lay}", shape=(spec.n, vwidth), dtype=spec.dtype,
+                    chunks=(spec.chunk_rows, vwidth), compressors=compressors,
+                )
+            for c0 in range(0, spec.n, spec.chunk_rows):
+                c1 = min(c0 + spec.chunk_rows, spec.n)
+                karr[c0:c1] = np.hstack([synthetic_rows(s, c0, c1) for s in specs[lay]])
+                if varr is not None:
+                    varr[c0:c1] = np.hstack([synthetic_values(s, c0, c1) for s in specs[lay]])
+        root.attrs.update(
+            {
+                "generator": "streamattn.synthetic.generate_kv_store",
+                "spec": spec_record(spec),
+                "layers": layers,
+                "heads": heads,
+                "layout": "keys/layer_{l}: (n, heads*d_head)",
+            }
+        )
+    return Path(path)
