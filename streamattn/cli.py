@@ -148,11 +148,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     engine = _engine_from_args(EngineConfig(chunk_rows=args.chunk_rows), args)
     source = open_keys(args.input, array=args.array)
-    sel = Selection(args.eps, args.variant, args.budget, args.rtol)
+    sel = Selection(args.eps, args.variant, args.budget, args.rtol, args.p)
     sel.check(source.n)
     name = f"{args.variant}" + (f"-eps{args.eps:g}" if args.eps else "") + (
         f"-top{args.budget}" if args.budget else ""
-    )
+    ) + (f"-p{args.p:g}" if args.p != 2 else "")
     _compute_and_save(
         args,
         source,
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=["plain", "affine"], default="plain")
     p.add_argument("--budget", type=int, help="keep the top-B keys by score")
     p.add_argument("--rtol", type=float, default=1e-10, help="numerical-rank tolerance")
+    p.add_argument("--p", type=float, default=2.0,
+                   help="f(x) = |x|^p attention (default 2; p != 2: l_p Lewis weights)")
     p.add_argument("--chunk-rows", type=int, help="rows per block (default: storage-aligned)")
     _add_engine_flags(p)
     p.add_argument("--out", required=True, help="output directory")
