@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from streamattn.checkpoint import CheckpointConfig
+from streamattn.embeddings import ReduceConfig
 from streamattn.engines import ENGINES
 from streamattn.engines.dask_engine import DaskOptions
 from streamattn.errors import ConfigError
@@ -32,6 +34,7 @@ class InputConfig:
     path: str = "data/default-keys.zarr"
     array: str | None = None
     generate: SyntheticSpec | None = None
+    heads: int | None = None  # KV cache: split the key columns into heads (kvcache.py)
 
 
 @dataclass(frozen=True)
@@ -88,15 +91,8 @@ class EngineConfig:
             raise ConfigError(f"engine.kind must be one of {list(ENGINES)}, got {self.kind!r}.")
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise ConfigError(f"engine.chunk_rows must be >= 1, got {self.chunk_rows}.")
-        dask_fields = [f.name for f in dataclasses.fields(DaskOptions)]
-        if self.kind == "dask":
-            DaskOptions(**{name: getattr(self, name) for name in dask_fields}).check()
-            return
-        changed = [n for n in dask_fields if getattr(self, n) != getattr(EngineConfig(), n)]
-        if changed:
-            raise ConfigError(
-                f"engine.{changed[0]} applies to kind: dask only (kind is {self.kind!r})."
-            )
+        if self.kind == "dask":  # the dask keys are ignored by the local engine
+            DaskOptions.from_kwargs(self.options()).check()
 
 
 @dataclass(frozen=True)
@@ -116,6 +112,8 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     progress: bool = True
+    reduce: ReduceConfig | None = None  # reduced embeddings, in the same read (embeddings.py)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoint.py
 
     def check(self) -> None:
         names = [s.name for s in self.select]
@@ -129,6 +127,9 @@ class RunConfig:
         if self.input.generate is not None:
             self.input.generate.check()
         self.engine.check()
+        if self.reduce is not None:
+            self.reduce.check()
+        self.checkpoint.check()
 
 
 def _build(tp: Any, value: Any, where: str) -> Any:
