@@ -125,4 +125,101 @@ def test_lewis_pass_laws(data: st.DataObject, first: bool, cap: int) -> None:
         )
 
 
+def _attention_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(5)
+    k = keys(200, 5) / 3.0
+    v = rng.standard_normal((200, 3))
+    q = rng.standard_normal((4, 5))
+    pos = np.array([0, 30, 120, 199], dtype=np.int64)
+    return k, v, q, pos
+
+
+def compare_ground_truth(a: dict, b: dict) -> None:
+    np.testing.assert_array_equal(a["indices"], b["indices"])
+    np.testing.assert_allclose(a["lse"], b["lse"], rtol=1e-12)
+    np.testing.assert_allclose(a["weights"], b["weights"], rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(a["output"], b["output"], rtol=1e-9, atol=1e-12)
+    assert a["n"] == b["n"] and a["dropped"] == b["dropped"] == 0
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data(), kind=st.sampled_from(["softmax", "power"]), causal=st.booleans())
+def test_ground_truth_laws(data: st.DataObject, kind: str, causal: bool) -> None:
+    from streamattn.operators.ground_truth import GroundTruth, GroundTruthSpec
+
+    k, v, q, pos = _attention_data()
+    mode = "causal" if causal else "global"
+
+    def make(eps: float = 0.02) -> GroundTruth:
+        return GroundTruth(GroundTruthSpec(
+            q, eps=eps, kind=kind, mode=mode, positions=pos if causal else None, values_dim=3
+        ))
+
+    check_operator_laws(make, k, compare_ground_truth, data, values=v,
+                        make_other_spec=lambda: make(0.03))
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data(), causal=st.booleans())
+def test_observed_attention_top_laws(data: st.DataObject, causal: bool) -> None:
+    from streamattn.operators.ground_truth import ObservedAttentionSpec, ObservedAttentionTop
+
+    k, _, q, pos = _attention_data()
+    lse = np.full(q.shape[0], 3.0)
+    mode = "causal" if causal else "global"
+
+    def make(budget: int = 9) -> ObservedAttentionTop:
+        return ObservedAttentionTop(ObservedAttentionSpec(
+            q, mode=mode, positions=pos if causal else None, lse=lse, budget=budget
+        ))
+
+    def compare(a: dict, b: dict) -> None:
+        np.testing.assert_array_equal(a["indices"], b["indices"])
+        np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-12)
+
+    check_operator_laws(make, k, compare, data, make_other_spec=lambda: make(10))
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data(), causal=st.booleans())
+def test_restricted_attention_laws(data: st.DataObject, causal: bool) -> None:
+    from streamattn.operators.ground_truth import RestrictedAttention, RestrictedAttentionSpec
+
+    k, v, q, pos = _attention_data()
+
+    def make(window: int = 16) -> RestrictedAttention:
+        return RestrictedAttention(RestrictedAttentionSpec(
+            q, mode="causal" if causal else "global", positions=pos if causal else None,
+            values_dim=3, set_indices=np.array([0, 1, 7, 150, 2, 3], dtype=np.int64),
+            set_offsets=np.array([0, 4, 6]), set_windows=np.array([0, window]), n_keys=200,
+        ))
+
+    def compare(a: dict, b: dict) -> None:
+        np.testing.assert_allclose(a["lse"], b["lse"], rtol=1e-12)
+        np.testing.assert_allclose(a["output"], b["output"], rtol=1e-9, atol=1e-12)
+
+    check_operator_laws(make, k, compare, data, values=v, make_other_spec=lambda: make(17))
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_multi_head_laws(data: st.DataObject) -> None:
+    from streamattn.kvcache import MultiHead
+
+    x = np.stack([keys(200, 5, seed=s) for s in range(4)], axis=1).reshape(200, 2, 2, 5)
+
+    def make(t: float = 0.05) -> MultiHead:
+        return MultiHead.of(
+            [[LeverageScores(LeverageSpec(t, affine=(lay + h) % 2 == 1)) for h in range(2)]
+             for lay in range(2)]
+        )
+
+    def compare(a: list, b: list) -> None:
+        for ra, rb in zip(a, b, strict=True):
+            for ha, hb in zip(ra, rb, strict=True):
+                compare_scored(ha, hb)
+
+    check_operator_laws(make, x, compare, data, make_other_spec=lambda: make(0.06))
+
+
 # New operators: add a test above this line calling check_operator_laws.

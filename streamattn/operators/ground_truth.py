@@ -133,7 +133,8 @@ def online_fold(
     """Fold a logit block into (lse, acc) in place; returns the new lse.
 
     ``acc`` holds Σ_j exp(ℓ_j − lse) v_j (the normalised output); it is rescaled by
-    exp(lse_old − lse_new) when the normaliser grows (online softmax).
+    exp(lse_old − lse_new) when the normaliser grows (online softmax). ``values`` is
+    (b × d_v), shared by all queries, or (s × b × d_v), one row set per query.
     """
     mx = logits.max(axis=1) if logits.shape[1] else np.full(logits.shape[0], -np.inf)
     safe = np.where(np.isfinite(mx), mx, 0.0)
@@ -143,7 +144,8 @@ def online_fold(
     new = np.logaddexp(lse, block_lse)
     if acc is not None and values is not None:
         acc *= _shift(lse, new)[:, None]
-        acc += (e * _shift(mx, new)[:, None]) @ values
+        w = e * _shift(mx, new)[:, None]
+        acc += w @ values if values.ndim == 2 else np.einsum("sb,sbd->sd", w, values)
     lse[...] = new
     return new
 
@@ -450,24 +452,47 @@ class RestrictedAttention(Operator):
         for start, rows, vals in _pieces(spec, block):
             logits = log_weights(spec, start, rows)
             stop = start + rows.shape[0]
-            cols = np.arange(start, stop)
             for m in range(win.shape[0]):  # a loop over sets; each step is whole-block
                 members = idx_all[off[m] : off[m + 1]]
                 a, b = np.searchsorted(members, [start, stop])
                 local = members[a:b] - start
+                acc = None if self.acc is None else self.acc[m]
+                online_fold(
+                    self.lse[m], acc, logits[:, local], None if vals is None else vals[local]
+                )
                 if win[m] > 0:
                     inset = np.zeros(rows.shape[0], dtype=bool)
                     inset[local] = True
-                    recent = (cols[None, :] > wpos[:, None] - win[m]) & (
-                        cols[None, :] <= wpos[:, None]
-                    )
-                    sub = np.where(inset[None, :] | recent, logits, -np.inf)
-                    sub_vals = vals
-                else:
-                    sub = logits[:, local]
-                    sub_vals = None if vals is None else vals[local]
-                acc = None if self.acc is None else self.acc[m]
-                online_fold(self.lse[m], acc, sub, sub_vals)
+                    self._fold_window(m, int(win[m]), start, logits, vals, inset, wpos)
+
+    def _fold_window(
+        self,
+        m: int,
+        w: int,
+        start: int,
+        logits: np.ndarray,
+        vals: np.ndarray | None,
+        inset: np.ndarray,
+        wpos: np.ndarray,
+    ) -> None:
+        """Fold the band (pos_i − w, pos_i] ∩ block of every query, minus keys in I_m.
+
+        Gathers at most min(w, b) columns per query from the block's logits, so the
+        work is O(s · min(w, b) · d_v), not O(s · b · d_v) per set.
+        """
+        b = logits.shape[1]
+        lo = np.maximum(wpos - w + 1, start) - start
+        hi = np.minimum(wpos, start + b - 1) - start
+        width = int(max(0, (hi - lo + 1).max()))
+        if width == 0:
+            return
+        cols = lo[:, None] + np.arange(width)[None, :]
+        ok = cols <= hi[:, None]
+        cols = np.where(ok, cols, 0)
+        band = np.take_along_axis(logits, cols, axis=1)
+        band[~ok | inset[cols]] = -np.inf  # outside the band, or already counted in I_m
+        acc = None if self.acc is None else self.acc[m]
+        online_fold(self.lse[m], acc, band, None if vals is None else vals[cols])
 
     def _merge(self, other: RestrictedAttention) -> None:
         merge_folds(self.lse, self.acc, other.lse, other.acc)
