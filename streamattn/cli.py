@@ -249,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_generate)
 
+    from streamattn.evaluate import add_evaluate_parser
+
+    add_evaluate_parser(sub)
+
     p = sub.add_parser("inspect", help="describe a key store (shape, dtype, chunks)")
     p.add_argument("input")
     p.add_argument("--array")
