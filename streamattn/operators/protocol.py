@@ -149,8 +149,13 @@ class Operator(ABC):
         super().__init_subclass__(**kwargs)
         family = cls.__dict__.get("family")
         if family is not None:
-            if family in _REGISTRY and _REGISTRY[family] is not cls:
-                raise TypeError(f"operator family {family!r} registered twice")
+            known = _REGISTRY.get(family)
+            # A module imported twice (e.g. by a Dask worker) re-registers the same class.
+            if known is not None and known.__qualname__ != cls.__qualname__:
+                raise TypeError(
+                    f"operator family {family!r} registered twice: {known.__qualname__} "
+                    f"and {cls.__qualname__}"
+                )
             _REGISTRY[family] = cls
 
     def __init__(self, spec: Any) -> None:
