@@ -240,3 +240,26 @@ def test_nbytes_bound_covers_the_state() -> None:
         op.update(Block(block.start, block.rows, block.values))
         used = sum(v.nbytes for v in op._state().values())
         assert used <= bound
+
+
+@pytest.mark.parametrize("cuts", [[], [101], [100], list(range(1, 102))])
+def test_direction_crossing_the_rank_tolerance_mid_stream_loses_no_key(cuts: list[int]) -> None:
+    """A direction below rtol·σ_max after row 100 rises above it with row 101: key 100's
+    final score (≈ 0.8) comes from that direction, so pruning must not drop it early."""
+    x = np.zeros((102, 2))
+    x[:100, 0] = 1000.0
+    delta = 0.95e-10 * 1000.0 * np.sqrt(101)  # just below the tolerance after row 100
+    x[100] = [1000.0, delta]
+    x[101] = [0.0, 0.5 * delta]  # lifts the second singular value above the tolerance
+    tau, rank = svd_leverage(x)
+    assert rank == 2 and tau[100] == pytest.approx(0.8, abs=1e-3)
+    res = run(x, 0.5, False, cuts)
+    np.testing.assert_array_equal(res["indices"], [100])
+    np.testing.assert_allclose(res["scores"], tau[[100]], rtol=1e-6)
+    # and in a merge tree: the block holding row 100 is pruned before the merge
+    blocks = blocks_of(x, [*cuts, 101])
+    ops = [LeverageScores(LeverageSpec(0.5, False)).update(b) for b in blocks]
+    merged = ops[-1]
+    for op in ops[:-1]:
+        merged = merged.merge(op)
+    np.testing.assert_array_equal(merged.result()["indices"], [100])

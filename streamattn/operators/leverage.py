@@ -16,6 +16,11 @@ U_ε for any chunking and merge tree, up to float rounding at the threshold itse
 
 Numerical rank: scores use the pseudo-inverse on the numerical range of R,
 σ_i > rtol · σ_max (default rtol = 1e-10), computed from the SVD of the d × d factor.
+A direction below that tolerance mid-stream can rise above it later, so pruning uses a
+finer range (σ_i > PRUNE_RTOL_FACTOR · rtol · σ_max) and a margin: a row seen so far
+has component ≤ σ_i along each direction, so its final score is at most
+(‖W_fineᵀk‖ + δ)² with δ = ‖σ_dropped‖ / (rtol · σ_max). Rows are dropped only below
+that bound (δ = 0 when no direction is dropped, e.g. for full-rank keys).
 
 Affine variant: each key is augmented with a constant 1, k̃_j = (k_j, 1). Its score is
 τ̃_j = 1/n + (k_j − μ)ᵀ S⁺ (k_j − μ) (μ the mean, S the scatter matrix): centred
@@ -35,6 +40,8 @@ from streamattn.operators.protocol import Operator, State
 from streamattn.source import Block
 
 DEFAULT_RTOL = 1e-10
+#: Pruning keeps directions down to this fraction of the rank tolerance (see above).
+PRUNE_RTOL_FACTOR = 1e-3
 
 
 def augment(rows: np.ndarray, affine: bool) -> np.ndarray:
@@ -114,9 +121,24 @@ class LeverageScores(Operator):
     def _dim(self, d: int) -> int:
         return d + 1 if self.spec.affine else d
 
+    def _pruning_scores(self, rows: np.ndarray) -> np.ndarray:
+        """Scores on the fine range; sets ``self._slack`` = δ for ``_pruning_threshold``."""
+        rtol = self.spec.rtol
+        fine = ScoringMap.from_factor(self.r, rtol * PRUNE_RTOL_FACTOR, self.r.shape[1])
+        self._slack = 0.0
+        if fine.sigma_max > 0 and fine.rank < min(self.r.shape):
+            dropped = np.linalg.svd(self.r, compute_uv=False)[fine.rank :]
+            self._slack = float(np.linalg.norm(dropped)) / (rtol * fine.sigma_max)
+        return fine.scores(augment(rows, self.spec.affine))
+
+    def _pruning_threshold(self) -> float:
+        """Drop a row only if (√score + δ)² < threshold: its final score cannot reach it."""
+        if self._slack == 0.0:
+            return self.spec.threshold
+        return max(0.0, np.sqrt(self.spec.threshold) - self._slack) ** 2
+
     def _prune(self, idx: np.ndarray, rows: np.ndarray, values: np.ndarray | None) -> None:
-        smap = ScoringMap.from_factor(self.r, self.spec.rtol, self.r.shape[1])
-        keep = smap.scores(augment(rows, self.spec.affine)) >= self.spec.threshold
+        keep = self._pruning_scores(rows) >= self._pruning_threshold()
         order = np.argsort(idx[keep], kind="stable")
         self.idx = idx[keep][order]
         self.rows = rows[keep][order]
@@ -169,14 +191,15 @@ class LeverageScores(Operator):
         return ScoringMap.from_factor(self.r, self.spec.rtol, self.r.shape[1])
 
     def result(self) -> dict[str, Any]:
-        """Candidates with their exact final scores, and the factor's numerical rank."""
+        """Held rows whose exact final score is ≥ threshold, their scores, and the map."""
         smap = self.scoring_map()
         scores = smap.scores(augment(self.rows, self.spec.affine)) if self.idx.size else np.zeros(0)
+        keep = scores >= self.spec.threshold
         return {
-            "indices": self.idx.copy(),
-            "scores": scores,
-            "rows": self.rows.astype(self.rows_dtype or np.float64),
-            "values": None if self.values is None else self.values.copy(),
+            "indices": self.idx[keep],
+            "scores": scores[keep],
+            "rows": self.rows[keep].astype(self.rows_dtype or np.float64),
+            "values": None if self.values is None else self.values[keep],
             "scoring_map": smap,
             "n": self.n_rows,
         }
