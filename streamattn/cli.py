@@ -17,19 +17,22 @@ from typing import Any
 
 import numpy as np
 
+from streamattn.checkpoint import CheckpointConfig, Checkpointer
 from streamattn.config import EngineConfig, RunConfig, load_config, to_dict
 from streamattn.engines import ENGINES
 from streamattn.errors import StreamattnError
+from streamattn.kvcache import flatten_results, open_source
 from streamattn.memory import peak_rss_bytes
 from streamattn.outputs import check_writable
 from streamattn.source import open_keys
-from streamattn.synthetic import SyntheticSpec, ensure_store, generate_store
+from streamattn.synthetic import SyntheticSpec, ensure_store, generate_kv_store, generate_store
 from streamattn.universal import (
     Selection,
     UniversalSet,
     save_universal_sets,
     universal_sets,
 )
+from streamattn.update import state_writer
 
 
 def _say(args: argparse.Namespace, *lines: str) -> None:
@@ -62,6 +65,9 @@ def _compute_and_save(
     config: dict[str, Any],
     progress: bool,
     engine_options: dict[str, Any] | None = None,
+    checkpoint: Checkpointer | None = None,
+    heads: int | None = None,
+    array: str | None = None,
 ) -> dict[str, UniversalSet]:
     check_writable(out, overwrite)
     t0 = time.perf_counter()
@@ -71,10 +77,11 @@ def _compute_and_save(
         chunk_rows=chunk_rows,
         engine=engine,
         progress=progress,
+        checkpoint=checkpoint,
         **(engine_options or {}),
     )
     seconds = time.perf_counter() - t0
-    sets = dict(zip(named, results, strict=True))
+    sets = flatten_results(list(named), results)  # KV caches: name/layer_{l}/head_{h}
     report = {
         "config": config,
         "seconds": seconds,
@@ -84,7 +91,12 @@ def _compute_and_save(
             for name, u in sets.items()
         },
     }
-    save_universal_sets(out, sets, report=report, overwrite=overwrite)
+    writer = state_writer(checkpoint, named, array=array, heads=heads)
+    save_universal_sets(out, sets, report=report, overwrite=overwrite, extra=writer)
+    if checkpoint is not None:
+        for k, row in sorted(checkpoint.resumed_from.items()):
+            _say(args, f"streamattn: pass {k + 1} resumed from its checkpoint at row {row}")
+        checkpoint.discard()  # the output (with state.npz) now holds everything
     _say(args, f"streamattn: {len(sets)} universal set(s) in {seconds:.1f} s -> {out}")
     for name, uset in sets.items():
         _say(args, *_summary_lines(name, uset))
@@ -127,9 +139,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.input.generate is not None:
         _, made = ensure_store(path, cfg.input.generate)
         _say(args, f"streamattn: {'generated' if made else 'using cached'} store {path}")
-    source = open_keys(path, array=cfg.input.array)
+    source = open_source(path, array=cfg.input.array, heads=cfg.input.heads)
     _say(args, f"streamattn: {source.label}: n = {source.n}, d = {source.d}, {source.dtype}")
     named = {s.name: s.selection() for s in cfg.select}
+    if cfg.reduce is not None:  # universal sets + embeddings from one shared read
+        from streamattn.embeddings import run_select_and_reduce
+
+        return run_select_and_reduce(args, cfg, source, named)
     _compute_and_save(
         args,
         source,
@@ -141,13 +157,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         config=to_dict(cfg),
         progress=cfg.progress and not args.quiet,
         engine_options=cfg.engine.options(),
+        checkpoint=Checkpointer.from_config(cfg.checkpoint, cfg.output.dir, resume=args.resume),
+        heads=cfg.input.heads,
+        array=cfg.input.array,
     )
     return 0
 
 
 def cmd_select(args: argparse.Namespace) -> int:
     engine = _engine_from_args(EngineConfig(chunk_rows=args.chunk_rows), args)
-    source = open_keys(args.input, array=args.array)
+    source = open_source(args.input, array=args.array, heads=args.heads)
     sel = Selection(args.eps, args.variant, args.budget, args.rtol, args.p)
     sel.check(source.n)
     name = f"{args.variant}" + (f"-eps{args.eps:g}" if args.eps else "") + (
@@ -164,6 +183,9 @@ def cmd_select(args: argparse.Namespace) -> int:
         config={"command": "select", **{k: v for k, v in vars(args).items() if k != "func"}},
         progress=not args.quiet,
         engine_options=engine.options(),
+        checkpoint=Checkpointer.from_config(CheckpointConfig(), args.out, resume=args.resume),
+        heads=args.heads,
+        array=args.array,
     )
     return 0
 
@@ -181,6 +203,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         compressor=args.compressor,
     )
     t0 = time.perf_counter()
+    if args.layers is not None or args.heads is not None:  # a multi-layer multi-head KV cache
+        layers, heads = args.layers or 1, args.heads or 1
+        generate_kv_store(args.out, spec, layers=layers, heads=heads, overwrite=args.overwrite)
+        _say(args, f"streamattn: wrote {args.out} ({layers} layers x {heads} heads x "
+             f"{spec.n} x {spec.d} {spec.dtype}) in {time.perf_counter() - t0:.1f} s")
+        return 0
     generate_store(args.out, spec, overwrite=args.overwrite)
     _say(args, f"streamattn: wrote {args.out} ({spec.n} x {spec.d} {spec.dtype}) "
          f"in {time.perf_counter() - t0:.1f} s")
@@ -213,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a config (default: the embedded default job)")
     p.add_argument("config", nargs="?", help="YAML config; none = embedded default")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     _add_engine_flags(p)
     common(p)
     p.set_defaults(func=cmd_run)
@@ -230,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--heads", type=int, help="KV cache: split the key columns into H heads")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     common(p)
     p.set_defaults(func=cmd_select)
 
@@ -245,13 +276,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=int, default=defaults.chunk_rows)
     p.add_argument("--dtype", default=defaults.dtype, choices=["float16", "float32", "float64"])
     p.add_argument("--compressor", default=defaults.compressor, choices=["zstd", "none"])
+    p.add_argument("--layers", type=int, help="KV cache: layers (keys/layer_{l} arrays)")
+    p.add_argument("--heads", type=int, help="KV cache: heads per layer (d = d_head)")
     p.add_argument("--overwrite", action="store_true")
     common(p)
     p.set_defaults(func=cmd_generate)
 
+    from streamattn.update import add_update_parser
+
+    add_update_parser(sub)
+
     from streamattn.evaluate import add_evaluate_parser
 
     add_evaluate_parser(sub)
+
+    from streamattn.embeddings import add_reduce_parser
+
+    add_reduce_parser(sub)
 
     p = sub.add_parser("inspect", help="describe a key store (shape, dtype, chunks)")
     p.add_argument("input")

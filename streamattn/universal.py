@@ -212,14 +212,24 @@ def universal_sets(
     engine: str = "local",
     progress: bool = False,
     array: str | None = None,
+    checkpoint: Any = None,
+    also: list[Any] | None = None,
     **engine_options: Any,
 ) -> list[UniversalSet]:
     """Several universal sets from one shared pass (plus one shared pass for budgets).
+
+    ``also``: more operators (e.g. reduced embeddings) folded in the same first pass, for
+    p = 2 on a single-head source; the list is replaced in place by the finished operators.
 
     Every selection's leverage operator sees the same blocks, so the store is read once
     however many sets are asked for. Budget selections whose top-B cannot be certified
     from the first pass share one more pass with their final scoring maps. Both passes
     run on the same engine session (e.g. one Dask cluster, started once).
+
+    A KV cache (``streamattn.kvcache.MultiHeadSource``, a 4-D or per-layer store) gives
+    one ``MultiHeadResult`` per selection, indexable as ``result[layer, head]``, from the
+    same passes. ``checkpoint`` (a ``streamattn.checkpoint.Checkpointer``) makes the passes
+    resumable.
     """
     src = open_keys(source, array=array)
     for sel in selections:
@@ -231,7 +241,14 @@ def universal_sets(
                                  progress=progress, **engine_options)
     with engine_session(engine, progress=progress, **engine_options) as options:
         return _universal_sets(
-            src, selections, chunk_rows=chunk_rows, engine=engine, progress=progress, **options
+            src,
+            selections,
+            chunk_rows=chunk_rows,
+            engine=engine,
+            progress=progress,
+            checkpoint=checkpoint,
+            also=also,
+            **options,
         )
 
 
@@ -243,6 +260,8 @@ def _universal_sets(
     engine: str = "local",
     progress: bool = False,
     array: str | None = None,
+    checkpoint: Any = None,
+    also: list[Any] | None = None,
     **engine_options: Any,
 ) -> list[UniversalSet]:
     src = open_keys(source, array=array)
@@ -250,59 +269,94 @@ def _universal_sets(
         sel.check(src.n)
     rows_per_block = int(chunk_rows) if chunk_rows is not None else src.default_chunk_rows()
     run = dict(engine=engine, chunk_rows=rows_per_block, progress=progress, **engine_options)
+    run["checkpoint"] = checkpoint
+    if not isinstance(src, KeySource):  # a whole KV cache: every head in the same passes
+        from streamattn.kvcache import multihead_universal_sets
+
+        return multihead_universal_sets(src, selections, **run)
     thresholds = [sel.pruning_threshold(src.d) for sel in selections]
     ops = [
         LeverageScores(LeverageSpec(t, sel.variant == "affine", sel.rtol))
         for sel, t in zip(selections, thresholds, strict=True)
     ]
-    ops = run_operators(src, ops, description="leverage", **run)
+    ops = run_operators(src, [*ops, *(also or [])], description="leverage", **run)
+    if also:  # operators sharing the first read (streamattn.embeddings)
+        also[:], ops = ops[len(selections) :], ops[: len(selections)]
     firsts = [op.result() for op in ops]
-    # Every row with final score >= threshold is a candidate (scores only fall as rows
-    # are added), so the top-B is exact from pass 1 when B candidates reach the
-    # threshold, or when the threshold is eps itself (U_eps complete, maybe < B keys).
     second: dict[int, TopScores] = {}
     for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True)):
-        reached = int(np.count_nonzero(res["scores"] >= t))
-        if sel.budget is not None and reached < sel.budget and t != (sel.eps or 0.0):
+        if needs_second_pass(sel, t, res):
             w = res["scoring_map"].w
             second[i] = TopScores(TopScoresSpec(sel.budget, w, sel.variant == "affine"))
     if second:
         run_operators(src, list(second.values()), description="top-B", **run)
-    out = []
-    for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True)):
-        floor = sel.eps or 0.0
-        if i in second:
-            res = dict(second[i].result(), scoring_map=res["scoring_map"])
-            order = np.flatnonzero(res["scores"] >= floor)
-        elif sel.budget is None:
-            order = np.flatnonzero(res["scores"] >= t)
-        else:
-            count = min(sel.budget, int(np.count_nonzero(res["scores"] >= t)))
-            order = np.sort(np.lexsort((res["indices"], -res["scores"]))[:count])
-        values = res["values"]
-        cert = _certificate(
+    return [
+        finish_selection(
             src,
-            res["scoring_map"],
-            eps=sel.eps,
-            variant=sel.variant,
-            budget=sel.budget,
+            sel,
+            t,
+            res,
+            second[i].result() if i in second else None,
             chunk_rows=rows_per_block,
-            rtol=sel.rtol,
-            passes=2 if i in second else 1,
-            scores=res["scores"][order],
-            threshold=t,
+            engine=engine,
         )
-        cert["engine"] = engine
-        out.append(
-            UniversalSet(
-                res["indices"][order],
-                res["scores"][order],
-                res["rows"][order],
-                None if values is None else values[order],
-                cert,
-            )
-        )
-    return out
+        for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True))
+    ]
+
+
+def needs_second_pass(sel: Selection, threshold: float, first: dict[str, Any]) -> bool:
+    """Budget mode: True unless pass 1 (``LeverageScores.result()``) certifies the top-B.
+
+    Every row with final score >= threshold is a candidate (scores only fall as rows are
+    added), so the top-B is exact from pass 1 when B candidates reach the threshold, or
+    when the threshold is eps itself (U_eps complete, maybe < B keys).
+    """
+    reached = int(np.count_nonzero(first["scores"] >= threshold))
+    return sel.budget is not None and reached < sel.budget and threshold != (sel.eps or 0.0)
+
+
+def finish_selection(
+    source: Any,
+    sel: Selection,
+    threshold: float,
+    first: dict[str, Any],
+    second: dict[str, Any] | None,
+    *,
+    chunk_rows: int,
+    engine: str,
+) -> UniversalSet:
+    """The set and certificate from pass 1's result (and pass 2's top-B, if it ran)."""
+    res, t = first, threshold
+    floor = sel.eps or 0.0
+    if second is not None:
+        res = dict(second, scoring_map=first["scoring_map"])
+        order = np.flatnonzero(res["scores"] >= floor)
+    elif sel.budget is None:
+        order = np.flatnonzero(res["scores"] >= t)
+    else:
+        count = min(sel.budget, int(np.count_nonzero(res["scores"] >= t)))
+        order = np.sort(np.lexsort((res["indices"], -res["scores"]))[:count])
+    values = res["values"]
+    cert = _certificate(
+        source,
+        res["scoring_map"],
+        eps=sel.eps,
+        variant=sel.variant,
+        budget=sel.budget,
+        chunk_rows=chunk_rows,
+        rtol=sel.rtol,
+        passes=1 if second is None else 2,
+        scores=res["scores"][order],
+        threshold=t,
+    )
+    cert["engine"] = engine
+    return UniversalSet(
+        res["indices"][order],
+        res["scores"][order],
+        res["rows"][order],
+        None if values is None else values[order],
+        cert,
+    )
 
 
 def universal_set(
@@ -377,12 +431,31 @@ def save_universal_sets(
     *,
     report: dict[str, Any],
     overwrite: bool = False,
+    extra: Any = None,
 ) -> Any:
     """Write ``OUT/result.zarr`` (group ``universal_set/<name>``) and ``OUT/report.json``.
 
     Each set's group holds ``indices``, ``scores``, ``rows`` (and ``values``) with its
-    certificate in the attributes. The whole directory appears atomically.
+    certificate in the attributes. ``extra(tmp)``, if given, adds files (e.g. the saved
+    operator states of ``streamattn.update``). The whole directory appears atomically; on
+    a write error (disk full, permission denied) an existing ``OUT`` stays as it was.
     """
+    try:
+        _save_universal_sets(out, sets, report=report, overwrite=overwrite, extra=extra)
+    except OSError as exc:
+        from streamattn.errors import OutputWriteError
+
+        raise OutputWriteError(
+            f"could not write the output {out}: {exc.strerror or exc} "
+            f"({type(exc).__name__}). Nothing was replaced: a previous {out} is intact."
+        ) from exc
+    return out
+
+
+def _save_universal_sets(
+    out: Any, sets: dict[str, UniversalSet], *, report: dict[str, Any], overwrite: bool,
+    extra: Any,
+) -> None:
     import zarr
 
     from streamattn.outputs import atomic_dir, write_arrays, write_json_atomic
@@ -405,7 +478,8 @@ def save_universal_sets(
                 {"certificate": uset.certificate},
             )
         write_json_atomic(tmp / "report.json", report)
-    return out
+        if extra is not None:
+            extra(tmp)
 
 
 def load_universal_set(out: Any, name: str) -> UniversalSet:
