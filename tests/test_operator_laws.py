@@ -11,6 +11,7 @@ from laws import check_operator_laws
 from streamattn.operators import LeverageScores, LeverageSpec, TopScores, TopScoresSpec
 from streamattn.operators.frequent_directions import FDSpec, FrequentDirections
 from streamattn.operators.lewis import LewisPass, LewisPassSpec
+from streamattn.ridge import RidgeFD, RidgeFDSpec, SketchedScores, SketchedScoresSpec
 
 
 def keys(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -220,6 +221,55 @@ def test_multi_head_laws(data: st.DataObject) -> None:
                 compare_scored(ha, hb)
 
     check_operator_laws(make, x, compare, data, make_other_spec=lambda: make(0.06))
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data())
+def test_ridge_fd_laws(data: st.DataObject) -> None:
+    """FD-based ridge sets depend on the chunking; every result must be a superset of the
+    exact ridge set with scores that upper-bound the exact ridge scores."""
+    x = keys(200, 8)
+    lam = 0.3 * float(np.sum(x**2)) / 8
+    tau = np.einsum("ij,ji->i", x, np.linalg.solve(x.T @ x + lam * np.eye(8), x.T))
+    exact = set(np.flatnonzero(tau >= 0.05).tolist())
+    assert exact
+
+    def compare(a, b) -> None:  # type: ignore[no-untyped-def]
+        for r in (a, b):
+            assert exact <= set(r["indices"].tolist())
+            assert np.all(r["scores"] >= tau[r["indices"]] * (1 - 1e-9))
+            np.testing.assert_array_equal(r["rows"], x[r["indices"]])
+        assert a["n"] == b["n"]
+        assert a["lam"] == pytest.approx(b["lam"], rel=1e-12)
+
+    check_operator_laws(
+        lambda: RidgeFD(RidgeFDSpec(4, 0.05, lam_rel=0.3)),
+        x,
+        compare,
+        data,
+        make_other_spec=lambda: RidgeFD(RidgeFDSpec(5, 0.05, lam_rel=0.3)),
+    )
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data())
+def test_sketched_scores_laws(data: st.DataObject) -> None:
+    x = keys(200, 6)
+    w = np.random.default_rng(3).standard_normal((6, 3)) / 40.0
+
+    def compare(a, b) -> None:  # type: ignore[no-untyped-def]
+        np.testing.assert_array_equal(a["indices"], b["indices"])
+        np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-12)
+        np.testing.assert_array_equal(a["rows"], b["rows"])
+        assert a["sum_scores"] == pytest.approx(b["sum_scores"], rel=1e-12)
+
+    check_operator_laws(
+        lambda: SketchedScores(SketchedScoresSpec(w, 0.5)),
+        x,
+        compare,
+        data,
+        make_other_spec=lambda: SketchedScores(SketchedScoresSpec(w, 0.6)),
+    )
 
 
 # New operators: add a test above this line calling check_operator_laws.
