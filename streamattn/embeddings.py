@@ -31,7 +31,6 @@ import os
 import shutil
 import tempfile
 import time
-import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,8 +154,7 @@ class ReducedEmbeddings:
     mu_s : μᵀS (float64, m): centred embeddings are Y − μᵀS
     quality : the quality report (logit and attention errors on samples, JL ε, map info)
     report : the whole report written to ``report.json``
-    path : the output directory (None when no ``out`` was given: a temporary directory
-        removed with this object)
+    path : the output directory (None when no ``out`` was given: Y is then in memory)
     """
 
     embeddings: Any
@@ -423,7 +421,8 @@ def reduce_embeddings(
         ``config`` (a full :class:`ReduceConfig`) is given.
     out
         Output directory (``embeddings.zarr`` + ``report.json``, written atomically);
-        None: a temporary directory removed when the result is garbage-collected.
+        None: Y is returned as an in-memory zarr array (for inputs whose n × m fits in
+        memory) and no files remain.
     chunk_rows, engine, progress, engine_options
         As for ``run_operators``; Y is chunked like the pass.
 
@@ -473,9 +472,18 @@ def reduce_embeddings(
         write_json_atomic(tmp / "report.json", report)
     result = load_reduced_embeddings(target)
     result.report = report
-    if holder:
-        result.path = None
-        weakref.finalize(result, shutil.rmtree, str(holder[0]), True)
+    if holder:  # no ``out``: Y is copied into an in-memory zarr array, the files removed
+        import zarr
+
+        memory = zarr.create_array(
+            zarr.storage.MemoryStore(),
+            shape=result.embeddings.shape,
+            dtype=cfg.dtype,
+            chunks=result.embeddings.chunks,
+        )
+        memory[...] = result.embeddings[...]
+        shutil.rmtree(holder[0], ignore_errors=True)
+        result.embeddings, result.path = memory, None
     return result
 
 

@@ -272,4 +272,53 @@ def test_sketched_scores_laws(data: st.DataObject) -> None:
     )
 
 
+@settings(max_examples=20, deadline=None)
+@given(data=st.data(), method=st.sampled_from(["gaussian", "sparse-sign", "srht"]))
+def test_projected_embeddings_laws(data: st.DataObject, method: str) -> None:
+    from streamattn.operators.projection import ProjectedEmbeddings, ProjectionSpec
+
+    x = keys(250, 6)
+
+    def compare(a, b) -> None:  # type: ignore[no-untyped-def]
+        assert a.n == b.n
+        np.testing.assert_allclose(a.mean, b.mean, rtol=1e-12)
+        np.testing.assert_allclose(a.mu_s, b.mu_s, rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(a.sample_index, b.sample_index)
+        np.testing.assert_array_equal(a.sample_rows, b.sample_rows)
+
+    check_operator_laws(
+        lambda: ProjectedEmbeddings(ProjectionSpec(method, 6, 3, seed=1, sample_keys=40)),
+        x,
+        compare,
+        data,
+        make_other_spec=lambda: ProjectedEmbeddings(ProjectionSpec(method, 6, 3, seed=2)),
+    )
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data())
+def test_centred_factor_and_key_mean_laws(data: st.DataObject) -> None:
+    from streamattn.operators.projection import (
+        CentredFactor,
+        CentredFactorSpec,
+        KeyMean,
+        KeyMeanSpec,
+    )
+
+    x = keys(200, 5)
+
+    def compare_factor(a, b) -> None:  # type: ignore[no-untyped-def]
+        assert a.n == b.n
+        np.testing.assert_allclose(a.mean, b.mean, rtol=1e-10)
+        gram = a.r_centred.T @ a.r_centred
+        np.testing.assert_allclose(gram, b.r_centred.T @ b.r_centred, rtol=1e-9, atol=1e-9)
+
+    def compare_mean(a, b) -> None:  # type: ignore[no-untyped-def]
+        assert a["n"] == b["n"]
+        np.testing.assert_allclose(a["mean"], b["mean"], rtol=1e-12)
+
+    check_operator_laws(lambda: CentredFactor(CentredFactorSpec()), x, compare_factor, data)
+    check_operator_laws(lambda: KeyMean(KeyMeanSpec()), x, compare_mean, data)
+
+
 # New operators: add a test above this line calling check_operator_laws.
