@@ -298,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("--array")
     p.set_defaults(func=cmd_inspect)
+
+    from streamattn.sliding_window import add_window_parser
+
+    add_window_parser(sub)
     return parser
 
 
