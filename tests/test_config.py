@@ -3,7 +3,9 @@ unknown or mistyped keys are refused with their dotted path (typos never pass si
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,11 +20,26 @@ def test_default_yaml_is_exactly_the_embedded_default() -> None:
     assert load_config(None) == RunConfig()
 
 
+def schemas() -> list[tuple[type, Callable[[Path], Any]]]:
+    """Every config schema with its loader: `streamattn run` and `streamattn evaluate`."""
+    from streamattn.evaluate import EvaluateConfig, load_evaluate_config
+
+    return [(RunConfig, load_config), (EvaluateConfig, load_evaluate_config)]
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path: Path) -> None:
-    cfg = load_config(path)
-    assert isinstance(cfg, RunConfig)
-    assert from_dict(RunConfig, to_dict(cfg)) == cfg  # plain-data round trip
+    errors = []
+    for schema, load in schemas():
+        try:
+            cfg = load(path)
+        except ConfigError as exc:
+            errors.append(str(exc))
+            continue
+        assert isinstance(cfg, schema)
+        assert from_dict(schema, to_dict(cfg)) == cfg  # plain-data round trip
+        return
+    pytest.fail(f"{path.name} fits no config schema:\n" + "\n".join(errors))
 
 
 def write(tmp_path: Path, text: str) -> Path:
