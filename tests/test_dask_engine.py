@@ -119,7 +119,8 @@ def cli_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         p for p in (str(REPO / "tests"), env.get("PYTHONPATH")) if p
     )
     commands = [
-        [DASK_BIN, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        [DASK_BIN, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard",
+         "--idle-timeout", "300s"],  # gone on its own even if pytest is SIGKILLed
         [
             DASK_BIN, "worker", address, "--nworkers", "2", "--nthreads", "1",
             "--host", "127.0.0.1", "--no-dashboard", "--death-timeout", "60",

@@ -1,0 +1,230 @@
+"""Dask engine benchmark: one store, the same universal set, each engine vs a raw read.
+
+In one run, on one generated store (default n = 2^22, d = 128, float32, uncompressed,
+65536-row chunks), times each configuration in a fresh process:
+
+- ``read``: a plain zarr loop reading every chunk (the baseline, ratio 1.0);
+- ``local``: the local engine (one sequential pass with read-ahead);
+- ``dask-threads``: the Dask engine on dask's threaded scheduler;
+- ``dask-local-cluster``: the Dask engine on a 2-worker ``LocalCluster``
+  (1 thread each; cluster start-up timed separately, not included in the pass).
+
+The selection is the plain universal set with eps = 0.01; every engine's indices are
+checked equal to the local engine's. Also reported: the task-graph size (tasks) for the
+store at several block sizes and the time to build the graph. Configurations are
+interleaved over ``--repeat`` rounds; the minimum is reported.
+
+Usage::
+
+    .venv/bin/python scripts/bench_dask.py [--store /tmp/bench_dask_keys.zarr]
+        [--n 4194304] [--d 128] [--repeat 2] [--out results/bench_dask]
+
+Writes ``OUT/results.json`` and ``OUT/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONFIGS = ("read", "local", "dask-threads", "dask-local-cluster")
+EPS = 0.01
+
+
+def peak_rss() -> int:
+    from streamattn.memory import peak_rss_bytes
+
+    return int(peak_rss_bytes())
+
+
+def run_one(config: str, store: str) -> dict[str, Any]:
+    """Time one configuration in this (fresh) process."""
+    import zarr
+
+    import streamattn
+
+    out: dict[str, Any] = {"config": config}
+    if config == "read":
+        node = zarr.open(store, mode="r")
+        arr = node["keys"] if isinstance(node, zarr.Group) else node
+        step = int(arr.chunks[0])
+        t0 = time.perf_counter()
+        total = 0.0
+        for a in range(0, arr.shape[0], step):
+            total += float(arr[a : a + step][0, 0])
+        out["seconds"] = time.perf_counter() - t0
+    elif config in ("local", "dask-threads"):
+        options: dict[str, Any] = {"engine": "local"}
+        if config == "dask-threads":
+            options = {"engine": "dask", "scheduler": "threads"}
+        t0 = time.perf_counter()
+        u = streamattn.universal_set(store, EPS, **options)
+        out["seconds"] = time.perf_counter() - t0
+        out["indices"] = u.indices.tolist()
+    else:
+        from distributed import Client, LocalCluster
+
+        t0 = time.perf_counter()
+        with (
+            LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            out["startup_seconds"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            u = streamattn.universal_set(store, EPS, engine="dask", client=client)
+            out["seconds"] = time.perf_counter() - t0
+            out["indices"] = u.indices.tolist()
+            out["worker_peak_rss_bytes"] = sorted(client.run(peak_rss).values())
+    out["peak_rss_bytes"] = peak_rss()
+    return out
+
+
+def graph_sizes(store: str) -> list[dict[str, Any]]:
+    from streamattn.engines.dask_engine import build_graph
+    from streamattn.operators import LeverageScores, LeverageSpec
+    from streamattn.source import open_keys
+
+    src = open_keys(store)
+    op = LeverageScores(LeverageSpec(EPS, False))
+    rows = []
+    for chunk_rows in (None, 4096, 32):
+        t0 = time.perf_counter()
+        graph = build_graph(src, [op], chunk_rows=chunk_rows, split_every=8)
+        rows.append(
+            {
+                "chunk_rows": chunk_rows or src.default_chunk_rows(),
+                "blocks": len(graph.ranges),
+                "tasks": graph.n_tasks,
+                "build_seconds": time.perf_counter() - t0,
+            }
+        )
+    return rows
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [
+        f"Store: {res['store']} (n = {res['n']}, d = {res['d']}, float32, uncompressed, "
+        f"{res['storage_chunk_rows']}-row chunks); universal set eps = {EPS}; "
+        f"{res['machine']['cores']} cores, {res['machine']['blas_threads']} BLAS thread(s) "
+        f"per process; best of {res['repeat']}; load average "
+        f"{res['machine']['load_average_before'][0]:.1f} before, "
+        f"{res['machine']['load_average_after'][0]:.1f} after.",
+        "",
+        "| configuration | seconds | ratio to zarr read loop | rows/s | client peak RSS (MB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in CONFIGS:
+        row = res["best"][name]
+        lines.append(
+            f"| {name} | {row['seconds']:.2f} | {row['ratio_to_read']:.2f} | "
+            f"{res['n'] / row['seconds']:.3g} | {row['peak_rss_bytes'] / 2**20:.0f} |"
+        )
+    cluster = res["best"]["dask-local-cluster"]
+    lines += [
+        "",
+        f"LocalCluster start-up (not in the pass): {cluster['startup_seconds']:.2f} s; "
+        f"worker peak RSS (MB): "
+        f"{[round(b / 2**20) for b in cluster['worker_peak_rss_bytes']]}.",
+        "",
+        "| block rows | blocks | graph tasks | graph build (s) |",
+        "|---:|---:|---:|---:|",
+    ]
+    for g in res["graphs"]:
+        lines.append(
+            f"| {g['chunk_rows']} | {g['blocks']} | {g['tasks']} | {g['build_seconds']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", default="/tmp/bench_dask_keys.zarr")
+    parser.add_argument("--n", type=int, default=2**22)
+    parser.add_argument("--d", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--out", default="results/bench_dask")
+    parser.add_argument(
+        "--blas-threads",
+        type=int,
+        default=1,
+        help="OPENBLAS/MKL/OMP_NUM_THREADS in every configuration's process (distributed "
+        "workers use 1; nested BLAS threads oversubscribe a busy machine)",
+    )
+    parser.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.store)))
+        return
+
+    from streamattn.source import open_keys
+    from streamattn.synthetic import SyntheticSpec, ensure_store
+
+    spec = SyntheticSpec(n=args.n, d=args.d, chunk_rows=65536, compressor="none")
+    ensure_store(Path(args.store), spec)
+    src = open_keys(args.store)
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
+    load_before = os.getloadavg()
+    env = dict(os.environ)
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        env[var] = str(args.blas_threads)
+    for _ in range(args.repeat):
+        for config in CONFIGS:
+            cmd = [sys.executable, __file__, "--one", config, "--store", args.store]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+            runs[config].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(config, f"{runs[config][-1]['seconds']:.2f} s", flush=True)
+    best = {c: min(runs[c], key=lambda r: r["seconds"]) for c in CONFIGS}
+    read = best["read"]["seconds"]
+    for row in best.values():
+        row["ratio_to_read"] = row["seconds"] / read
+    ref = best["local"]["indices"]
+    for config in ("dask-threads", "dask-local-cluster"):
+        if best[config]["indices"] != ref:
+            raise SystemExit(f"{config} selected a different set than the local engine")
+    res = {
+        "store": args.store,
+        "n": src.n,
+        "d": src.d,
+        "storage_chunk_rows": src.storage_chunk_rows,
+        "eps": EPS,
+        "selected": len(ref),
+        "repeat": args.repeat,
+        "best": best,
+        "runs": {
+            c: [{k: v for k, v in r.items() if k != "indices"} for r in rs]
+            for c, rs in runs.items()
+        },
+        "graphs": graph_sizes(args.store),
+        "machine": {
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "blas_threads": args.blas_threads,
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+        },
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    for row in res["best"].values():
+        row.pop("indices", None)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
