@@ -312,3 +312,23 @@ def lp_universal_set(
     finally:
         if own_dir:
             shutil.rmtree(wdir, ignore_errors=True)
+
+
+def softmax_entry_bound(n: int, bq: float, bk: float, scale: float = 1.0) -> float:
+    """Largest possible softmax entry when ‖q‖ ≤ bq and every ‖k_j − c‖ ≤ bk (any common c).
+
+    A_qj = e^{s q·k_j} / Σ_l e^{s q·k_l} with |s q·(k − c)| ≤ s·bq·bk for every key, and
+    softmax ignores the common offset c, so A_qj ≤ e^{s·bq·bk} / (n·e^{−s·bq·bk}) =
+    e^{2·s·bq·bk}/n. When this is < eps, *no* query with ‖q‖ ≤ bq gives any key a share
+    ≥ eps: the empty set is a universal set. Nothing smaller than all n keys can be
+    guaranteed without such a bound (keys on a circle, tests/test_softmax_bounds.py).
+
+    Examples
+    --------
+    >>> round(softmax_entry_bound(10**6, bq=2.0, bk=2.0, scale=0.5), 6)
+    5.5e-05
+    """
+    if n < 1 or bq < 0 or bk < 0 or scale < 0:
+        raise ConfigError(f"need n >= 1 and bq, bk, scale >= 0; got {n}, {bq}, {bk}, {scale}.")
+    return float(math.exp(min(0.0, 2.0 * scale * bq * bk - math.log(n))))
+
