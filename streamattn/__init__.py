@@ -2,11 +2,13 @@
 
 Public API: ``open_keys`` (validated read-only key stores), ``universal_set`` /
 ``universal_sets`` (the LevAttention universal set, exact, one pass), the operator
-protocol (``Operator``) and ``run_operators`` (engines).
+protocol (``Operator``) and ``run_operators`` (engines); whole KV caches (``open_kv``,
+``MultiHeadResult``) and resumable passes (``Checkpointer``).
 """
 
 __version__ = "0.1.0"
 
+from streamattn.checkpoint import Checkpointer
 from streamattn.engines import run_operators
 from streamattn.errors import (
     ConfigError,
@@ -14,23 +16,30 @@ from streamattn.errors import (
     InvalidInputError,
     MemoryBudgetError,
     OutputExistsError,
+    OutputWriteError,
     StateFormatError,
     StreamattnError,
 )
+from streamattn.kvcache import MultiHead, MultiHeadResult, MultiHeadSource, open_kv
 from streamattn.operators import LeverageScores, Operator, TopScores
 from streamattn.source import Block, KeySource, open_keys
 from streamattn.universal import Selection, UniversalSet, universal_set, universal_sets
 
 __all__ = [
     "Block",
+    "Checkpointer",
     "ConfigError",
     "IncompatibleMergeError",
     "InvalidInputError",
     "KeySource",
     "LeverageScores",
     "MemoryBudgetError",
+    "MultiHead",
+    "MultiHeadResult",
+    "MultiHeadSource",
     "Operator",
     "OutputExistsError",
+    "OutputWriteError",
     "Selection",
     "StateFormatError",
     "StreamattnError",
@@ -38,6 +47,7 @@ __all__ = [
     "UniversalSet",
     "__version__",
     "open_keys",
+    "open_kv",
     "run_operators",
     "universal_set",
     "universal_sets",

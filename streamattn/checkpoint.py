@@ -100,8 +100,9 @@ def write_state_file(path: str | os.PathLike[str], payload: State) -> None:
     data = dict(payload)
     data[CHECKSUM_KEY] = np.array(state_digest(payload))
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
-            np.savez(fh, **data)  # type: ignore[arg-type]
+            _write_payload(fh, data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -118,6 +119,11 @@ def write_state_file(path: str | os.PathLike[str], payload: State) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _write_payload(fh: Any, data: State) -> None:
+    """The one place bytes are written (tests inject disk-full errors here)."""
+    np.savez(fh, **data)  # type: ignore[arg-type]
 
 
 def read_state_file(path: str | os.PathLike[str]) -> State:
@@ -365,7 +371,6 @@ class Checkpointer:
     def save(self, source: Any, ops: list[Operator], position: int) -> None:
         check_unchanged(source, self._fp)
         assert self.directory is not None
-        self.directory.mkdir(parents=True, exist_ok=True)
         write_state_file(self._file(self._pass), pack_operators(ops, self._meta(position, ops)))
         self._blocks = 0
         self._last = time.monotonic()

@@ -65,7 +65,8 @@ def state_writer(
         "fingerprint": rec.fingerprint,
         "array": array,
         "heads": heads,
-        "selections": {name: dataclasses.asdict(sel) for name, sel in named.items()},
+        # a list: the order must match the operators' (the meta JSON sorts dict keys)
+        "selections": [[name, dataclasses.asdict(sel)] for name, sel in named.items()],
     }
     if len(rec.ops) != len(named):
         return None  # a run whose pass 1 is not one operator per selection (e.g. l_p sets)
@@ -121,7 +122,7 @@ def update_output(
     report: dict[str, Any] = {"update": {"rows_before": n_old, "rows_after": n_new}}
     if n_new == n_old:
         return {"sets": {}, "report": report}
-    named = {name: Selection(**fields) for name, fields in meta["selections"].items()}
+    named = {name: Selection(**fields) for name, fields in meta["selections"]}
     ckpt = Checkpointer(None, initial={0: saved})
     t0 = time.perf_counter()
     results = universal_sets(
