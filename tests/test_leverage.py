@@ -64,9 +64,12 @@ def test_one_pass_set_equals_offline_svd_for_any_chunking(
     assert res["n"] == 400
 
 
+@pytest.mark.parametrize("low_rank", [False, True])
 @pytest.mark.parametrize("affine", [False, True])
-def test_candidates_bounded_by_rank_over_eps_at_every_step(affine: bool) -> None:
+def test_candidates_bounded_by_rank_over_eps_at_every_step(affine: bool, low_rank: bool) -> None:
     x = planted_keys(n=600, seed=3)
+    if low_rank:  # exactly rank 3 in 6 columns: the pruning margin must stay negligible
+        x = x[:, :3] @ np.random.default_rng(3).standard_normal((3, 6))
     eps = 0.01
     op = LeverageScores(LeverageSpec(eps, affine))
     dim = x.shape[1] + affine

@@ -226,3 +226,50 @@ def test_zarr_v2_group_with_values_equals_v3(zarr_store) -> None:  # type: ignor
     np.testing.assert_array_equal(u2.indices, u3.indices)
     np.testing.assert_array_equal(u2.values, v[u2.indices])
     np.testing.assert_array_equal(u3.values, v[u3.indices])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    shape=st.tuples(st.integers(1, 60), st.integers(1, 9)),
+    structure=st.sampled_from(["gaussian", "low-rank", "duplicates", "graded", "zeros"]),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    variant=st.sampled_from(["plain", "affine"]),
+    eps=st.sampled_from([0.01, 0.1, 0.3, 0.7]),
+    chunk_rows=st.integers(1, 61),
+)
+def test_random_structured_inputs_match_offline_svd(
+    seed: int,
+    shape: tuple[int, int],
+    structure: str,
+    scale: float,
+    variant: str,
+    eps: float,
+    chunk_rows: int,
+) -> None:
+    rng = np.random.default_rng(seed)
+    n, d = shape
+    x = rng.standard_normal((n, d))
+    if structure == "low-rank" and d > 1:
+        r = int(rng.integers(1, d))
+        x = rng.standard_normal((n, r)) @ rng.standard_normal((r, d))
+    elif structure == "duplicates":
+        x = np.vstack([x, x[: n // 2 + 1]])
+    elif structure == "graded":
+        x = x * np.logspace(0, -5, d) + 3.0 * rng.standard_normal(d)
+    elif structure == "zeros":
+        x[rng.random(n) < 0.3] = 0.0
+    x *= scale
+    tau, rank = svd_leverage(x, variant == "affine")
+    u = universal_set(x, eps=eps, variant=variant, chunk_rows=chunk_rows)
+    # rows within rounding of the threshold may fall either way; no other row may differ
+    differ = np.setxor1d(u.indices, np.flatnonzero(tau >= eps))
+    assert np.all(np.abs(tau[differ] - eps) < 1e-8)
+    assert u.certificate["numerical_rank"] == rank
+    assert len(u) <= rank / eps + 1e-9
+    budget = int(rng.integers(1, x.shape[0] + 1))
+    top = universal_set(x, budget=budget, variant=variant, chunk_rows=chunk_rows)
+    kth = np.sort(tau)[::-1][budget - 1]
+    differ = np.setxor1d(top.indices, offline_top(tau, budget))
+    assert np.all(np.abs(tau[differ] - kth) < 1e-9)  # only near-ties at the cut may differ
+    assert len(top) == budget
