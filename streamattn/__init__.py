@@ -21,7 +21,10 @@ from streamattn.errors import (
     StreamattnError,
 )
 from streamattn.kvcache import MultiHead, MultiHeadResult, MultiHeadSource, open_kv
+from streamattn.lp import lp_universal_set, softmax_entry_bound
 from streamattn.operators import LeverageScores, Operator, TopScores
+from streamattn.ridge import ridge_universal_set
+from streamattn.sliding_window import SlidingWindow
 from streamattn.source import Block, KeySource, open_keys
 from streamattn.universal import Selection, UniversalSet, universal_set, universal_sets
 
@@ -41,14 +44,18 @@ __all__ = [
     "OutputExistsError",
     "OutputWriteError",
     "Selection",
+    "SlidingWindow",
     "StateFormatError",
     "StreamattnError",
     "TopScores",
     "UniversalSet",
     "__version__",
+    "lp_universal_set",
     "open_keys",
     "open_kv",
+    "ridge_universal_set",
     "run_operators",
+    "softmax_entry_bound",
     "universal_set",
     "universal_sets",
 ]
