@@ -29,7 +29,9 @@ def test_missing_path(tmp_path: Path) -> None:
         open_keys(tmp_path / "nope.zarr")
 
 
-@pytest.mark.parametrize("kind", ["text file", "empty dir", "garbage .npy", "object .npy"])
+@pytest.mark.parametrize(
+    "kind", ["text file", "empty dir", "garbage .npy", "object .npy", "truncated .npy"]
+)
 def test_not_an_array(tmp_path: Path, kind: str) -> None:
     if kind == "text file":
         path = tmp_path / "keys.txt"
@@ -40,9 +42,13 @@ def test_not_an_array(tmp_path: Path, kind: str) -> None:
     elif kind == "garbage .npy":
         path = tmp_path / "k.npy"
         path.write_bytes(b"not numpy at all")
-    else:
+    elif kind == "object .npy":
         path = tmp_path / "k.npy"
         np.save(path, np.array([[1, "a"]], dtype=object), allow_pickle=True)
+    else:
+        path = tmp_path / "k.npy"
+        np.save(path, np.ones((1000, 8), dtype=np.float32))
+        path.write_bytes(path.read_bytes()[:4000])
     with pytest.raises(InvalidInputError, match=str(path.name)):
         open_keys(path)
 
