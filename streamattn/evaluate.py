@@ -38,7 +38,7 @@ import numpy as np
 import yaml
 
 from streamattn.config import EngineConfig, InputConfig, OutputConfig, from_dict, to_dict
-from streamattn.engines import run_operators
+from streamattn.engines import engine_session, run_operators
 from streamattn.errors import ConfigError
 from streamattn.memory import peak_rss_bytes
 from streamattn.operators.ground_truth import (
@@ -72,13 +72,14 @@ METRICS = ("recall", "mass", "error", "keys")
 
 def _default_store() -> SyntheticSpec:
     return SyntheticSpec(
-        n=65536,
+        n=32768,
         d=64,
         chunk_rows=8192,
         values_dim=64,
         queries=128,
         sinks=4,
-        recency=2.0,
+        sink_logit=2.0,
+        recency=8.0,
     )
 
 
@@ -165,6 +166,7 @@ class EvaluateConfig:
             raise ConfigError(f"queries.count must be >= 1 or null, got {q.count}.")
         if self.input.generate is not None:
             self.input.generate.check()
+        self.engine.check()
 
 
 def load_evaluate_config(path: str | Path | None) -> EvaluateConfig:
@@ -299,10 +301,23 @@ def _global_sets(
 
 
 def evaluate(
-    source: Any, cfg: EvaluateConfig, *, progress: bool = False
+    source: Any, cfg: EvaluateConfig, *, progress: bool = False, **engine_options: Any
 ) -> dict[str, Any]:
-    """Run the evaluation; returns the report (aggregates) and per-query arrays."""
+    """Run the evaluation; returns the report (aggregates) and per-query arrays.
+
+    Every pass runs on ``cfg.engine`` (local or Dask; a Dask cluster is started once for
+    all passes). ``engine_options`` (e.g. ``client=``) override the config's.
+    """
     src = open_keys(source, array=cfg.input.array) if not isinstance(source, KeySource) else source
+    opts = {**cfg.engine.options(), **engine_options}
+    with engine_session(cfg.engine.kind, progress=progress, **opts) as live:
+        run = dict(
+            engine=cfg.engine.kind, chunk_rows=cfg.engine.chunk_rows, progress=progress, **live
+        )
+        return _evaluate(src, cfg, run)
+
+
+def _evaluate(src: KeySource, cfg: EvaluateConfig, run: dict[str, Any]) -> dict[str, Any]:
     queries, positions = load_queries(src, cfg.queries)
     a = cfg.attention
     if "causal" in a.modes and positions is None:
@@ -310,7 +325,6 @@ def evaluate(
             f"{src.label}: causal mode needs query positions: add a 'query_positions' array "
             "(int64, one per query) next to 'queries', or use attention.modes: [global]."
         )
-    run = dict(engine=cfg.engine.kind, chunk_rows=cfg.engine.chunk_rows, progress=progress)
     dv = 0 if src.values is None else int(src.values.shape[1])
     t0 = time.perf_counter()
     common = _global_sets(src, cfg, run)

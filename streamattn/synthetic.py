@@ -12,7 +12,9 @@ unchanged bit for bit): ``values_dim`` > 0 adds a ``values`` array (n × d_v, Ga
 q_i = A w_i scaled so the softmax logits β q·k (β = 1/√d) have standard deviation about
 ``query_logit_std``; ``sinks`` > 0 makes keys 0..sinks−1 attention sinks: small keys
 (norm ``sink_norm_ratio`` × typical) along a direction u that a fraction
-``sink_query_fraction`` of queries share, with a logit bonus about ``sink_logit``;
+``sink_query_fraction`` of queries share, so that for those queries the sink logit
+exceeds the mean key's logit β q·μ by log(n) + ``sink_logit`` (so the sinks hold a
+sizeable share of the softmax mass whatever n is);
 ``recency`` > 0 adds a rotary-like positional component to keys and queries, so
 β q_i·k_j gains recency · mean_m cos(ω_m (i − j)), largest for recent keys.
 
@@ -54,7 +56,7 @@ class SyntheticSpec:
     query_logit_std: float = 2.0
     sinks: int = 0
     sink_norm_ratio: float = 0.5
-    sink_logit: float = 6.0
+    sink_logit: float = 0.0
     sink_query_fraction: float = 0.8
     recency: float = 0.0
     recency_freqs: int = 8
@@ -92,7 +94,7 @@ _OPTIONAL_DEFAULTS = {
     "query_logit_std": 2.0,
     "sinks": 0,
     "sink_norm_ratio": 0.5,
-    "sink_logit": 6.0,
+    "sink_logit": 0.0,
     "sink_query_fraction": 0.8,
     "recency": 0.0,
     "recency_freqs": 8,
@@ -108,17 +110,27 @@ def spec_record(spec: SyntheticSpec) -> dict[str, Any]:
     }
 
 
-def _attention_model(spec: SyntheticSpec, typical: float) -> dict[str, Any]:
-    """Sink direction, positional basis and frequencies (own RNG stream: keys unchanged)."""
+def _attention_model(spec: SyntheticSpec, model: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Sink direction, positional basis, frequencies (own RNG stream: keys unchanged).
+
+    The sink direction u is orthogonal to μ, the signal loadings and the positional basis
+    where d allows, so ordinary keys have only noise along u.
+    """
     rng = np.random.default_rng([spec.seed, 2**31 + 2])
     d, f = spec.d, spec.recency_freqs
     u = rng.standard_normal(d)
-    u /= np.linalg.norm(u)
     basis = np.linalg.qr(rng.standard_normal((d, max(2 * f, 1))))[0][:, : 2 * f]
+    parts = [model["mu"][:, None], model["loadings"], basis if spec.recency > 0 else basis[:, :0]]
+    span = np.hstack(parts)
+    if span.shape[1] < d:
+        qs = np.linalg.qr(span)[0]
+        u -= qs @ (qs.T @ u)
+    u /= np.linalg.norm(u)
     omegas = np.geomspace(1.0, 1.0 / max(spec.n, 2), f) if f else np.zeros(0)
     beta = 1.0 / np.sqrt(d)
     # beta * (a q_pos) . (a k_pos) = recency * mean_m cos(omega_m (i - j))
     amp = np.sqrt(spec.recency / beta) if spec.recency > 0 else 0.0
+    typical = _typical(spec, model["loadings"])
     return {"u": u, "basis": basis, "omegas": omegas, "amp": amp, "typical": typical}
 
 
@@ -133,7 +145,7 @@ def _positional(spec: SyntheticSpec, model: dict, positions: np.ndarray) -> np.n
 def synthetic_queries(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray]:
     """The ``queries`` (s × d) and their sorted ``query_positions`` in [0, n)."""
     model = _model(spec)
-    att = _attention_model(spec, _typical(spec, model["loadings"]))
+    att = _attention_model(spec, model)
     rng = np.random.default_rng([spec.seed, 2**31 + 3])
     s, beta = spec.queries, 1.0 / np.sqrt(spec.d)
     positions = np.sort(rng.integers(0, spec.n, size=s)).astype(np.int64)
@@ -143,9 +155,13 @@ def synthetic_queries(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray]:
     c = spec.query_logit_std / (beta * max(np.linalg.norm(gram), 1e-12))
     q = rng.standard_normal((s, spec.rank)) @ a.T * c
     if spec.sinks:
-        sink_norm = spec.sink_norm_ratio * att["typical"]
+        # q += g u with g such that beta q.(k_sink - mu) = log(n) + sink_logit (u is
+        # orthogonal to mu; k_sink = r u).
+        r = spec.sink_norm_ratio * att["typical"]
         aligned = rng.random(s) < spec.sink_query_fraction
-        q += np.outer(aligned * spec.sink_logit / (beta * sink_norm), att["u"])
+        bonus = np.log(spec.n) + spec.sink_logit
+        g = (bonus / beta + q @ model["mu"] - r * (q @ att["u"])) / r
+        q += np.outer(aligned * g, att["u"])
     if spec.recency > 0:
         q += _positional(spec, att, positions)
     return q, positions
@@ -186,13 +202,17 @@ def synthetic_rows(spec: SyntheticSpec, start: int, stop: int) -> np.ndarray:
         pos = model["outlier_positions"]
         hit = (pos >= c0) & (pos < c1)
         if spec.recency > 0 or spec.sinks:
-            att = _attention_model(spec, _typical(spec, model["loadings"]))
+            att = _attention_model(spec, model)
             if spec.recency > 0:
                 rows += _positional(spec, att, np.arange(c0, c1))
             if spec.sinks and c0 < spec.sinks:
                 k = min(spec.sinks, c1) - c0
                 rows[:k] = spec.sink_norm_ratio * att["typical"] * att["u"]
-        rows[pos[hit] - c0] = model["outlier_rows"][hit]
+        planted = model["outlier_rows"][hit]
+        if spec.sinks:  # outliers are large but not aligned with the sink direction
+            u = _attention_model(spec, model)["u"]
+            planted = planted - np.outer(planted @ u, u)
+        rows[pos[hit] - c0] = planted
         out.append(rows.astype(spec.dtype))
     return np.vstack(out)
 

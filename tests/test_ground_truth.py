@@ -194,3 +194,25 @@ def test_restricted_attention_equals_dense(mode: str, kind: str) -> None:
             out = np.exp(lw[i, members] - lse) @ v[members]
             assert res["lse"][m, i] == pytest.approx(lse, rel=1e-12, abs=1e-12)
             np.testing.assert_allclose(res["output"][m, i], out, rtol=1e-10, atol=1e-12)
+
+
+def test_sub_blocking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny logit budgets force sub-blocks and query groups; the answers stay the same."""
+    import streamattn.operators.ground_truth as gt
+
+    k, v, q, pos = data(5)
+    gspec = spec_for(q, pos, "softmax", "causal")
+    rspec = RestrictedAttentionSpec(
+        q, mode="causal", positions=pos, values_dim=DV,
+        set_indices=np.array([0, 1, 100], dtype=np.int64), set_offsets=np.array([0, 3]),
+        set_windows=np.array([50]), n_keys=N,
+    )
+    ref_g = GroundTruth(gspec).update(Block(0, k, v)).result()
+    ref_r = RestrictedAttention(rspec).update(Block(0, k, v)).result()
+    monkeypatch.setattr(gt, "MAX_LOGIT_ENTRIES", 40)
+    got_g = GroundTruth(gspec).update(Block(0, k, v)).result()
+    got_r = RestrictedAttention(rspec).update(Block(0, k, v)).result()
+    np.testing.assert_array_equal(got_g["indices"], ref_g["indices"])
+    np.testing.assert_allclose(got_g["output"], ref_g["output"], rtol=1e-12)
+    np.testing.assert_allclose(got_r["lse"], ref_r["lse"], rtol=1e-12)
+    np.testing.assert_allclose(got_r["output"], ref_r["output"], rtol=1e-10)

@@ -486,13 +486,17 @@ class RestrictedAttention(Operator):
         width = int(max(0, (hi - lo + 1).max()))
         if width == 0:
             return
-        cols = lo[:, None] + np.arange(width)[None, :]
-        ok = cols <= hi[:, None]
-        cols = np.where(ok, cols, 0)
-        band = np.take_along_axis(logits, cols, axis=1)
-        band[~ok | inset[cols]] = -np.inf  # outside the band, or already counted in I_m
-        acc = None if self.acc is None else self.acc[m]
-        online_fold(self.lse[m], acc, band, None if vals is None else vals[cols])
+        # queries in groups, so the gathered value rows stay under MAX_LOGIT_ENTRIES
+        group = max(1, MAX_LOGIT_ENTRIES // (width * max(1, self.spec.values_dim)))
+        for g0 in range(0, logits.shape[0], group):
+            sl = slice(g0, g0 + group)
+            cols = lo[sl, None] + np.arange(width)[None, :]
+            ok = cols <= hi[sl, None]
+            cols = np.where(ok, cols, 0)
+            band = np.take_along_axis(logits[sl], cols, axis=1)
+            band[~ok | inset[cols]] = -np.inf  # outside the band, or already counted in I_m
+            acc = None if self.acc is None else self.acc[m, sl]
+            online_fold(self.lse[m, sl], acc, band, None if vals is None else vals[cols])
 
     def _merge(self, other: RestrictedAttention) -> None:
         merge_folds(self.lse, self.acc, other.lse, other.acc)
