@@ -132,7 +132,7 @@ def test_select(
     path, x = npy_keys
     out = tmp_path / "sel"
     assert main(["select", str(path), *flags, "--out", str(out), "--quiet"]) == 0
-    assert capsys.readouterr().out == ""  # --quiet: no summary
+    assert capsys.readouterr() == ("", "")  # --quiet: no summary, no progress bar
     got = load_universal_set(out, name)
     want = universal_set(x, **kwargs)
     np.testing.assert_array_equal(got.indices, want.indices)
@@ -294,3 +294,11 @@ def test_select_chunk_rows_must_be_positive(npy_keys, tmp_path: Path, capsys) ->
     assert main([*argv, "--quiet"]) == 2
     assert "chunk_rows must be >= 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_progress_bar_and_summary_without_quiet(npy_keys, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    path, _ = npy_keys
+    assert main(["select", str(path), "--budget", "3", "--out", str(tmp_path / "o")]) == 0
+    captured = capsys.readouterr()
+    assert "row/s" in captured.err and "leverage" in captured.err  # tqdm: rate and ETA
+    assert "plain-top3: |U| = 3" in captured.out and "passes" in captured.out
