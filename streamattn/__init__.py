@@ -2,7 +2,9 @@
 
 Public API: ``open_keys`` (validated read-only key stores), ``universal_set`` /
 ``universal_sets`` (the LevAttention universal set, exact, one pass), the operator
-protocol (``Operator``) and ``run_operators`` (engines); whole KV caches (``open_kv``,
+protocol (``Operator``) and ``run_operators`` (engines); exact attention ground truth
+(``GroundTruth``; selectors in ``streamattn.selectors``, coverage in
+``streamattn.evaluate``); whole KV caches (``open_kv``,
 ``MultiHeadResult``) and resumable passes (``Checkpointer``).
 """
 
@@ -22,7 +24,7 @@ from streamattn.errors import (
 )
 from streamattn.kvcache import MultiHead, MultiHeadResult, MultiHeadSource, open_kv
 from streamattn.lp import lp_universal_set, softmax_entry_bound
-from streamattn.operators import LeverageScores, Operator, TopScores
+from streamattn.operators import GroundTruth, GroundTruthSpec, LeverageScores, Operator, TopScores
 from streamattn.ridge import ridge_universal_set
 from streamattn.sliding_window import SlidingWindow
 from streamattn.source import Block, KeySource, open_keys
@@ -32,6 +34,8 @@ __all__ = [
     "Block",
     "Checkpointer",
     "ConfigError",
+    "GroundTruth",
+    "GroundTruthSpec",
     "IncompatibleMergeError",
     "InvalidInputError",
     "KeySource",

@@ -1,6 +1,14 @@
 """Mergeable operators (sketches). Each module holds one algorithm family."""
 
 from streamattn.operators.frequent_directions import FDSketch, FDSpec, FrequentDirections
+from streamattn.operators.ground_truth import (
+    GroundTruth,
+    GroundTruthSpec,
+    ObservedAttentionSpec,
+    ObservedAttentionTop,
+    RestrictedAttention,
+    RestrictedAttentionSpec,
+)
 from streamattn.operators.leverage import LeverageScores, LeverageSpec, TopScores, TopScoresSpec
 from streamattn.operators.protocol import Operator, RowRanges, State
 
@@ -8,9 +16,15 @@ __all__ = [
     "FDSketch",
     "FDSpec",
     "FrequentDirections",
+    "GroundTruth",
+    "GroundTruthSpec",
     "LeverageScores",
     "LeverageSpec",
+    "ObservedAttentionSpec",
+    "ObservedAttentionTop",
     "Operator",
+    "RestrictedAttention",
+    "RestrictedAttentionSpec",
     "RowRanges",
     "State",
     "TopScores",
