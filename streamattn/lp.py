@@ -74,23 +74,36 @@ def lp_universal_sets(
     chunk_rows: int | None = None,
     engine: str = "local",
     progress: bool = False,
+    checkpoint: Any = None,
+    also: list[Any] | None = None,
     **engine_options: Any,
 ) -> list[Any]:
     """``universal_sets`` for a list that holds p != 2 selections (one engine session).
 
-    The p = 2 selections still share their one exact pass; each p != 2 selection runs
-    its own Lewis iteration (its weights differ from pass to pass).
+    The p = 2 selections still share their one exact pass (with ``also`` operators and
+    ``checkpoint``, as in ``universal_sets``); each p != 2 selection runs its own Lewis
+    iteration (its weights differ from pass to pass). The Lewis passes are not
+    checkpointed: a resumed run recomputes them. Single-head key stores only.
     """
     from streamattn.universal import universal_sets
 
+    if not isinstance(source, KeySource):
+        raise ConfigError(
+            "p != 2 universal sets take a single-head key store; select per head (or use "
+            "p = 2) for a multi-head KV cache."
+        )
     out: list[Any] = [None] * len(selections)
     with engine_session(engine, progress=progress, **engine_options) as opts:
         two = [i for i, sel in enumerate(selections) if sel.p == 2]
         if two:
             sets = universal_sets(source, [selections[i] for i in two], chunk_rows=chunk_rows,
-                                  engine=engine, progress=progress, **opts)
+                                  engine=engine, progress=progress, checkpoint=checkpoint,
+                                  also=also, **opts)
             for i, uset in zip(two, sets, strict=True):
                 out[i] = uset
+        elif also:  # operators that were to share the first read get their own pass
+            also[:] = run_operators(source, also, engine=engine, chunk_rows=chunk_rows,
+                                    progress=progress, description="pass", **opts)
         for i, sel in enumerate(selections):
             if sel.p != 2:
                 out[i] = lp_universal_set(

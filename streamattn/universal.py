@@ -238,7 +238,8 @@ def universal_sets(
         from streamattn.lp import lp_universal_sets
 
         return lp_universal_sets(src, selections, chunk_rows=chunk_rows, engine=engine,
-                                 progress=progress, **engine_options)
+                                 progress=progress, checkpoint=checkpoint, also=also,
+                                 **engine_options)
     with engine_session(engine, progress=progress, **engine_options) as options:
         return _universal_sets(
             src,

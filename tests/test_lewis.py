@@ -11,9 +11,11 @@ import scipy.optimize
 import zarr
 
 import streamattn as sa
+from streamattn.cli import main
 from streamattn.engines import ENGINES
 from streamattn.errors import ConfigError
 from streamattn.lp import LewisConvergenceError, lp_universal_set
+from streamattn.universal import load_universal_set
 
 P_VALUES = [0.5, 1.0, 1.5, 3.0, 5.0]
 
@@ -228,3 +230,28 @@ def test_local_equals_dask(p: float, tmp_path: Path) -> None:
     np.testing.assert_array_equal(local.indices, dask.indices)
     np.testing.assert_allclose(local.scores, dask.scores, rtol=1e-9)
     assert local.certificate["iterations"] == dask.certificate["iterations"]
+
+
+@pytest.mark.parametrize("with_p2", [False, True])
+def test_also_operators_are_run_with_p_selections(with_p2: bool) -> None:
+    from streamattn.operators.frequent_directions import FDSpec, FrequentDirections
+
+    k = keys(200, 4, seed=6)
+    also = [FrequentDirections(FDSpec(3))]
+    sels = [sa.Selection(0.1, p=3.0)] + ([sa.Selection(0.1)] if with_p2 else [])
+    out = sa.universal_sets(k, sels, also=also)
+    assert out[0].certificate["p"] == 3.0
+    assert also[0].n_rows == 200 and also[0].result().n == 200
+
+
+def test_run_config_with_p(tmp_path: Path) -> None:
+    np.save(tmp_path / "k.npy", keys(300, 4, seed=8).astype(np.float32))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        f"input:\n  path: {tmp_path / 'k.npy'}\n  generate: null\n"
+        "select:\n  - name: l1\n    eps: 0.1\n    p: 1.0\n  - name: l2\n    eps: 0.1\n"
+        f"output:\n  dir: {tmp_path / 'out'}\nprogress: false\n"
+    )
+    assert main(["run", str(cfg), "--quiet"]) == 0
+    l1 = load_universal_set(tmp_path / "out", "l1")
+    assert l1.certificate["p"] == 1.0 and l1.certificate["method"] == "cohen-peng"
