@@ -302,3 +302,26 @@ def test_progress_bar_and_summary_without_quiet(npy_keys, tmp_path: Path, capsys
     captured = capsys.readouterr()
     assert "row/s" in captured.err and "leverage" in captured.err  # tqdm: rate and ETA
     assert "plain-top3: |U| = 3" in captured.out and "passes" in captured.out
+
+
+def test_a_failed_overwrite_leaves_the_previous_output_intact(
+    npy_keys, tmp_path: Path, monkeypatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    import streamattn.outputs
+
+    path, _ = npy_keys
+    out = tmp_path / "sel"
+    argv = ["select", str(path), "--eps", "0.05", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    before = tree(out)
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(streamattn.outputs, "write_json_atomic", disk_full)
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "intact" in err[0]
+    assert tree(out) == before  # the old output is untouched ...
+    assert not stray_temporaries(tmp_path)  # ... and the half-written new one is gone
