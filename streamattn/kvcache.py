@@ -236,6 +236,8 @@ class MultiHeadSource:
         self.path = path
         self.array_name = array_name
         self.layout = f"kv-{keys.layout}-{keys.layers}x{keys.heads}"
+        #: True when the head split comes from a ``heads`` setting, not from the store.
+        self.declared = keys.layout == "split"
         self.n, self.d = keys.n, keys.d
         self.layers, self.heads = keys.layers, keys.heads
         self.dtype = np.dtype(keys.arrays[0].dtype)
@@ -657,6 +659,13 @@ def multihead_universal_sets(
     from streamattn.universal import finish_selection, needs_second_pass
 
     run = dict(run, chunk_rows=chunk_rows, checkpoint=checkpoint)
+    if run.get("engine", "local") != "local" and (source.path is None or source.declared):
+        raise ConfigError(
+            f"{source.label}: the {run['engine']} engine's workers open a KV cache by path "
+            "and need its head layout on disk (a 4-D array or keys/layer_{l} arrays with a "
+            "heads attribute); an in-memory cache or a 2-D array split by a declared heads "
+            "setting runs on engine: local."
+        )
     grid = [(layer, h) for layer in range(source.layers) for h in range(source.heads)]
     thresholds = [sel.pruning_threshold(source.d) for sel in selections]
     ops = [

@@ -227,3 +227,17 @@ def test_values_of_a_kv_cache_follow_their_heads(tmp_path: Path) -> None:
     for h in range(2):
         u = res[0, h]
         np.testing.assert_array_equal(u.values, block.values[u.indices, 0, h])
+
+
+def test_kv_cache_on_the_dask_engine_equals_local(tmp_path: Path) -> None:
+    spec = SyntheticSpec(n=1500, d=5, rank=3, chunk_rows=100, outliers=3, compressor="none")
+    store = generate_kv_store(tmp_path / "kv.zarr", spec, layers=2, heads=2)
+    sels = [sa.Selection(eps=0.05), sa.Selection(budget=7, variant="affine")]
+    local = sa.universal_sets(store, sels, chunk_rows=100)
+    dask = sa.universal_sets(store, sels, chunk_rows=100, engine="dask", scheduler="threads")
+    for lo, dk in zip(local, dask, strict=True):
+        for (lay, h), u in lo:
+            np.testing.assert_array_equal(u.indices, dk[lay, h].indices)
+            np.testing.assert_allclose(u.scores, dk[lay, h].scores, rtol=1e-9)
+    with pytest.raises(ConfigError, match="in-memory cache"):
+        sa.universal_set(cache(), eps=0.1, engine="dask", scheduler="threads")
