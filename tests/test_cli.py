@@ -325,3 +325,16 @@ def test_a_failed_overwrite_leaves_the_previous_output_intact(
     assert len(err) == 1 and "No space left on device" in err[0] and "intact" in err[0]
     assert tree(out) == before  # the old output is untouched ...
     assert not stray_temporaries(tmp_path)  # ... and the half-written new one is gone
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--n", "0"], "generate.n must be >= 1"), (["--d", "0"], "generate.d must be >= 1")],
+)
+def test_generate_refuses_bad_parameters(
+    flags: list[str], message: str, tmp_path: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    assert main(["generate", str(tmp_path / "g.zarr"), *flags, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert list(tmp_path.iterdir()) == []
