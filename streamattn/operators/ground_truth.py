@@ -221,8 +221,9 @@ class GroundTruth(Operator):
     --------
     >>> import numpy as np
     >>> from streamattn.source import Block
-    >>> k = np.random.default_rng(0).standard_normal((1000, 8))
-    >>> q = 3.0 * k[[5, 700]]                          # two queries that like keys 5, 700
+    >>> k = 0.1 * np.random.default_rng(0).standard_normal((1000, 8))
+    >>> k[5, 0] = k[700, 1] = 10.0
+    >>> q = 3.0 * np.eye(8)[:2]                        # two queries that like keys 5, 700
     >>> op = GroundTruth(GroundTruthSpec(q, eps=0.1)).update(Block(0, k))
     >>> [row[row >= 0].tolist() for row in op.result()["indices"]]
     [[5], [700]]
