@@ -5,12 +5,15 @@ Public API: ``open_keys`` (validated read-only key stores), ``universal_set`` /
 protocol (``Operator``) and ``run_operators`` (engines); exact attention ground truth
 (``GroundTruth``; selectors in ``streamattn.selectors``, coverage in
 ``streamattn.evaluate``); whole KV caches (``open_kv``,
-``MultiHeadResult``) and resumable passes (``Checkpointer``).
+``MultiHeadResult``) and resumable passes (``Checkpointer``); reduced embeddings
+(``reduce_embeddings``) and column sparsifiers for d >> n (``sparsify_columns``).
 """
 
 __version__ = "0.1.0"
 
 from streamattn.checkpoint import Checkpointer
+from streamattn.columns import ColumnSelection, sparsify_columns
+from streamattn.embeddings import ReduceConfig, ReducedEmbeddings, reduce_embeddings
 from streamattn.engines import run_operators
 from streamattn.errors import (
     ConfigError,
@@ -33,6 +36,7 @@ from streamattn.universal import Selection, UniversalSet, universal_set, univers
 __all__ = [
     "Block",
     "Checkpointer",
+    "ColumnSelection",
     "ConfigError",
     "GroundTruth",
     "GroundTruthSpec",
@@ -47,6 +51,8 @@ __all__ = [
     "Operator",
     "OutputExistsError",
     "OutputWriteError",
+    "ReduceConfig",
+    "ReducedEmbeddings",
     "Selection",
     "SlidingWindow",
     "StateFormatError",
@@ -57,9 +63,11 @@ __all__ = [
     "lp_universal_set",
     "open_keys",
     "open_kv",
+    "reduce_embeddings",
     "ridge_universal_set",
     "run_operators",
     "softmax_entry_bound",
+    "sparsify_columns",
     "universal_set",
     "universal_sets",
 ]
