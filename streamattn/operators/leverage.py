@@ -197,24 +197,24 @@ class LeverageScores(Operator):
     def _dim(self, d: int) -> int:
         return d + 1 if self.spec.affine else d
 
-    def _pruning_scores(self, rows: np.ndarray) -> np.ndarray:
-        """Scores on the fine range; sets ``self._slack`` = δ for ``_pruning_threshold``."""
+    def _pruning_scores(self, rows: np.ndarray) -> tuple[np.ndarray, float]:
+        """Scores on the fine range and the cut below which a row's final score < threshold.
+
+        The cut is (√threshold − δ)², δ = ‖σ_dropped‖ / (rtol · σ_max) (module docstring);
+        it is the threshold itself when no direction is dropped.
+        """
         rtol = self.spec.rtol
         fine = ScoringMap.from_factor(self.r, rtol * PRUNE_RTOL_FACTOR, self.r.shape[1])
-        self._slack = 0.0
+        cut = self.spec.threshold
         if fine.sigma_max > 0 and fine.rank < min(self.r.shape):
             dropped = np.linalg.svd(self.r, compute_uv=False)[fine.rank :]
-            self._slack = float(np.linalg.norm(dropped)) / (rtol * fine.sigma_max)
-        return fine.scores(augment(rows, self.spec.affine))
-
-    def _pruning_threshold(self) -> float:
-        """Drop a row only if (√score + δ)² < threshold: its final score cannot reach it."""
-        if self._slack == 0.0:
-            return self.spec.threshold
-        return max(0.0, np.sqrt(self.spec.threshold) - self._slack) ** 2
+            slack = float(np.linalg.norm(dropped)) / (rtol * fine.sigma_max)
+            cut = max(0.0, np.sqrt(cut) - slack) ** 2 if slack > 0 else cut
+        return fine.scores(augment(rows, self.spec.affine)), cut
 
     def _prune(self, idx: np.ndarray, rows: np.ndarray, values: np.ndarray | None) -> None:
-        keep = self._pruning_scores(rows) >= self._pruning_threshold()
+        scores, cut = self._pruning_scores(rows)
+        keep = scores >= cut
         order = np.argsort(idx[keep], kind="stable")
         self.idx = idx[keep][order]
         self.rows = rows[keep][order]
