@@ -502,6 +502,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = load_evaluate_config(args.config)
     if args.engine:
         cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, kind=args.engine))
+        cfg.engine.check()
     out = Path(args.out or cfg.output.dir)
     overwrite = cfg.output.overwrite or args.overwrite
     check_writable(out, overwrite)

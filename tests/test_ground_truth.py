@@ -216,3 +216,21 @@ def test_sub_blocking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -
     np.testing.assert_allclose(got_g["output"], ref_g["output"], rtol=1e-12)
     np.testing.assert_allclose(got_r["lse"], ref_r["lse"], rtol=1e-12)
     np.testing.assert_allclose(got_r["output"], ref_r["output"], rtol=1e-10)
+
+
+def test_gaussian_sparsity_prediction() -> None:
+    """DESIGN 2.9: logits N(0, σ²) give #{j : A_ij >= ε} ≈ n Φ̄((ln(nε) + σ²/2)/σ)."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(7)
+    n, d, s, sigma, eps = 2**15, 64, 32, 2.0, 1e-4
+    k = rng.standard_normal((n, d))
+    q = rng.standard_normal((s, d))
+    q *= (sigma * np.sqrt(d) / np.linalg.norm(q, axis=1))[:, None]  # β q·k ~ N(0, σ²)
+    op = GroundTruth(GroundTruthSpec(q, eps=eps))
+    for a in range(0, n, 4096):
+        op.update(Block(a, k[a : a + 4096]))
+    counts = op.result()["counts"]
+    predicted = n * norm.sf((np.log(n * eps) + sigma**2 / 2) / sigma)
+    assert counts.mean() == pytest.approx(predicted, rel=0.1)
+    assert counts.max() <= op.spec.max_candidates
