@@ -166,6 +166,11 @@ class EvaluateConfig:
             raise ConfigError(f"queries.count must be >= 1 or null, got {q.count}.")
         if self.input.generate is not None:
             self.input.generate.check()
+        if self.input.heads is not None:
+            raise ConfigError(
+                "input.heads: evaluate measures one head at a time; point input.path/array "
+                "at one head's keys (with its queries and values)."
+            )
         self.engine.check()
 
 
