@@ -63,7 +63,7 @@ METHODS = OBLIVIOUS_METHODS + DATA_AWARE_METHODS
 #: Input coordinates per generated block of S (rows of S come from one keyed stream each).
 MAP_BLOCK = 4096
 #: Rows per GEMM tile; tiles are aligned to global row indices (chunking independence).
-TILE_ROWS = 512
+TILE_ROWS = 4096
 _METHOD_TAG = {"gaussian": 1, "sparse-sign": 2, "srht": 3}
 _U64 = np.uint64
 _MASK = (1 << 64) - 1
@@ -268,18 +268,26 @@ class ProjectionMap:
 def tiled_matmul(x: np.ndarray, s: np.ndarray, start: int, tile: int = TILE_ROWS) -> np.ndarray:
     """x @ s computed in GEMMs of fixed shape (tile × d) aligned to global row ``start``.
 
-    The block is zero-padded to whole tiles [⌊start/tile⌋·tile, ⌈stop/tile⌉·tile); a batched
-    ``matmul`` runs one GEMM per tile, so a row's arithmetic does not depend on the block.
+    Whole tiles inside the block are multiplied in place (a batched ``matmul``: one GEMM per
+    tile); the partial tiles at the block's ends are zero-padded to a whole tile with the
+    rows at their global offsets. Every row is thus computed by a GEMM of the same shape at
+    the same position, so its arithmetic does not depend on the block.
     """
-    b = x.shape[0]
-    if b == 0:
-        return np.zeros((0, s.shape[1]))
-    lo = start - (start // tile) * tile
-    total = -(-(lo + b) // tile) * tile
-    buf = np.zeros((total, x.shape[1]))
-    buf[lo : lo + b] = x
-    out = np.matmul(buf.reshape(-1, tile, x.shape[1]), s)
-    return out.reshape(total, s.shape[1])[lo : lo + b]
+    b, d = x.shape
+    out = np.empty((b, s.shape[1]))
+    # head: rows up to the first tile boundary; body: whole tiles (no copy); tail: the rest
+    head = min(b, (-start) % tile)
+    body = (b - head) // tile * tile
+    for a, z in ((0, head), (head + body, b)):
+        if z > a:
+            lo = (start + a) % tile
+            buf = np.zeros((tile, d))
+            buf[lo : lo + z - a] = x[a:z]
+            out[a:z] = np.matmul(buf.reshape(1, tile, d), s)[0, lo : lo + z - a]
+    if body:
+        whole = np.ascontiguousarray(x[head : head + body]).reshape(-1, tile, d)
+        out[head : head + body] = np.matmul(whole, s).reshape(body, s.shape[1])
+    return out
 
 
 def jl_epsilon(m: int, pairs: int, delta: float) -> float | None:
