@@ -130,8 +130,11 @@ def test_state_bytes_independent_of_n() -> None:
     k, v, q, pos = data()
     spec = spec_for(q, pos, "softmax", "global")
     small = GroundTruth(spec).update(Block(0, k[:50], v[:50])).to_state()
-    big = GroundTruth(spec).update(Block(0, k, v)).to_state()
+    op = GroundTruth(spec).update(Block(0, k, v))
+    big = op.to_state()
     assert sum(a.nbytes for a in small.values()) == sum(a.nbytes for a in big.values())
+    inner = sum(a.nbytes for key, a in big.items() if key.startswith("state."))
+    assert inner <= op.nbytes_bound(D)
 
 
 def test_bad_specs_and_blocks() -> None:
