@@ -455,7 +455,7 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
     paths = []
     for key, res in report["results"].items():
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.2))
         for metric, ax in zip(("recall", "mass"), axes, strict=True):
             by_sel: dict[str, list[tuple[float, float]]] = {}
             for row in res["rows"]:
@@ -474,7 +474,7 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.grid(alpha=0.3)
         axes[0].set_title(f"recall of entries >= eps ({key})")
         axes[1].set_title(f"attention mass kept ({key})")
-        axes[1].legend(fontsize=8, loc="lower right")
+        axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
         fig.tight_layout()
         path = out_dir / f"coverage_{key.replace('/', '_')}.png"
         fig.savefig(path, dpi=90)
