@@ -253,3 +253,24 @@ def test_dask_engine_writes_the_same_embeddings(method: str, zarr_store: Any) ->
     np.testing.assert_array_equal(dask.embeddings[...], local.embeddings[...])
     np.testing.assert_allclose(dask.mu_s, local.mu_s, rtol=1e-12)
     assert dask.quality == local.quality
+
+
+@pytest.mark.skipif("dask" not in ENGINES, reason="no Dask engine registered")
+def test_dask_local_cluster_processes_regenerate_the_same_map(zarr_store: Any) -> None:
+    """Worker processes rebuild S from the seed and write their own blocks of Y."""
+    path = zarr_store(keys(800, 16), chunks=200)
+    local = reduce_embeddings(path, m=4, method="gaussian", seed=6, chunk_rows=200)
+    dask = reduce_embeddings(
+        path,
+        m=4,
+        method="gaussian",
+        seed=6,
+        chunk_rows=200,
+        engine="dask",
+        scheduler="local-cluster",
+        n_workers=2,
+        threads_per_worker=1,
+        dashboard=False,
+    )
+    np.testing.assert_array_equal(dask.embeddings[...], local.embeddings[...])
+    np.testing.assert_array_equal(dask.map.dense(), local.map.dense())
