@@ -111,6 +111,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-workers", type=int, help="dask local-cluster: worker processes")
     p.add_argument("--threads-per-worker", type=int, help="dask: threads per worker")
     p.add_argument("--split-every", type=int, help="dask: fan-in of the merge tree")
+    p.add_argument("--blocks-per-task", type=int, help="dask: blocks folded per leaf task")
     p.add_argument("--retries", type=int, help="dask: retries of a failed task")
     p.add_argument("--timeout", type=float, help="dask: seconds to reach the scheduler")
     p.add_argument("--no-dashboard", action="store_true", help="dask: no LocalCluster dashboard")
@@ -123,6 +124,7 @@ def _engine_from_args(base: EngineConfig, args: argparse.Namespace) -> EngineCon
         "n_workers": args.n_workers,
         "threads_per_worker": args.threads_per_worker,
         "split_every": args.split_every,
+        "blocks_per_task": args.blocks_per_task,
         "retries": args.retries,
         "timeout": args.timeout,
         "dashboard": False if args.no_dashboard else None,

@@ -67,7 +67,8 @@ class EngineConfig:
     The other keys apply to ``kind: dask`` only (see
     ``streamattn.engines.dask_engine.DaskOptions``): ``scheduler`` (``threads``,
     ``local-cluster`` or ``tcp://host:port``), ``n_workers``, ``threads_per_worker``,
-    ``split_every``, ``retries``, ``timeout`` (seconds) and ``dashboard``.
+    ``split_every``, ``blocks_per_task``, ``retries``, ``timeout`` (seconds) and
+    ``dashboard``.
     """
 
     kind: str = "local"
@@ -76,6 +77,7 @@ class EngineConfig:
     n_workers: int | None = None
     threads_per_worker: int | None = None
     split_every: int = DaskOptions.split_every
+    blocks_per_task: int | None = None
     retries: int = DaskOptions.retries
     timeout: float = DaskOptions.timeout
     dashboard: bool = DaskOptions.dashboard

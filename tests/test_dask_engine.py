@@ -99,7 +99,11 @@ def local_cluster() -> Iterator[Any]:
 
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",  # never the shared :8787
+            scheduler_kwargs={"dashboard": False},
         ) as cluster,
         Client(cluster) as client,
     ):
@@ -119,8 +123,9 @@ def cli_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         p for p in (str(REPO / "tests"), env.get("PYTHONPATH")) if p
     )
     commands = [
+        # --idle-timeout: the scheduler exits on its own even if pytest itself is SIGKILLed
         [DASK_BIN, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard",
-         "--idle-timeout", "300s"],  # gone on its own even if pytest is SIGKILLed
+         "--dashboard-address", ":0", "--idle-timeout", "300s"],
         [
             DASK_BIN, "worker", address, "--nworkers", "2", "--nthreads", "1",
             "--host", "127.0.0.1", "--no-dashboard", "--death-timeout", "60",
@@ -202,12 +207,17 @@ def test_cli_cluster_equals_local(
         assert_same(sets[name], local_sets[name])
 
 
-@pytest.mark.parametrize("split_every", [2, 4, 32])
+@pytest.mark.parametrize("split_every, blocks_per_task", [(2, 1), (4, 3), (32, 1), (2, None)])
 @pytest.mark.parametrize("kind", ["zarr", "npy", "numpy", "dask"])
 def test_merge_tree_shape_independence(
-    store: Path, tmp_path: Path, local_sets: dict, split_every: int, kind: str
+    store: Path,
+    tmp_path: Path,
+    local_sets: dict,
+    split_every: int,
+    blocks_per_task: int | None,
+    kind: str,
 ) -> None:
-    """Any fan-in, any input kind: the same set as the local engine (37 blocks here)."""
+    """Any tree (fan-in, leaf size), any input kind: the local engine's set (37 blocks)."""
     keys = np.asarray(zarr.open_group(str(store), mode="r")["keys"][...])
     if kind == "zarr":
         source: Any = store
@@ -228,6 +238,7 @@ def test_merge_tree_shape_independence(
         chunk_rows=rows,
         engine="dask",
         split_every=split_every,
+        blocks_per_task=blocks_per_task,
     )
     for a, b in zip(out, ref, strict=True):
         np.testing.assert_array_equal(a.indices, b.indices)
@@ -235,18 +246,25 @@ def test_merge_tree_shape_independence(
         np.testing.assert_array_equal(a.rows, b.rows)
 
 
-def test_graph_size_is_one_task_per_block_plus_merges(store: Path) -> None:
+@pytest.mark.parametrize("blocks_per_task", [1, 7])
+def test_graph_size_is_one_task_per_leaf_plus_merges(store: Path, blocks_per_task: int) -> None:
     src = open_keys(store)
     op = LeverageScores(LeverageSpec(0.05, False))
     for split_every in (2, 8):
-        graph = build_graph(src, [op], chunk_rows=100, split_every=split_every)
-        blocks = len(graph.ranges)  # 60
-        merges, level = 0, blocks
+        graph = build_graph(
+            src, [op], chunk_rows=100, split_every=split_every, blocks_per_task=blocks_per_task
+        )
+        assert len(graph.ranges) == 60
+        leaves = -(-60 // blocks_per_task)
+        assert len(graph.parts) == leaves
+        assert graph.parts[0] == (0, 100 * blocks_per_task) and graph.parts[-1][1] == N
+        merges, level = 0, leaves
         while level > 1:
             level = -(-level // split_every)
             merges += level
-        assert graph.n_tasks == 1 + blocks + merges  # + the one payload key
-        assert graph.block_of(("not-a-leaf", 0)) is None
+        assert graph.n_tasks == 1 + leaves + merges  # + the one payload key
+        assert graph.rows_of((graph.leaf_name, 1)) == graph.parts[1]
+        assert graph.rows_of(("not-a-leaf", 0)) is None
 
 
 # ---------------------------------------------------------------------------- faults
@@ -266,7 +284,13 @@ def test_worker_killed_mid_run_same_answer(store: Path, local_sets: dict, cli_cl
     def work() -> None:
         try:
             done["ops"] = run_operators(
-                source, ops, engine="dask", client=client, chunk_rows=100, split_every=4
+                source,
+                ops,
+                engine="dask",
+                client=client,
+                chunk_rows=100,
+                split_every=4,
+                blocks_per_task=2,
             )
         except BaseException as exc:  # reported by the main thread
             done["error"] = exc
@@ -375,6 +399,8 @@ def test_unknown_engine_option_refused() -> None:
         streamattn.universal_set(make_keys(100), 0.1, engine="dask", shedular="threads")
 
 
+# Another process may take :8787 between the engine's check and the cluster's start.
+@pytest.mark.filterwarnings("ignore:Port 8787 is already in use")
 def test_cli_select_on_local_cluster(
     store: Path, tmp_path: Path, local_sets: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:

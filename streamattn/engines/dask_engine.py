@@ -43,7 +43,8 @@ import os
 import socket
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,7 @@ SCHEDULERS = ("threads", "local-cluster")
 DEFAULT_SPLIT_EVERY = 8
 DEFAULT_RETRIES = 2
 DEFAULT_TIMEOUT = 30.0
+MAX_AUTO_BLOCKS_PER_TASK = 8
 
 
 # ---------------------------------------------------------------------------- options
@@ -75,6 +77,8 @@ class DaskOptions:
     threads_per_worker : threads per LocalCluster worker, or the thread count of the
         threads scheduler (default: dask's choice).
     split_every : fan-in of the merge tree (>= 2).
+    blocks_per_task : consecutive blocks each leaf task reads and folds (default: auto,
+        see :func:`auto_blocks_per_task`).
     retries : extra attempts for a failed task before the run fails.
     timeout : seconds to wait for the scheduler and for the first worker.
     dashboard : serve the LocalCluster dashboard (link printed when progress is on).
@@ -84,6 +88,7 @@ class DaskOptions:
     n_workers: int | None = None
     threads_per_worker: int | None = None
     split_every: int = DEFAULT_SPLIT_EVERY
+    blocks_per_task: int | None = None
     retries: int = DEFAULT_RETRIES
     timeout: float = DEFAULT_TIMEOUT
     dashboard: bool = True
@@ -109,7 +114,7 @@ class DaskOptions:
                 f"engine.scheduler must be 'threads', 'local-cluster' or a scheduler address "
                 f"like 'tcp://host:8786', got {s!r}."
             )
-        for name in ("n_workers", "threads_per_worker"):
+        for name in ("n_workers", "threads_per_worker", "blocks_per_task"):
             value = getattr(self, name)
             if value is not None and (_not_int(value) or value < 1):
                 raise ConfigError(f"engine.{name} must be an integer >= 1, got {value!r}.")
@@ -205,19 +210,41 @@ class _RowWindow:
         return self.rows[rows.start - self.start : rows.stop - self.start]
 
 
-def _fold(payload: _Payload, block: Block, label: str) -> list[State]:
+def _fold(payload: _Payload, blocks: Iterable[Block], label: str) -> list[State]:
+    """Fold consecutive blocks into fresh operators, as the local engine does; states out."""
     ops = payload.fresh()
-    try:
-        for op in ops:
-            op.update(block)
-    except StreamattnError:
-        raise
-    except Exception as exc:
-        raise StreamattnError(
-            f"{label}: folding rows [{block.start}, {block.stop}) failed: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+    for block in blocks:
+        try:
+            for op in ops:
+                op.update(block)
+        except StreamattnError:
+            raise
+        except Exception as exc:
+            raise StreamattnError(
+                f"{label}: folding rows [{block.start}, {block.stop}) failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
     return [op.to_state() for op in ops]
+
+
+def _read_ahead(
+    read: Callable[[int, int], Block], ranges: Sequence[tuple[int, int]]
+) -> Iterator[Block]:
+    """Yield the blocks in order, reading the next one in a background thread.
+
+    Within a task, reading/decompressing block i+1 overlaps the BLAS work on block i
+    (both release the GIL), as in the local engine; at most two blocks are alive.
+    """
+    if len(ranges) == 1:
+        yield read(*ranges[0])
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamattn-task-read") as pool:
+        pending = pool.submit(read, *ranges[0])
+        for nxt in ranges[1:]:
+            block = pending.result()
+            pending = pool.submit(read, *nxt)
+            yield block
+        yield pending.result()
 
 
 def _read_retrying(src: KeySource, start: int, stop: int, attempts: int) -> Block:
@@ -238,26 +265,37 @@ def _read_retrying(src: KeySource, start: int, stop: int, attempts: int) -> Bloc
 
 
 def _leaf_store(
-    payload: _Payload, ref: _StoreRef, start: int, stop: int, attempts: int
+    payload: _Payload, ref: _StoreRef, ranges: list[tuple[int, int]], attempts: int
 ) -> list[State]:
+    """A leaf over a store on disk: open it by path, read and fold its blocks in order."""
     src = _open_store(ref)
-    return _fold(payload, _read_retrying(src, start, stop, attempts), ref.label)
+    blocks = _read_ahead(lambda a, b: _read_retrying(src, a, b, attempts), ranges)
+    return _fold(payload, blocks, ref.label)
 
 
-def _leaf_array(
-    payload: _Payload,
-    rows: np.ndarray,
-    values: np.ndarray | None,
-    start: int,
-    n: int,
-    label: str,
-) -> list[State]:
+def _window_block(
+    rows: np.ndarray, values: np.ndarray | None, start: int, n: int, label: str
+) -> Block:
     window = KeySource(
         _RowWindow(np.asarray(rows), start, n),
         label=label,
         values=None if values is None else _RowWindow(np.asarray(values), start, n),
     )
-    return _fold(payload, window.read(start, start + rows.shape[0]), label)
+    return window.read(start, start + rows.shape[0])
+
+
+def _leaf_array(
+    payload: _Payload,
+    rows: list[np.ndarray],
+    values: list[np.ndarray] | None,
+    starts: list[int],
+    n: int,
+    label: str,
+) -> list[State]:
+    """A leaf over in-memory chunks (dask array blocks), validated like a store's reads."""
+    vals = values if values is not None else [None] * len(rows)
+    blocks = (_window_block(r, v, a, n, label) for r, v, a in zip(rows, vals, starts, strict=True))
+    return _fold(payload, blocks, label)
 
 
 def _merge_states(payload: _Payload, children: list[list[State]]) -> list[State]:
@@ -289,13 +327,15 @@ class MergeGraph:
     Attributes
     ----------
     dsk : the graph (dict of dask tasks), ``root`` its final key, ``ranges`` the block row
-        ranges (leaf ``i`` reads ``ranges[i]``), ``leaf_name`` the leaves' key prefix,
-        ``store`` the store the workers open (None for an in-memory array).
+        ranges, ``parts`` the row range of each leaf (leaf ``i`` folds the consecutive
+        blocks inside ``parts[i]``), ``leaf_name`` the leaves' key prefix, ``store`` the
+        store the workers open (None for an in-memory array).
     """
 
     dsk: dict[Any, Any]
     root: Any
     ranges: list[tuple[int, int]]
+    parts: list[tuple[int, int]]
     leaf_name: str
     store: _StoreRef | None
 
@@ -303,11 +343,22 @@ class MergeGraph:
     def n_tasks(self) -> int:
         return len(self.dsk)
 
-    def block_of(self, key: Any) -> tuple[int, int] | None:
+    def rows_of(self, key: Any) -> tuple[int, int] | None:
         """The row range a leaf key reads (None for other keys)."""
         if isinstance(key, tuple) and len(key) == 2 and key[0] == self.leaf_name:
-            return self.ranges[int(key[1])]
+            return self.parts[int(key[1])]
         return None
+
+
+def auto_blocks_per_task(n_blocks: int, threads: int) -> int:
+    """Blocks folded sequentially per leaf task when not configured.
+
+    Enough leaves to keep every thread busy with slack for balancing (4 per thread),
+    and at most ``MAX_AUTO_BLOCKS_PER_TASK`` blocks per leaf so a retried or recomputed
+    leaf stays cheap. Folding a few consecutive blocks per task amortises what a fresh
+    operator's first update costs (e.g. seeding a factor) and shrinks the graph.
+    """
+    return max(1, min(MAX_AUTO_BLOCKS_PER_TASK, n_blocks // (4 * max(1, threads))))
 
 
 def build_graph(
@@ -316,10 +367,19 @@ def build_graph(
     *,
     chunk_rows: int | None = None,
     split_every: int = DEFAULT_SPLIT_EVERY,
+    blocks_per_task: int = 1,
     read_attempts: int = 1,
 ) -> MergeGraph:
-    """The merge-tree graph of one pass of ``source`` through ``operators``."""
+    """The merge-tree graph of one pass of ``source`` through ``operators``.
+
+    Leaf ``i`` folds blocks ``[i·k, (i+1)·k)`` (``k = blocks_per_task``) in order; merge
+    tasks fold up to ``split_every`` states each, in block order.
+    """
     ranges = source.block_ranges(chunk_rows)
+    groups_of_blocks = [
+        ranges[i : i + blocks_per_task] for i in range(0, len(ranges), blocks_per_task)
+    ]
+    parts = [(g[0][0], g[-1][1]) for g in groups_of_blocks]
     # A fresh token per run: graph keys never collide with results (or errors) of an
     # earlier run still known to a long-lived scheduler.
     token = uuid.uuid4().hex[:16]
@@ -343,11 +403,11 @@ def build_graph(
             source.label,
             token,
         )
-        for i, (a, b) in enumerate(ranges):
-            dsk[(leaf, i)] = (_leaf_store, payload_key, ref, a, b, read_attempts)
+        for i, group in enumerate(groups_of_blocks):
+            dsk[(leaf, i)] = (_leaf_store, payload_key, ref, group, read_attempts)
     else:
-        dsk.update(_array_leaves(source, ranges, payload_key, leaf, token))
-    level = [(leaf, i) for i in range(len(ranges))]
+        dsk.update(_array_leaves(source, ranges, blocks_per_task, payload_key, leaf, token))
+    level = [(leaf, i) for i in range(len(parts))]
     depth = 0
     while len(level) > 1:
         name = f"streamattn-merge{depth}-{token}"
@@ -356,12 +416,13 @@ def build_graph(
             dsk[(name, j)] = (_merge_states, payload_key, list(group))
         level = [(name, j) for j in range(len(groups))]
         depth += 1
-    return MergeGraph(dsk, level[0], ranges, leaf, ref)
+    return MergeGraph(dsk, level[0], ranges, parts, leaf, ref)
 
 
 def _array_leaves(
     source: KeySource,
     ranges: list[tuple[int, int]],
+    blocks_per_task: int,
     payload_key: str,
     leaf: str,
     token: str,
@@ -387,14 +448,14 @@ def _array_leaves(
         values = as_dask(source.values, "values")
         dsk.update(dict(values.__dask_graph__()))
         vname = values.name
-    for i, (a, _) in enumerate(ranges):
-        vkey = None if vname is None else (vname, i, 0)
-        dsk[(leaf, i)] = (
+    for j, first in enumerate(range(0, len(ranges), blocks_per_task)):
+        idx = range(first, min(first + blocks_per_task, len(ranges)))
+        dsk[(leaf, j)] = (
             _leaf_array,
             payload_key,
-            (keys.name, i, 0),
-            vkey,
-            a,
+            [(keys.name, i, 0) for i in idx],
+            None if vname is None else [(vname, i, 0) for i in idx],
+            [ranges[i][0] for i in idx],
             source.n,
             source.label,
         )
@@ -432,12 +493,15 @@ def dask_session(
     from distributed import Client, LocalCluster
 
     if options.scheduler == "local-cluster":
+        # The scheduler serves HTTP (health, metrics) even without the dashboard, on
+        # :8787 unless told otherwise; ":0" keeps a run from clashing with another cluster.
         with (
             LocalCluster(
                 n_workers=options.n_workers,
                 threads_per_worker=options.threads_per_worker,
                 processes=True,
-                dashboard_address=_dashboard_address() if options.dashboard else None,
+                dashboard_address=_dashboard_address() if options.dashboard else ":0",
+                scheduler_kwargs={"dashboard": options.dashboard},
             ) as cluster,
             Client(cluster) as started,
         ):
@@ -459,8 +523,7 @@ def dask_session(
         yield connected
 
 
-def _preflight(client: Any, graph_ref: _StoreRef | None, timeout: float) -> None:
-    """Refuse to start when the workers cannot run the pass (version, store access)."""
+def _wait_for_workers(client: Any, timeout: float) -> None:
     try:
         client.wait_for_workers(1, timeout=timeout)
     except (OSError, TimeoutError) as exc:
@@ -468,6 +531,10 @@ def _preflight(client: Any, graph_ref: _StoreRef | None, timeout: float) -> None
             f"the Dask cluster at {client.scheduler.address} has no workers after "
             f"{timeout:g} s; start some with `dask worker {client.scheduler.address}`."
         ) from exc
+
+
+def _preflight(client: Any, graph_ref: _StoreRef | None) -> None:
+    """Refuse to start when the workers cannot run the pass (version, store access)."""
     try:
         infos: dict[str, dict[str, Any]] = client.run(_worker_probe, graph_ref)
     except ImportError as exc:
@@ -516,6 +583,7 @@ def run_dask(
     n_workers: int | None = None,
     threads_per_worker: int | None = None,
     split_every: int = DEFAULT_SPLIT_EVERY,
+    blocks_per_task: int | None = None,
     retries: int = DEFAULT_RETRIES,
     timeout: float = DEFAULT_TIMEOUT,
     dashboard: bool = True,
@@ -531,26 +599,44 @@ def run_dask(
     client
         An existing ``distributed.Client`` (then ``scheduler`` and the cluster settings
         are ignored).
-    scheduler, n_workers, threads_per_worker, split_every, retries, timeout, dashboard
+    scheduler, n_workers, threads_per_worker, split_every, blocks_per_task, retries, timeout,
+    dashboard
         See :class:`DaskOptions`.
     """
     options = DaskOptions(
-        scheduler, n_workers, threads_per_worker, split_every, retries, timeout, dashboard
+        scheduler,
+        n_workers,
+        threads_per_worker,
+        split_every,
+        blocks_per_task,
+        retries,
+        timeout,
+        dashboard,
     )
     options.check()
     ops = list(operators)
     with dask_session(options, client, progress=progress) as live:
+        if live is not None:
+            _wait_for_workers(live, options.timeout)
+        if blocks_per_task is None:
+            threads = (
+                sum(live.nthreads().values())
+                if live is not None
+                else (threads_per_worker or os.cpu_count() or 1)
+            )
+            blocks_per_task = auto_blocks_per_task(len(source.block_ranges(chunk_rows)), threads)
         graph = build_graph(
             source,
             ops,
             chunk_rows=chunk_rows,
             split_every=split_every,
+            blocks_per_task=blocks_per_task,
             read_attempts=1 if live is not None else retries + 1,
         )
         if live is None:
             states = _compute_threads(graph, options, progress)
         else:
-            _preflight(live, graph.store, options.timeout)
+            _preflight(live, graph.store)
             states = _compute_distributed(live, graph, options, progress, description)
     for op, state in zip(ops, states, strict=True):
         op.merge(Operator.from_state(state))
@@ -591,14 +677,15 @@ def _compute_distributed(
         if progress:
             print(
                 f"streamattn: {description} on {client.scheduler.address} "
-                f"({len(graph.ranges)} blocks, {graph.n_tasks} tasks)",
+                f"({len(graph.ranges)} blocks in {len(graph.parts)} leaf tasks, "
+                f"{graph.n_tasks} tasks)",
                 file=sys.stderr,
             )
             progress_bar(future)
         return future.result()
     except KilledWorker as exc:
         key = getattr(exc, "task", None)
-        where = graph.block_of(key)
+        where = graph.rows_of(key)
         rows = f"rows [{where[0]}, {where[1]})" if where else f"task {key}"
         raise StreamattnError(
             f"Dask workers died repeatedly while processing {rows} of the pass; the "
