@@ -304,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     from streamattn.sliding_window import add_window_parser
 
     add_window_parser(sub)
+
+    from streamattn.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import scipy.linalg
 from scipy.linalg import blas, lapack
 
+from streamattn.blas import single_blas_thread
 from streamattn.operators.protocol import Operator, State
 from streamattn.source import Block
 
@@ -230,7 +231,12 @@ class LeverageScores(Operator):
         (the start of the stream, rank-deficient or badly conditioned data) the block
         goes through Householder QR and every row is scored exactly. Candidates are
         re-pruned whenever rows are admitted, so |C| ≤ rank/threshold after every update.
+        BLAS runs single-threaded here (:mod:`streamattn.blas`).
         """
+        with single_blas_thread():
+            self._fold(block)
+
+    def _fold(self, block: Block) -> None:
         x = block.rows
         affine = self.spec.affine
         if self.r.size == 0 and self.idx.size == 0:
