@@ -246,6 +246,20 @@ def test_merge_tree_shape_independence(
         np.testing.assert_array_equal(a.rows, b.rows)
 
 
+def test_in_memory_values_reach_the_operators(capsys: pytest.CaptureFixture[str]) -> None:
+    """numpy keys + values (no path): value rows of the selected keys, progress shown."""
+    keys = make_keys(2000)
+    values = np.random.default_rng(3).standard_normal((2000, DV))
+    src = KeySource(keys, values=values)
+    ref = streamattn.universal_set(src, 0.05, variant="affine", chunk_rows=128)
+    out = streamattn.universal_set(
+        src, 0.05, variant="affine", chunk_rows=128, engine="dask", progress=True
+    )
+    assert_same(out, ref)
+    np.testing.assert_array_equal(out.values, values[out.indices])
+    assert "100% Completed" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("blocks_per_task", [1, 7])
 def test_graph_size_is_one_task_per_leaf_plus_merges(store: Path, blocks_per_task: int) -> None:
     src = open_keys(store)
