@@ -30,7 +30,10 @@ softmax is unchanged by a common key offset.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -103,6 +106,48 @@ class ScoringMap:
         return np.einsum("ij,ij->i", y, y)
 
 
+#: Python threads sharing one block's GEMM/SYRK work (single-threaded BLAS each; they
+#: block instead of spinning, so a busy machine degrades gracefully).
+STREAM_THREADS = max(1, min(2, os.cpu_count() or 1))
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(STREAM_THREADS, thread_name_prefix="streamattn-blas")
+
+
+def _split_rows(m: int) -> list[tuple[int, int]]:
+    """Contiguous row spans, one per stream thread, each a whole number of pieces."""
+    if STREAM_THREADS == 1 or m < 2 * PIECE_ROWS:
+        return [(0, m)]
+    per = -(-m // (STREAM_THREADS * PIECE_ROWS)) * PIECE_ROWS
+    return [(a, min(a + per, m)) for a in range(0, m, per)]
+
+
+def _gram_pass(
+    rows: np.ndarray, lo: int, hi: int, rinv: np.ndarray, affine: bool, bounds: np.ndarray
+) -> np.ndarray:
+    """Σ yᵀy over rows [lo, hi) with y = x R⁻¹ (upper triangle, F order); fills bounds."""
+    d = rows.shape[1]
+    dim = rinv.shape[0]
+    piece = min(PIECE_ROWS, hi - lo)
+    top = np.ascontiguousarray(rinv[:d])
+    buf = np.empty((piece, d))
+    y = np.empty((piece, dim))
+    gram = np.zeros((dim, dim), order="F")
+    for a in range(lo, hi, piece):
+        k = min(piece, hi - a)
+        xb, yb = buf[:k], y[:k]
+        np.copyto(xb, rows[a : a + k], casting="safe")
+        np.matmul(xb, top, out=yb)
+        if affine:
+            yb += rinv[d]
+        bounds[a : a + k] = np.einsum("ij,ij->i", yb, yb)
+        # SYRK of the F-ordered view yᵀ accumulates YᵀY into the upper triangle in place.
+        gram = blas.dsyrk(1.0, yb.T, beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
+    return gram
+
+
 @dataclass(frozen=True)
 class FactorUpdate:
     """Result of :func:`fast_factor_update`.
@@ -141,23 +186,18 @@ def fast_factor_update(r: np.ndarray, rows: np.ndarray, affine: bool) -> FactorU
     kappa = float(np.linalg.norm(r) * np.linalg.norm(rinv))
     if not np.isfinite(kappa) or kappa > FAST_COND_LIMIT:
         return None
-    m, d = rows.shape
-    piece = min(PIECE_ROWS, m)
-    top = np.ascontiguousarray(rinv[:d])
-    buf = np.empty((piece, d))
-    y = np.empty((piece, dim))
-    gram = np.zeros((dim, dim), order="F")
+    m = rows.shape[0]
     bounds = np.empty(m)
-    for a in range(0, m, piece):
-        k = min(piece, m - a)
-        xb, yb = buf[:k], y[:k]
-        np.copyto(xb, rows[a : a + k], casting="safe")
-        np.matmul(xb, top, out=yb)
-        if affine:
-            yb += rinv[d]
-        bounds[a : a + k] = np.einsum("ij,ij->i", yb, yb)
-        # SYRK of the F-ordered view yᵀ accumulates YᵀY into the upper triangle in place.
-        gram = blas.dsyrk(1.0, yb.T, beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
+    spans = _split_rows(m)
+    if len(spans) == 1:
+        grams = [_gram_pass(rows, 0, m, rinv, affine, bounds)]
+    else:
+        grams = list(
+            _pool().map(lambda ab: _gram_pass(rows, ab[0], ab[1], rinv, affine, bounds), spans)
+        )
+    gram = grams[0]
+    for g in grams[1:]:
+        gram += g
     gram = np.triu(gram) + np.triu(gram, 1).T
     if float(np.linalg.eigvalsh(gram)[-1]) > FAST_GROWTH_LIMIT:
         return None
