@@ -1,7 +1,8 @@
-"""Test-only operator for the Dask engine tests, in an importable module.
+"""Test-only operator and scheduler probes for the Dask engine tests, importable.
 
-Dask workers rebuild operators from their class (pickled by reference), so the class
-must live in a module the worker processes can import: ``tests/`` is on ``sys.path``
+Dask workers rebuild operators from their class (pickled by reference), and functions
+run on the scheduler are pickled by reference too, so they must live in a module the
+cluster's processes can import: ``tests/`` is on ``sys.path``
 through pytest's ``pythonpath`` (LocalCluster workers inherit it) and through
 ``PYTHONPATH`` for the ``dask worker`` processes the tests start.
 """
@@ -9,6 +10,7 @@ through pytest's ``pythonpath`` (LocalCluster workers inherit it) and through
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,3 +55,15 @@ class SlowGram(Operator):
 
     def nbytes_bound(self, d: int) -> int:
         return 8 * d * d
+
+
+def transitions_so_far(dask_scheduler: Any) -> int:
+    """Length of the scheduler's transition log (run with ``client.run_on_scheduler``)."""
+    return len(dask_scheduler.transition_log)
+
+
+def rerun_tasks(start: int, dask_scheduler: Any) -> list[str]:
+    """Keys of streamattn tasks that went to ``processing`` more than once since ``start``."""
+    log = list(dask_scheduler.transition_log)[start:]
+    starts = Counter(str(rec[0]) for rec in log if rec[2] == "processing")
+    return [k for k, c in starts.items() if c > 1 and "streamattn-" in k]

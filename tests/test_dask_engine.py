@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
-from dask_helpers import SlowGram, SlowGramSpec
+from dask_helpers import SlowGram, SlowGramSpec, rerun_tasks, transitions_so_far
 
 import streamattn
 import streamattn.engines as engines
@@ -310,6 +310,7 @@ def test_worker_killed_mid_run_same_answer(store: Path, local_sets: dict, cli_cl
             done["error"] = exc
 
     pids = client.run(os.getpid)
+    log_start = client.run_on_scheduler(transitions_so_far)
     runner = threading.Thread(target=work)
     runner.start()
     victim = None
@@ -333,6 +334,8 @@ def test_worker_killed_mid_run_same_answer(store: Path, local_sets: dict, cli_cl
     keys = np.asarray(zarr.open_group(str(store), mode="r")["keys"][...], dtype=np.float64)
     np.testing.assert_allclose(gram.result(), keys.T @ keys, rtol=1e-10)
     assert gram.n_rows == lev.n_rows == N
+    # The lost work was done again: some task of this run was scheduled twice.
+    assert client.run_on_scheduler(rerun_tasks, log_start), "no task was recomputed"
     client.wait_for_workers(2, timeout=60)  # the nanny restarts the killed worker
 
 
