@@ -78,7 +78,7 @@ def engine_session(
     For ``engine="dask"`` with ``scheduler="local-cluster"`` or an address, the yielded
     options carry a live ``client`` so every ``run_operators`` call inside reuses it.
     """
-    if engine != "dask" or "client" in engine_options:
+    if engine != "dask" or engine_options.get("client") is not None:
         yield dict(engine_options)
         return
     client_free = {k: v for k, v in engine_options.items() if k != "client"}
