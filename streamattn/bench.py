@@ -350,13 +350,13 @@ def format_row(row: dict[str, Any]) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| n | d | store | configuration | time (s) | × zarr loop | × parallel read | "
-        "rows/s | GB/s | peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|---|---|"
+        "rows/s | GB/s | peak RSS (MiB) | CPU idle |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
         cells = [f"2^{int(np.log2(r['n']))}", str(r["d"]), r["compressor"], r["config"]]
         if r.get("status") != "ok":
-            lines.append("| " + " | ".join(cells + [r.get("status", "?")] + [""] * 5) + " |")
+            lines.append("| " + " | ".join(cells + [r.get("status", "?")] + [""] * 6) + " |")
             continue
         cells += [
             f"{r['seconds']:.2f}",
@@ -365,6 +365,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"{r['rows_per_s'] / 1e6:.2f} M",
             f"{r['gb_per_s']:.2f}",
             f"{r['peak_rss_bytes'] / 2**20:.0f}",
+            f"{100 * r['cpu_idle_share']:.0f}%" if r.get("cpu_idle_share") is not None else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -374,7 +375,10 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]], extra: dict[str, An
     from streamattn.outputs import to_jsonable, write_json_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine_info(), **extra, "rows": rows}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    payload = {"machine": machine_info(), "commit": commit or None, **extra, "rows": rows}
     write_json_atomic(out_dir / "results.json", to_jsonable(payload))
     info = payload["machine"]
     blas = ", ".join(f"{b.get('internal_api') or b.get('name')} {b.get('version')} "
@@ -382,7 +386,9 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]], extra: dict[str, An
                      for b in info["blas"])
     md = (
         f"Machine: {info['cpu']}, {info['cpu_count']} cores, BLAS: {blas}, "
-        f"numpy {info['numpy']}, Python {info['python']}.\n\n"
+        f"numpy {info['numpy']}, Python {info['python']}; commit {payload['commit']}. "
+        "CPU idle: share of the machine's CPU time left idle during the run (0%: "
+        "contended by other work).\n\n"
         f"Command: `{extra.get('command', '')}`\n\n" + markdown_table(rows)
     )
     tmp = out_dir / "results.md.tmp"
