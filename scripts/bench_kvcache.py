@@ -21,9 +21,11 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,6 @@ import zarr
 
 import streamattn as sa
 from streamattn.checkpoint import Checkpointer
-from streamattn.memory import peak_rss_bytes
 from streamattn.synthetic import SyntheticSpec, generate_kv_store
 from streamattn.update import update_output
 
@@ -42,6 +43,32 @@ def timed(fn):  # type: ignore[no-untyped-def]
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
+
+
+def one_pass_rss(store: Path, rows: int) -> int:
+    """Peak RSS of a fresh process running the one pass (store opened, sets computed)."""
+    code = (
+        "import streamattn as sa, sys; from streamattn.memory import peak_rss_bytes\n"
+        f"sa.universal_sets(sa.open_kv({str(store)!r}), [sa.Selection(eps=0.05), "
+        f"sa.Selection(eps=0.02, variant='affine')], chunk_rows={rows})\n"
+        "print(peak_rss_bytes())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def state_bound(src: sa.MultiHeadSource) -> int:
+    """The operators' own memory bound (``nbytes_bound``), all heads, both sets."""
+    from streamattn.operators import LeverageScores, LeverageSpec
+
+    total = 0
+    for sel in SELECTIONS:
+        op = sa.MultiHead.of([[LeverageScores(LeverageSpec(sel.pruning_threshold(src.d),
+                                                           sel.variant == "affine"))
+                               for _ in range(src.heads)] for _ in range(src.layers)])
+        total += op.nbytes_bound(src.d)
+    return total
 
 
 def main() -> int:
@@ -72,7 +99,11 @@ def main() -> int:
         res["one_pass_s"], sets = timed(lambda: sa.universal_sets(src, SELECTIONS,
                                                                   chunk_rows=rows))
         res["one_pass_array_reads"] = len(ranges) * args.layers
-        res["one_pass_peak_rss_bytes"] = peak_rss_bytes()
+        half = generate_kv_store(work / "half.zarr", replace(spec, n=args.n // 2),
+                                 layers=args.layers, heads=args.heads)
+        res["one_pass_peak_rss_bytes"] = one_pass_rss(store, rows)
+        res["one_pass_peak_rss_bytes_half_n"] = one_pass_rss(half, rows)
+        res["state_bound_bytes"] = state_bound(src)
         group = zarr.open_group(str(store), mode="r")
 
         # one pass per head over its own columns (what a single-head tool does)
@@ -117,8 +148,9 @@ def main() -> int:
             arr[args.n:] = extra
         res["append_rows"] = args.append
         res["update_s"], _ = timed(lambda: update_output(work / "out", store))
-        res["fresh_after_append_s"], _ = timed(lambda: sa.universal_sets(
-            sa.open_kv(store), SELECTIONS, chunk_rows=rows))
+        fresh = cfg.read_text().replace(str(work / "out"), str(work / "fresh"))
+        cfg.write_text(fresh)
+        res["fresh_after_append_s"], _ = timed(lambda: cli(["run", str(cfg), "--quiet"]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out)
@@ -138,16 +170,23 @@ def main() -> int:
         ("one_pass_s", "all heads, 2 sets each, one pass"),
         ("head_by_head_s", "same sets, one pass per head"),
         ("checkpoint_every_block_s", "one pass, checkpoint after every block"),
-        ("update_s", f"update after {res['append_rows']} appended rows"),
-        ("fresh_after_append_s", "fresh pass after the append"),
+        ("update_s", f"`update` after {res['append_rows']} appended rows (incl. writing)"),
+        ("fresh_after_append_s", "fresh `run` after the append (incl. writing)"),
     ]:
         lines.append(f"| {label} | {res[key]:.2f} | {res[key] / res['read_s']:.2f} |")
     lines += [
         "",
         f"Array reads in the one pass: {res['one_pass_array_reads']} (blocks x layers); "
-        f"checkpoint file {res['checkpoint_bytes'] / 2**20:.2f} MiB; peak RSS "
-        f"{res['one_pass_peak_rss_bytes'] / 2**20:.0f} MiB; per-head == single-head spot "
-        f"check: {res['per_head_equals_single_head_spot_check']}.",
+        f"checkpoint file {res['checkpoint_bytes'] / 2**20:.2f} MiB; peak RSS of the one "
+        f"pass (fresh process) {res['one_pass_peak_rss_bytes'] / 2**20:.0f} MiB at n = "
+        f"{s['n']} and {res['one_pass_peak_rss_bytes_half_n'] / 2**20:.0f} MiB at n = "
+        f"{s['n'] // 2} (flat in n), of which "
+        f"the operators' bound (heads x single-head nbytes_bound) is "
+        f"{res['state_bound_bytes'] / 2**20:.1f} MiB and the rest blocks in flight "
+        f"({rows} rows x {s['layers'] * s['heads']} heads = "
+        f"{rows * s['layers'] * s['heads'] * s['d_head'] * 4 / 2**20:.0f} MiB each, read "
+        f"ahead, plus float64 copies per head) and libraries; per-head == "
+        f"single-head spot check: {res['per_head_equals_single_head_spot_check']}.",
     ]
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
