@@ -18,8 +18,11 @@ Usage::
 
     .venv/bin/python scripts/bench_dask.py [--store /tmp/bench_dask_keys.zarr]
         [--n 4194304] [--d 128] [--repeat 2] [--out results/bench_dask]
+    .venv/bin/python scripts/bench_dask.py --many-blocks   # 2^17 blocks: the graph at scale
 
-Writes ``OUT/results.json`` and ``OUT/results.md``.
+Writes ``OUT/results.json`` and ``OUT/results.md`` (``--many-blocks``:
+``OUT/many_blocks.json``: n = 2^20, d = 16, 8-row blocks, 8 blocks per leaf task, the
+local engine vs Dask threads vs a 2-worker LocalCluster, same set checked).
 """
 
 from __future__ import annotations
@@ -120,6 +123,59 @@ def graph_sizes(store: str) -> list[dict[str, Any]]:
     return rows
 
 
+def many_blocks(out: Path) -> None:
+    """2^17 blocks through every engine: the graph and scheduler at 10^5+ blocks."""
+    import zarr
+    from distributed import Client, LocalCluster
+
+    import streamattn
+
+    n, d, rows, per_task = 2**20, 16, 8, 8
+    store = "/tmp/bench_dask_many.zarr"
+    x = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
+    arr = zarr.create_array(
+        store, shape=x.shape, dtype=x.dtype, chunks=(65536, d), overwrite=True, compressors=None
+    )
+    arr[...] = x
+    res: dict[str, Any] = {"n": n, "d": d, "block_rows": rows, "blocks": n // rows}
+    t0 = time.perf_counter()
+    ref = streamattn.universal_set(store, EPS, chunk_rows=rows)
+    res["local_seconds"] = time.perf_counter() - t0
+    options = {"chunk_rows": rows, "engine": "dask", "blocks_per_task": per_task}
+    t0 = time.perf_counter()
+    u = streamattn.universal_set(store, EPS, scheduler="threads", **options)
+    res["dask_threads_seconds"] = time.perf_counter() - t0
+    assert np.array_equal(u.indices, ref.indices)
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            dashboard_address=":0",
+            scheduler_kwargs={"dashboard": False},
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        t0 = time.perf_counter()
+        u = streamattn.universal_set(store, EPS, client=client, **options)
+        res["dask_local_cluster_seconds"] = time.perf_counter() - t0
+    assert np.array_equal(u.indices, ref.indices)
+    from streamattn.engines.dask_engine import build_graph
+    from streamattn.operators import LeverageScores, LeverageSpec
+    from streamattn.source import open_keys
+
+    graph = build_graph(
+        open_keys(store),
+        [LeverageScores(LeverageSpec(EPS, False))],
+        chunk_rows=rows,
+        blocks_per_task=per_task,
+    )
+    res["tasks"] = graph.n_tasks
+    res["load_average_after"] = os.getloadavg()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "many_blocks.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res, indent=2))
+
+
 def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"Store: {res['store']} (n = {res['n']}, d = {res['d']}, float32, uncompressed, "
@@ -172,8 +228,12 @@ def main() -> None:
         help="OPENBLAS/MKL/OMP_NUM_THREADS in every configuration's process (distributed "
         "workers use 1; nested BLAS threads oversubscribe a busy machine)",
     )
+    parser.add_argument("--many-blocks", action="store_true", help="the 2^17-block check")
     parser.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.many_blocks:
+        many_blocks(Path(args.out))
+        return
     if args.one:
         print(json.dumps(run_one(args.one, args.store)))
         return
