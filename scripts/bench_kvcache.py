@@ -151,6 +151,7 @@ def main() -> int:
         fresh = cfg.read_text().replace(str(work / "out"), str(work / "fresh"))
         cfg.write_text(fresh)
         res["fresh_after_append_s"], _ = timed(lambda: cli(["run", str(cfg), "--quiet"]))
+        res["machine"]["load_average"] = os.getloadavg()[0]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out)
@@ -160,7 +161,8 @@ def main() -> int:
     lines = [
         f"KV cache {s['layers']} layers x {s['heads']} heads x n = {s['n']} x d_head = "
         f"{s['d_head']} float32, uncompressed, {s['bytes'] / 2**20:.0f} MiB, "
-        f"blocks of {s['chunk_rows']} rows, {res['machine']['cpus']} CPUs.",
+        f"blocks of {s['chunk_rows']} rows, {res['machine']['cpus']} CPUs (1-min load "
+        f"average {res['machine']['load_average']:.1f} at the end: other jobs shared them).",
         "",
         "| measurement | seconds | ratio to read |",
         "|---|---:|---:|",
@@ -180,7 +182,7 @@ def main() -> int:
         f"checkpoint file {res['checkpoint_bytes'] / 2**20:.2f} MiB; peak RSS of the one "
         f"pass (fresh process) {res['one_pass_peak_rss_bytes'] / 2**20:.0f} MiB at n = "
         f"{s['n']} and {res['one_pass_peak_rss_bytes_half_n'] / 2**20:.0f} MiB at n = "
-        f"{s['n'] // 2} (flat in n), of which "
+        f"{s['n'] // 2} (where the whole store is fewer blocks than are in flight), of which "
         f"the operators' bound (heads x single-head nbytes_bound) is "
         f"{res['state_bound_bytes'] / 2**20:.1f} MiB and the rest blocks in flight "
         f"({rows} rows x {s['layers'] * s['heads']} heads = "
