@@ -148,6 +148,31 @@ def _gram_pass(
     return gram
 
 
+def map_scores(rows: np.ndarray, w: np.ndarray, affine: bool) -> np.ndarray:
+    """‖x̃ W‖² for each row (x̃ = (x, 1) when affine), in float64 pieces.
+
+    Same value as ``ScoringMap.scores(augment(rows, affine))`` without the float64 and
+    augmented copies of the whole block: x̃ W = x W[:d] + W[d].
+    """
+    m, d = rows.shape
+    out = np.empty(m)
+    if m == 0:
+        return out
+    piece = min(PIECE_ROWS, m)
+    top = np.ascontiguousarray(w[:d])
+    buf = np.empty((piece, d))
+    y = np.empty((piece, w.shape[1]))
+    for a in range(0, m, piece):
+        k = min(piece, m - a)
+        xb, yb = buf[:k], y[:k]
+        np.copyto(xb, rows[a : a + k], casting="safe")
+        np.matmul(xb, top, out=yb)
+        if affine:
+            yb += w[d]
+        out[a : a + k] = np.einsum("ij,ij->i", yb, yb)
+    return out
+
+
 @dataclass(frozen=True)
 class FactorUpdate:
     """Result of :func:`fast_factor_update`.
@@ -400,9 +425,8 @@ class TopScores(Operator):
             self.rows_dtype = str(block.rows.dtype)
             if block.values is not None:
                 self.values = np.zeros((0, block.values.shape[1]))
-        x = augment(block.rows, self.spec.affine)
-        y = x @ self.spec.w
-        s = np.einsum("ij,ij->i", y, y)
+        with single_blas_thread():
+            s = map_scores(block.rows, self.spec.w, self.spec.affine)
         # Only rows that can enter the top-B are copied.
         if s.size > self.spec.budget:
             cut = np.partition(s, s.size - self.spec.budget)[s.size - self.spec.budget]
