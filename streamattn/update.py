@@ -160,9 +160,12 @@ def update_output(
 
 
 def cmd_update(args: argparse.Namespace) -> int:
-    from streamattn.cli import _say, _summary_lines
+    from streamattn.cli import _engine_from_args, _say, _summary_lines
+    from streamattn.config import EngineConfig
 
-    done = update_output(args.out, args.input, progress=not args.quiet)
+    engine = _engine_from_args(EngineConfig(), args)
+    done = update_output(args.out, args.input, progress=not args.quiet, engine=engine.kind,
+                         **engine.options())
     info = done["report"]["update"]
     if not done["sets"]:
         _say(args, f"streamattn: {args.input} still has {info['rows_after']} rows; "
@@ -186,6 +189,9 @@ def add_update_parser(sub: Any) -> None:
     p.add_argument("out", help="output directory of an earlier run/select (has state.npz)")
     p.add_argument("--input", required=True, help="the store, grown since that run")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    from streamattn.cli import _add_engine_flags
+
+    _add_engine_flags(p)
     p.set_defaults(func=cmd_update)
 
 

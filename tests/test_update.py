@@ -144,7 +144,8 @@ def test_update_on_the_dask_engine_equals_a_fresh_run(tmp_path: Path) -> None:
     store = make_store(tmp_path / "k.zarr", 800)
     assert main(["run", str(config(tmp_path, store, "out")), "--quiet"]) == 0
     append(store, rows(400, 4))
-    update_output(tmp_path / "out", store, engine="dask", scheduler="threads")
+    assert main(["update", str(tmp_path / "out"), "--input", str(store), "--quiet",
+                 "--engine", "dask", "--scheduler", "threads"]) == 0
     assert main(["run", str(config(tmp_path, store, "fresh")), "--quiet"]) == 0
     assert_equal_sets(tmp_path / "out", tmp_path / "fresh", ["plain", "affine"])
 
