@@ -14,6 +14,12 @@ dropped once never qualifies again: no false negatives, and |C| ≤ rank/thresho
 every step. Merge stacks the two factors and re-prunes. The final set is the offline
 U_ε for any chunking and merge tree, up to float rounding at the threshold itself.
 
+Speed (DESIGN 3): once R is square and well conditioned, a block X updates it by a
+preconditioned Cholesky step (``fast_factor_update``: Y = X R⁻¹, R ← chol(I + YᵀY) R),
+QR-accurate at level-3 BLAS speed, and ‖y_j‖² = k_jᵀ G_old⁻¹ k_j bounds every later score
+of row j from above (G only grows; the full inverse dominates the truncated one), so
+only rows with ‖y_j‖² ≥ threshold (less a rounding margin) are scored exactly.
+
 Numerical rank: scores use the pseudo-inverse on the numerical range of R,
 σ_i > rtol · σ_max (default rtol = 1e-10), computed from the SVD of the d × d factor.
 A direction below that tolerance mid-stream can rise above it later, so pruning uses a
