@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from streamattn.memory import peak_rss_bytes
+
 EPS = 0.01
 KINDS = (
     "zarr-loop",
@@ -239,7 +241,7 @@ def child_main(kind: str, path: str) -> None:
         info, status = {"reason": str(exc)}, "not available"
     seconds = time.perf_counter() - t0
     idle1, total1 = _cpu_idle()
-    self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    self_rss = peak_rss_bytes()  # VmHWM: ru_maxrss would inherit the parent's peak
     child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     busy = total1 - total0
     print(
