@@ -52,6 +52,21 @@ def test_fast_transform_equals_explicit_matrix(method: str, d: int, m: int) -> N
     np.testing.assert_allclose(pmap.project_queries(x[0]), x[:1] @ s, atol=1e-12)
 
 
+@pytest.mark.parametrize(("d", "m"), [(37, 5), (64, 64), (1000, 700)])
+def test_srht_fast_transform_equals_explicit_matrix(d: int, m: int) -> None:
+    """The FWHT path (used when m > 64·log2(d')) and the GEMM path agree with S."""
+    from streamattn.operators.projection import _srht, srht_apply
+
+    x = rows(30, d)
+    pmap = ProjectionMap("srht", d, m, seed=4)
+    assert pmap.uses_fwht == (m > 64 * 10)
+    fast = srht_apply(x, *_srht(d, m, 4), m)
+    np.testing.assert_allclose(fast, x @ pmap.dense(), rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(pmap.apply(x), fast, rtol=1e-11, atol=1e-11)
+    parts = np.vstack([srht_apply(x[a:b], *_srht(d, m, 4), m) for a, b in [(0, 1), (1, 30)]])
+    np.testing.assert_array_equal(parts, fast)
+
+
 def test_explicit_matrices_have_the_stated_structure() -> None:
     d, m = 40, 12
     sparse = ProjectionMap("sparse-sign", d, m, seed=1, sparsity=3).dense()

@@ -120,20 +120,30 @@ def next_pow2(d: int) -> int:
 def fwht(x: np.ndarray) -> np.ndarray:
     """Unnormalised fast Walsh–Hadamard transform of each row: x ↦ x H (Sylvester order).
 
-    ``x`` has a power-of-two number of columns; log2(d') numpy butterfly passes, each a
-    reshape to (rows, d'/2h, 2, h) and one add and one subtract. Row-wise and exact in
-    its order of operations, so the result of a row does not depend on the other rows.
+    ``x`` has a power-of-two number of columns d'. The rows are transposed once so that
+    each of the log2(d') butterfly passes — a reshape to (d'/2h, 2, h, rows), one add and
+    one subtract — runs over long contiguous runs. Every element sees the same operations
+    in the same order whatever the other rows are: the result of a row does not depend on
+    the block it came in.
     """
     b, n = x.shape
     if n & (n - 1):
         raise ValueError(f"fwht needs a power-of-two width, got {n}")
-    y = np.array(x, dtype=np.float64)
+    y = np.array(x.T, dtype=np.float64, order="C")
     h = 1
     while h < n:
-        y = y.reshape(b, n // (2 * h), 2, h)
-        y = np.stack([y[:, :, 0, :] + y[:, :, 1, :], y[:, :, 0, :] - y[:, :, 1, :]], axis=2)
+        y = y.reshape(n // (2 * h), 2, h, b)
+        top, bottom = y[:, 0], y[:, 1]
+        y = np.stack([top + bottom, top - bottom], axis=1)
         h *= 2
-    return y.reshape(b, n)
+    return np.ascontiguousarray(y.reshape(n, b).T)
+
+
+def srht_apply(x: np.ndarray, signs: np.ndarray, cols: np.ndarray, m: int) -> np.ndarray:
+    """x S for S = D H P / √m by the fast transform: pad to d', sign, FWHT, select, scale."""
+    padded = np.zeros((x.shape[0], signs.size))
+    padded[:, : x.shape[1]] = x * signs[: x.shape[1]]
+    return fwht(padded)[:, cols] / np.sqrt(m)
 
 
 @functools.lru_cache(maxsize=16)
@@ -185,6 +195,17 @@ def _srht(d: int, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return signs, cols
 
 
+@functools.lru_cache(maxsize=16)
+def _srht_dense(d: int, m: int, seed: int) -> np.ndarray:
+    """The explicit SRHT matrix D H P / √m restricted to the first d rows (d × m)."""
+    import scipy.linalg
+
+    signs, cols = _srht(d, m, seed)
+    s = signs[:d, None] * scipy.linalg.hadamard(next_pow2(d))[:d][:, cols] / np.sqrt(m)
+    s.flags.writeable = False
+    return s
+
+
 @dataclass(frozen=True)
 class ProjectionMap:
     """A linear map S ∈ R^{d×m}: Y = K S for keys, Sᵀq for queries.
@@ -223,11 +244,7 @@ class ProjectionMap:
         if self.method == "sparse-sign":
             return _sparse_sign(self.d, self.m, self.seed, self.sparsity).T.toarray()
         if self.method == "srht":
-            signs, cols = _srht(self.d, self.m, self.seed)
-            import scipy.linalg
-
-            h = scipy.linalg.hadamard(next_pow2(self.d)).astype(np.float64)
-            return signs[: self.d, None] * h[: self.d][:, cols] / np.sqrt(self.m)
+            return np.array(_srht_dense(self.d, self.m, self.seed))
         assert self.matrix is not None
         return np.array(self.matrix, dtype=np.float64)
 
@@ -239,13 +256,25 @@ class ProjectionMap:
         if self.method == "sparse-sign":
             st = _sparse_sign(self.d, self.m, self.seed, self.sparsity)
             return np.ascontiguousarray((st @ x.T).T)
+        if self.method == "srht" and self.uses_fwht:
+            return srht_apply(x, *_srht(self.d, self.m, self.seed), self.m)
         if self.method == "srht":
-            signs, cols = _srht(self.d, self.m, self.seed)
-            padded = np.zeros((x.shape[0], signs.size))
-            padded[:, : self.d] = x * signs[: self.d]
-            return fwht(padded)[:, cols] / np.sqrt(self.m)
-        s = _gaussian(self.d, self.m, self.seed) if self.method == "gaussian" else self.matrix
+            s = _srht_dense(self.d, self.m, self.seed)
+        elif self.method == "gaussian":
+            s = _gaussian(self.d, self.m, self.seed)
+        else:
+            s = self.matrix
         return tiled_matmul(x, np.ascontiguousarray(s, dtype=np.float64), start)
+
+    @property
+    def uses_fwht(self) -> bool:
+        """SRHT by the fast transform only when it wins: m > 64·log2(d') (measured).
+
+        The FWHT costs log2(d') numpy passes over the padded rows, a GEMM with the explicit
+        d × m matrix about d·m BLAS flops per row; both are row-wise deterministic and
+        agree to rounding (tested). The choice depends on (d, m) only, never on a block.
+        """
+        return self.method == "srht" and self.m > 64 * max(1, next_pow2(self.d).bit_length() - 1)
 
     def project_queries(self, q: np.ndarray) -> np.ndarray:
         """Sᵀq for each row of ``q`` (s × d → s × m, float64): logits ≈ (Sᵀq)·y_j."""
