@@ -51,7 +51,13 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.operators.leverage import DEFAULT_RTOL, ScoringMap, augment, stack_qr
+from streamattn.operators.leverage import (
+    DEFAULT_RTOL,
+    ScoringMap,
+    augment,
+    fast_factor_update,
+    stack_qr,
+)
 from streamattn.operators.protocol import Operator, State
 from streamattn.source import Block
 
@@ -167,7 +173,11 @@ class LewisPass(Operator):
             w_new, change = w_old, np.zeros(0)
         if spec.weights_out:
             self._array(spec.weights_out, "r+")[block.start : block.stop] = w_new
-        self.r = stack_qr(self.r, x * reweight_scale(w_new, spec.p)[:, None])
+        xs = x * reweight_scale(w_new, spec.p)[:, None]
+        # The leverage operator's preconditioned Cholesky update when it is as accurate as
+        # Householder (well-conditioned factor, moderate growth), else TSQR.
+        fast = fast_factor_update(self.r, xs, False)
+        self.r = fast.r if fast is not None else stack_qr(self.r, xs)
         self._fold_stats(
             np.array([w_new.sum(), change.max(initial=0.0), w_new.max(initial=0.0)]),
         )
