@@ -193,25 +193,33 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def load_yaml_config(cls: type, path: str | Path | None) -> Any:
+    """Read a YAML config into dataclass ``cls`` (``None``: its defaults), validated.
+
+    Errors name the file and the dotted key; ``cls`` must have a ``check()`` method.
+    """
+    if path is None:
+        cfg = cls()
+        cfg.check()
+        return cfg
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping at the top level.")
+    try:
+        cfg = from_dict(cls, data, where="config")
+        cfg.check()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return cfg
+
+
 def load_config(path: str | Path | None) -> RunConfig:
     """Read a YAML run config (``None``: the embedded default), validated."""
-    if path is None:
-        cfg = RunConfig()
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found.")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a config must be a mapping at the top level.")
-        try:
-            cfg = from_dict(RunConfig, data, where="config")
-            cfg.check()
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
-        return cfg
-    cfg.check()
+    cfg: RunConfig = load_yaml_config(RunConfig, path)
     return cfg

@@ -35,9 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from streamattn.config import EngineConfig, InputConfig, OutputConfig, from_dict, to_dict
+from streamattn.config import (
+    EngineConfig,
+    InputConfig,
+    OutputConfig,
+    load_yaml_config,
+    to_dict,
+)
 from streamattn.engines import engine_session, run_operators
 from streamattn.errors import ConfigError
 from streamattn.memory import peak_rss_bytes
@@ -176,20 +181,7 @@ class EvaluateConfig:
 
 def load_evaluate_config(path: str | Path | None) -> EvaluateConfig:
     """Read an evaluate YAML config (None: the embedded default), unknown keys refused."""
-    if path is None:
-        cfg = EvaluateConfig()
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found.")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a config must be a mapping at the top level.")
-        cfg = from_dict(EvaluateConfig, data, where=str(path))
-    cfg.check()
+    cfg: EvaluateConfig = load_yaml_config(EvaluateConfig, path)
     return cfg
 
 
