@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from streamattn.source import (
     DEFAULT_BLOCK_ROWS,
     TARGET_BLOCK_BYTES,
     Block,
+    BlockStream,
     KeySource,
     _check_float_array,
     _chunk_rows_of,
@@ -200,7 +200,7 @@ class HeadView:
         return {**self.source.describe(), "layer": self.layer, "head": self.head}
 
 
-class MultiHeadSource:
+class MultiHeadSource(BlockStream):
     """A validated, read-only KV cache streamed in row blocks for all heads at once.
 
     Attributes: ``n`` rows, ``d`` = d_head, ``layers``, ``heads``, ``dtype``, ``label``,
@@ -308,47 +308,6 @@ class MultiHeadSource:
         rows = self._read(self._keys, start, stop, "key")
         values = None if self._values is None else self._read(self._values, start, stop, "value")
         return Block(start, rows, values)
-
-    def block_ranges(
-        self, chunk_rows: int | None = None, start: int = 0, stop: int | None = None
-    ) -> list[tuple[int, int]]:
-        rows = int(chunk_rows) if chunk_rows is not None else self.default_chunk_rows()
-        if rows < 1:
-            raise InvalidInputError(f"chunk_rows must be >= 1, got {chunk_rows}.")
-        stop = self.n if stop is None else int(stop)
-        if not 0 <= start <= stop <= self.n:
-            raise InvalidInputError(
-                f"{self.label}: row range [{start}, {stop}) is outside [0, {self.n})."
-            )
-        return [(a, min(a + rows, stop)) for a in range(start, stop, rows)]
-
-    def blocks(
-        self,
-        chunk_rows: int | None = None,
-        *,
-        start: int = 0,
-        stop: int | None = None,
-        prefetch: int = 2,
-    ) -> Iterator[Block]:
-        """Validated blocks in row order, up to ``prefetch`` read ahead in a thread."""
-        ranges = self.block_ranges(chunk_rows, start, stop)
-        if prefetch <= 0:
-            yield from (self.read(a, b) for a, b in ranges)
-            return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamattn-kv") as pool:
-            pending: list[Future[Block]] = [pool.submit(self.read, a, b)
-                                            for a, b in ranges[: prefetch + 1]]
-            rest = iter(ranges[prefetch + 1 :])
-            try:
-                while pending:
-                    block = pending.pop(0).result()
-                    nxt = next(rest, None)
-                    if nxt is not None:
-                        pending.append(pool.submit(self.read, *nxt))
-                    yield block
-            finally:
-                for fut in pending:
-                    fut.cancel()
 
 
 # ---------------------------------------------------------------------------- opening

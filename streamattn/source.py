@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,7 +180,65 @@ class _RawChunkReader:
         return out
 
 
-class KeySource:
+class BlockStream:
+    """Row-block iteration shared by every source: needs ``n``, ``label``, ``read`` and
+    ``default_chunk_rows``."""
+
+    n: int
+    label: str
+
+    def read(self, start: int, stop: int) -> Block:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def default_chunk_rows(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def block_ranges(
+        self, chunk_rows: int | None = None, start: int = 0, stop: int | None = None
+    ) -> list[tuple[int, int]]:
+        """The ``[start, stop)`` row ranges that ``blocks`` yields, in order."""
+        rows = int(chunk_rows) if chunk_rows is not None else self.default_chunk_rows()
+        if rows < 1:
+            raise InvalidInputError(f"chunk_rows must be >= 1, got {chunk_rows}.")
+        stop = self.n if stop is None else int(stop)
+        if not 0 <= start <= stop <= self.n:
+            raise InvalidInputError(
+                f"{self.label}: row range [{start}, {stop}) is outside [0, {self.n})."
+            )
+        return [(a, min(a + rows, stop)) for a in range(start, stop, rows)]
+
+    def blocks(
+        self,
+        chunk_rows: int | None = None,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        prefetch: int = 2,
+    ) -> Iterator[Block]:
+        """Yield validated blocks in row order, reading up to ``prefetch`` blocks ahead.
+
+        Memory: at most ``prefetch + 1`` blocks are alive at once, whatever ``n`` is.
+        """
+        ranges = self.block_ranges(chunk_rows, start, stop)
+        if prefetch <= 0:
+            yield from (self.read(a, b) for a, b in ranges)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamattn-read") as pool:
+            pending = [pool.submit(self.read, a, b) for a, b in ranges[: prefetch + 1]]
+            rest = iter(ranges[prefetch + 1 :])
+            try:
+                while pending:
+                    block = pending.pop(0).result()
+                    nxt = next(rest, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(self.read, *nxt))
+                    yield block
+            finally:
+                for fut in pending:
+                    fut.cancel()
+
+
+class KeySource(BlockStream):
     """A validated, read-only key matrix with optional ``values`` and ``queries``.
 
     Parameters
@@ -315,55 +373,6 @@ class KeySource:
         if self.values is not None:
             values = self._read_array(self.values, start, stop, "value")
         return Block(start, rows, values)
-
-    def block_ranges(
-        self, chunk_rows: int | None = None, start: int = 0, stop: int | None = None
-    ) -> list[tuple[int, int]]:
-        """The ``[start, stop)`` row ranges that ``blocks`` yields, in order."""
-        rows = int(chunk_rows) if chunk_rows is not None else self.default_chunk_rows()
-        if rows < 1:
-            raise InvalidInputError(f"chunk_rows must be >= 1, got {chunk_rows}.")
-        stop = self.n if stop is None else int(stop)
-        if not 0 <= start <= stop <= self.n:
-            raise InvalidInputError(
-                f"{self.label}: row range [{start}, {stop}) is outside [0, {self.n})."
-            )
-        return [(a, min(a + rows, stop)) for a in range(start, stop, rows)]
-
-    def blocks(
-        self,
-        chunk_rows: int | None = None,
-        *,
-        start: int = 0,
-        stop: int | None = None,
-        prefetch: int = 2,
-    ) -> Iterator[Block]:
-        """Yield validated blocks in row order, reading up to ``prefetch`` blocks ahead.
-
-        Memory: at most ``prefetch + 1`` blocks are alive at once, whatever ``n`` is.
-        """
-        ranges = self.block_ranges(chunk_rows, start, stop)
-        if prefetch <= 0:
-            for a, b in ranges:
-                yield self.read(a, b)
-            return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamattn-read") as pool:
-            pending: list[Future[Block]] = []
-            it = iter(ranges)
-            try:
-                for a, b in it:
-                    pending.append(pool.submit(self.read, a, b))
-                    if len(pending) > prefetch:
-                        break
-                while pending:
-                    block = pending.pop(0).result()
-                    nxt = next(it, None)
-                    if nxt is not None:
-                        pending.append(pool.submit(self.read, *nxt))
-                    yield block
-            finally:
-                for fut in pending:
-                    fut.cancel()
 
 
 def _open_path(path: Path, array: str | None) -> KeySource:
