@@ -256,20 +256,17 @@ def universal_sets(
 
 
 def _universal_sets(
-    source: Any,
+    src: Any,
     selections: list[Selection],
     *,
-    chunk_rows: int | None = None,
-    engine: str = "local",
-    progress: bool = False,
-    array: str | None = None,
-    checkpoint: Any = None,
-    also: list[Any] | None = None,
+    chunk_rows: int | None,
+    engine: str,
+    progress: bool,
+    checkpoint: Any,
+    also: list[Any] | None,
     **engine_options: Any,
 ) -> list[UniversalSet]:
-    src = open_keys(source, array=array)
-    for sel in selections:
-        sel.check(src.n)
+    """The p = 2 passes of ``universal_sets`` on an opened, checked source."""
     rows_per_block = int(chunk_rows) if chunk_rows is not None else src.default_chunk_rows()
     run = dict(engine=engine, chunk_rows=rows_per_block, progress=progress, **engine_options)
     run["checkpoint"] = checkpoint
