@@ -299,12 +299,8 @@ class MultiHeadSource(BlockStream):
             )
         return rows
 
-    def read(self, start: int, stop: int) -> Block:
+    def _read_block(self, start: int, stop: int) -> Block:
         """Rows ``[start, stop)`` of every head: one read per array (per layer)."""
-        if not 0 <= start < stop <= self.n:
-            raise InvalidInputError(
-                f"{self.label}: row range [{start}, {stop}) is outside [0, {self.n})."
-            )
         rows = self._read(self._keys, start, stop, "key")
         values = None if self._values is None else self._read(self._values, start, stop, "value")
         return Block(start, rows, values)

@@ -187,7 +187,15 @@ class BlockStream:
     n: int
     label: str
 
-    def read(self, start: int, stop: int) -> Block:  # pragma: no cover - abstract
+    def read(self, start: int, stop: int) -> Block:
+        """Read and validate rows ``[start, stop)`` (keys, and values when present)."""
+        if not 0 <= start < stop <= self.n:
+            raise InvalidInputError(
+                f"{self.label}: row range [{start}, {stop}) is outside [0, {self.n})."
+            )
+        return self._read_block(start, stop)
+
+    def _read_block(self, start: int, stop: int) -> Block:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def default_chunk_rows(self) -> int:  # pragma: no cover - abstract
@@ -362,12 +370,7 @@ class KeySource(BlockStream):
             )
         return out
 
-    def read(self, start: int, stop: int) -> Block:
-        """Read and validate rows ``[start, stop)`` as one block."""
-        if not 0 <= start < stop <= self.n:
-            raise InvalidInputError(
-                f"{self.label}: row range [{start}, {stop}) is outside [0, {self.n})."
-            )
+    def _read_block(self, start: int, stop: int) -> Block:
         rows = self._read_array(self.keys, start, stop, "key")
         values = None
         if self.values is not None:
