@@ -314,14 +314,7 @@ def lp_universal_set(
             }
         )
         cert["size_bound_holds"] = bool(keep.size <= cert["size_bound"] + 1e-9)
-        values = res["values"]
-        return UniversalSet(
-            res["indices"][keep],
-            scores,
-            res["rows"][keep].astype(src.dtype),
-            None if values is None else values[keep],
-            cert,
-        )
+        return UniversalSet.from_candidates(res, keep, scores, src.dtype, cert)
     finally:
         if own_dir:
             shutil.rmtree(wdir, ignore_errors=True)

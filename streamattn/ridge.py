@@ -419,11 +419,4 @@ def ridge_universal_set(
             "engine": engine,
         }
     )
-    values = res["values"]
-    return UniversalSet(
-        res["indices"][keep],
-        scores,
-        res["rows"][keep].astype(src.dtype),
-        None if values is None else values[keep],
-        cert,
-    )
+    return UniversalSet.from_candidates(res, keep, scores, src.dtype, cert)

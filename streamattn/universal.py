@@ -78,6 +78,25 @@ class UniversalSet:
     values: np.ndarray | None
     certificate: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_candidates(
+        cls,
+        res: dict[str, Any],
+        keep: np.ndarray,
+        scores: np.ndarray,
+        dtype: Any,
+        certificate: dict[str, Any],
+    ) -> UniversalSet:
+        """The rows ``keep`` of an operator result (indices, rows, values) with ``scores``."""
+        values = res["values"]
+        return cls(
+            res["indices"][keep],
+            scores,
+            res["rows"][keep].astype(dtype),
+            None if values is None else values[keep],
+            certificate,
+        )
+
     def __len__(self) -> int:
         return int(self.indices.size)
 
