@@ -308,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     from streamattn.bench import add_bench_parser
 
     add_bench_parser(sub)
+
+    from streamattn.cli_experiment import add_parser as add_experiment_parser
+
+    add_experiment_parser(sub)
     return parser
 
 
