@@ -13,11 +13,11 @@ import pytest
 import yaml
 from scipy.special import logsumexp
 
-from streamattn.cli import main
+from streamattn.cli.main import main
 from streamattn.errors import ConfigError, InvalidInputError
 from streamattn.experiments import EXPERIMENTS, load_config, run_experiment, shipped_config
 from streamattn.experiments.generated import GaussianRows, GeneratedSource, SyntheticRows
-from streamattn.source import open_keys
+from streamattn.sources import open_keys
 from streamattn.synthetic import SyntheticSpec, generate_store
 
 REPO = Path(__file__).resolve().parents[1]

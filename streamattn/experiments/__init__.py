@@ -89,7 +89,7 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run experiment ``name`` with ``config`` (None: shipped) into ``out``, atomically."""
     from streamattn.experiments.common import provenance
-    from streamattn.outputs import atomic_dir, check_writable, write_json_atomic
+    from streamattn.io.outputs import atomic_dir, check_writable, write_json_atomic
 
     exp = get_experiment(name)
     cfg_path = Path(config) if config is not None else shipped_config(name)

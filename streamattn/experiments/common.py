@@ -2,7 +2,7 @@
 
 An experiment's config is a frozen dataclass read from YAML with the project's loader
 (unknown keys refused with the dotted path). Sweep keys take a scalar or a list
-(``as_list``). Outputs go to ``--out`` through ``streamattn.outputs.atomic_dir``: the
+(``as_list``). Outputs go to ``--out`` through ``streamattn.io.outputs.atomic_dir``: the
 directory appears complete (``results.csv``, ``report.md``, plots, ``provenance.json``)
 or not at all. ``results.csv`` holds only what the config and seed determine (no
 timings), so a rerun reproduces it byte for byte; measured times go to other files.
@@ -112,7 +112,7 @@ def provenance(name: str, config: Any, config_path: str | None, seeds: Iterable[
     import matplotlib
 
     from streamattn.config import to_dict
-    from streamattn.universal import versions
+    from streamattn.results import versions
 
     return {
         "experiment": name,

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from streamattn.errors import ConfigError
-from streamattn.source import KeySource
+from streamattn.sources import KeySource
 from streamattn.synthetic import SyntheticSpec, synthetic_rows
 
 
@@ -130,16 +130,13 @@ class GeneratedArray:
         start, stop, _ = key.indices(self.shape[0])
         t0 = time.perf_counter()
         g = self.gen.chunk_rows
-        first, last = start // g, (max(stop, start + 1) - 1) // g
-        parts = [self.gen.chunk(c) for c in range(first, last + 1)] if stop > start else []
-        rows = (
-            np.concatenate(parts)[start - first * g : stop - first * g]
-            if parts
-            else np.zeros((0, self.shape[1]), dtype=self.dtype)
-        )
+        out = np.empty((max(stop - start, 0), self.shape[1]), dtype=self.dtype)
+        for c in range(start // g, (stop - 1) // g + 1 if stop > start else 0):
+            a, b = max(start, c * g), min(stop, (c + 1) * g)
+            out[a - start : b - start] = self.gen.chunk(c)[a - c * g : b - c * g]
         with self._lock:
             self.seconds += time.perf_counter() - t0
-        return rows
+        return out
 
 
 class GeneratedSource(KeySource):

@@ -38,7 +38,7 @@ from streamattn.experiments.gaussian import (
     predicted_kdelta,
 )
 from streamattn.operators.sparsity import SparsitySpec, SparsityStats, heavy_counts, k_delta
-from streamattn.source import KeySource
+from streamattn.sources import KeySource
 
 NAME = "real-sparsity"
 COLUMNS = [

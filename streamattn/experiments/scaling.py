@@ -4,8 +4,8 @@ For each n (default 2^16 … 2^27), d (64, 128) and source (``generator``: rows 
 on the fly from the seed; ``zarr``: the same rows in an uncompressed zarr store on disk,
 up to ``zarr_max_n``) a *fresh subprocess* streams the keys once through
 
-- ``LeverageScores`` (the one-pass universal set U_ε, ``streamattn.universal``),
-- ``ProjectedEmbeddings`` (a JL map, ``streamattn.embeddings``; Y is computed block by
+- ``LeverageScores`` (the one-pass universal set U_ε, ``streamattn.recipes.universal``),
+- ``ProjectedEmbeddings`` (a JL map, ``streamattn.recipes.embeddings``; Y is computed block by
   block and not stored, so the time is the projection's, not a disk write's),
 - ``GroundTruth`` (exact heavy entries of ``gt_queries`` queries),
 
@@ -53,7 +53,8 @@ COLUMNS = [
     "gt_heavy_max", "gt_candidates_max", "gt_candidate_bound", "gt_lse_sum", "jl_mu_s_sum",
 ]
 MEASURE_COLUMNS = [
-    "n", "d", "source", "seconds", "ns_per_row", "peak_rss_bytes", "rss_ratio_vs_2^20",
+    "n", "d", "source", "seconds", "ns_per_row", "cpu_seconds", "cpu_ns_per_row",
+    "peak_rss_bytes", "rss_ratio_vs_2^20",
     "read_seconds", "read_mb_per_s", "engine_over_read",
 ]
 
@@ -114,13 +115,14 @@ class ScalingConfig:
 # ---------------------------------------------------------------------- the child
 def measure(job: dict[str, Any]) -> dict[str, Any]:
     """One (n, d, source) measurement in this process (run it in a fresh one)."""
-    from streamattn.embeddings import ReduceConfig, projection_operator
     from streamattn.experiments.generated import GeneratedSource, SyntheticRows
     from streamattn.memory import peak_rss_bytes
     from streamattn.operators.ground_truth import GroundTruth, GroundTruthSpec
     from streamattn.operators.projection import ProjectionMap
-    from streamattn.source import open_keys
-    from streamattn.universal import Selection, universal_sets
+    from streamattn.recipes.embeddings import ReduceConfig, projection_operator
+    from streamattn.recipes.selection import Selection
+    from streamattn.recipes.universal import universal_sets
+    from streamattn.sources import open_keys
 
     spec = SyntheticSpec(**job["spec"])
     if job["source"] == "generator":
@@ -134,9 +136,9 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     rcfg = ReduceConfig(m=job["jl_m"], method=job["jl_method"], seed=job["seed"])
     proj = projection_operator(ProjectionMap(rcfg.method, spec.d, rcfg.m, rcfg.seed), "", rcfg)
     also: list[Any] = [gt, proj]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     (uset,) = universal_sets(source, [Selection(job["eps"], job["variant"])], also=also)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     gt_res, proj_res = also[0].result(), also[1].result()
     read_seconds = None
     if job["source"] == "zarr":
@@ -156,9 +158,18 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         "gt_lse_sum": float(np.sum(gt_res["lse"])),
         "jl_mu_s_sum": float(np.sum(proj_res.mu_s)),
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "read_seconds": read_seconds,
         "peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (the reader thread included)."""
+    import resource
+
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return float(use.ru_utime + use.ru_stime)
 
 
 def _child_main(argv: list[str]) -> int:
@@ -274,6 +285,7 @@ def _derive(meas: list[dict[str, Any]]) -> None:
     ref = {(m["d"], m["source"]): m["peak_rss_bytes"] for m in meas if m["n"] == 2**20}
     for m in meas:
         m["ns_per_row"] = 1e9 * m["seconds"] / m["n"]
+        m["cpu_ns_per_row"] = 1e9 * m["cpu_seconds"] / m["n"]
         r = ref.get((m["d"], m["source"]))
         m["rss_ratio_vs_2^20"] = m["peak_rss_bytes"] / r if r else None
         if m["read_seconds"]:
@@ -285,7 +297,7 @@ def _plots(meas: list[dict[str, Any]], out: Path) -> list[str]:
     fig, axes = new_figure(ncols=2, nrows=2, width=4.6, height=3.4)
     series = sorted({(m["d"], m["source"]) for m in meas})
     panels = [
-        ("ns_per_row", "time per row (ns)", False),
+        ("cpu_ns_per_row", "CPU time per row (ns; wall: thin)", False),
         ("universal_set_size", "|U| (universal set)", False),
         ("peak_rss_bytes", "peak RSS (MiB)", True),
         ("read_mb_per_s", "read / generate throughput (MB/s)", False),
@@ -299,6 +311,11 @@ def _plots(meas: list[dict[str, Any]], out: Path) -> list[str]:
             y = np.array([p[1] for p in pts], dtype=float) / (2**20 if mib else 1)
             ax.plot([p[0] for p in pts], y, "o-" if source == "generator" else "s--",
                     color=f"C{i}", label=f"d={d} {source}")
+            if key == "cpu_ns_per_row":
+                wall = sorted((m["n"], m["ns_per_row"]) for m in meas
+                              if (m["d"], m["source"]) == (d, source))
+                ax.plot([p[0] for p in wall], [p[1] for p in wall], "-", lw=0.6,
+                        color=f"C{i}", alpha=0.6)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("n")
         ax.set_ylabel(label)
@@ -323,16 +340,17 @@ def _report(cfg: ScalingConfig, rows: list[dict], meas: list[dict], skipped: lis
         f"ground truth for {cfg.gt_queries} queries at ε = {cfg.gt_eps:g}, sharing each block.",
         SAMPLER_NOTE,
         "",
-        "| n | d | source | s | ns/row | peak RSS MiB | RSS / RSS(2^20) | read s | "
-        "engine / read | abs U | GT heavy mean |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| n | d | source | wall s | CPU s | CPU ns/row | peak RSS MiB | RSS / RSS(2^20) | "
+        "read s | engine / read | size U | GT heavy mean |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in sorted(meas, key=lambda m: (m["d"], m["source"], m["n"])):
         ratio = m.get("rss_ratio_vs_2^20")
         eor = m.get("engine_over_read")
         lines.append(
             f"| 2^{int(math.log2(m['n']))} | {m['d']} | {m['source']} | {m['seconds']:.1f} | "
-            f"{m['ns_per_row']:.0f} | {m['peak_rss_bytes'] / 2**20:.0f} | "
+            f"{m['cpu_seconds']:.1f} | {m['cpu_ns_per_row']:.0f} | "
+            f"{m['peak_rss_bytes'] / 2**20:.0f} | "
             f"{opt(ratio, '.3f')} | {opt(m['read_seconds'], '.1f')} | "
             f"{opt(eor, '.2f')} | {m['universal_set_size']} | "
             f"{m['gt_heavy_mean']:.2f} |"

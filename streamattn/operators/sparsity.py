@@ -42,7 +42,7 @@ from streamattn.blas import single_blas_thread
 from streamattn.errors import ConfigError, InvalidInputError
 from streamattn.operators.ground_truth import AttentionSpec, log_weights
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block
+from streamattn.sources import Block
 
 #: Logits are formed in tiles of about this many entries (cache-sized: the elementwise
 #: passes of a tile run from cache).
@@ -113,7 +113,7 @@ class SparsityStats(Operator):
     Examples
     --------
     >>> import numpy as np
-    >>> from streamattn.source import Block
+    >>> from streamattn.sources import Block
 
 #: Logits are formed in tiles of about this many entries (cache-sized: the elementwise
 #: passes of a tile run from cache).

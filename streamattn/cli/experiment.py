@@ -5,23 +5,30 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from streamattn.cli.common import HelpFormatter, add_quiet
 from streamattn.errors import ConfigError
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
-        "experiment", help="run a shipped, reproducible experiment (--list to see them)"
+        "experiment",
+        help="run a shipped, reproducible experiment (--list to see them)",
+        description="Run an experiment (gaussian-sparsity, scaling, real-sparsity) from its "
+        "shipped config or CONFIG.yaml; data is generated from the config's seed and streamed; "
+        "results.csv, report.md, plots and provenance.json go to --out, atomically.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("name", nargs="?", help="experiment name (see --list)")
     p.add_argument("config", nargs="?", help="YAML config; none = the shipped config")
     p.add_argument("--out", help="output directory (written atomically)")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """List the experiments, or run one and print its summary."""
     from streamattn.experiments import EXPERIMENTS, run_experiment, shipped_config
 
     if args.list:
