@@ -23,7 +23,7 @@ from streamattn.engines import ENGINES
 from streamattn.errors import StreamattnError
 from streamattn.kvcache import flatten_results, open_source
 from streamattn.memory import peak_rss_bytes
-from streamattn.outputs import check_writable
+from streamattn.outputs import check_writable, claim_output
 from streamattn.source import open_keys
 from streamattn.synthetic import SyntheticSpec, ensure_store, generate_kv_store, generate_store
 from streamattn.universal import (
@@ -141,54 +141,62 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.input.generate is not None:
         _, made = ensure_store(path, cfg.input.generate)
         _say(args, f"streamattn: {'generated' if made else 'using cached'} store {path}")
-    source = open_source(path, array=cfg.input.array, heads=cfg.input.heads)
+    source = open_source(path, array=cfg.input.array, heads=cfg.input.heads,
+                         fill_missing=cfg.input.fill_missing_chunks)
     _say(args, f"streamattn: {source.label}: n = {source.n}, d = {source.d}, {source.dtype}")
     named = {s.name: s.selection() for s in cfg.select}
-    if cfg.reduce is not None:  # universal sets + embeddings from one shared read
-        from streamattn.embeddings import run_select_and_reduce
+    out, overwrite = Path(cfg.output.dir), cfg.output.overwrite or args.overwrite
+    with claim_output(out, overwrite):
+        if out.exists() and not args.overwrite:  # overwrite came from the config
+            _say(args, f"streamattn: replacing {out}, the output of an earlier streamattn "
+                 "run (output.overwrite: true)")
+        if cfg.reduce is not None:  # universal sets + embeddings from one shared read
+            from streamattn.embeddings import run_select_and_reduce
 
-        return run_select_and_reduce(args, cfg, source, named)
-    _compute_and_save(
-        args,
-        source,
-        named,
-        out=Path(cfg.output.dir),
-        overwrite=cfg.output.overwrite or args.overwrite,
-        chunk_rows=cfg.engine.chunk_rows,
-        engine=cfg.engine.kind,
-        config=to_dict(cfg),
-        progress=cfg.progress and not args.quiet,
-        engine_options=cfg.engine.options(),
-        checkpoint=Checkpointer.from_config(cfg.checkpoint, cfg.output.dir, resume=args.resume),
-        heads=cfg.input.heads,
-        array=cfg.input.array,
-    )
+            return run_select_and_reduce(args, cfg, source, named)
+        _compute_and_save(
+            args,
+            source,
+            named,
+            out=out,
+            overwrite=overwrite,
+            chunk_rows=cfg.engine.chunk_rows,
+            engine=cfg.engine.kind,
+            config=to_dict(cfg),
+            progress=cfg.progress and not args.quiet,
+            engine_options=cfg.engine.options(),
+            checkpoint=Checkpointer.from_config(cfg.checkpoint, out, resume=args.resume),
+            heads=cfg.input.heads,
+            array=cfg.input.array,
+        )
     return 0
 
 
 def cmd_select(args: argparse.Namespace) -> int:
     engine = _engine_from_args(EngineConfig(chunk_rows=args.chunk_rows), args)
-    source = open_source(args.input, array=args.array, heads=args.heads)
+    source = open_source(args.input, array=args.array, heads=args.heads,
+                         fill_missing=args.fill_missing_chunks)
     sel = Selection(args.eps, args.variant, args.budget, args.rtol, args.p)
     sel.check(source.n)
     name = f"{args.variant}" + (f"-eps{args.eps:g}" if args.eps else "") + (
         f"-top{args.budget}" if args.budget else ""
     ) + (f"-p{args.p:g}" if args.p != 2 else "")
-    _compute_and_save(
-        args,
-        source,
-        {name: sel},
-        out=Path(args.out),
-        overwrite=args.overwrite,
-        chunk_rows=args.chunk_rows,
-        engine=engine.kind,
-        config={"command": "select", **{k: v for k, v in vars(args).items() if k != "func"}},
-        progress=not args.quiet,
-        engine_options=engine.options(),
-        checkpoint=Checkpointer.from_config(CheckpointConfig(), args.out, resume=args.resume),
-        heads=args.heads,
-        array=args.array,
-    )
+    with claim_output(args.out, args.overwrite) as out:
+        _compute_and_save(
+            args,
+            source,
+            {name: sel},
+            out=out,
+            overwrite=args.overwrite,
+            chunk_rows=args.chunk_rows,
+            engine=engine.kind,
+            config={"command": "select", **{k: v for k, v in vars(args).items() if k != "func"}},
+            progress=not args.quiet,
+            engine_options=engine.options(),
+            checkpoint=Checkpointer.from_config(CheckpointConfig(), out, resume=args.resume),
+            heads=args.heads,
+            array=args.array,
+        )
     return 0
 
 
@@ -263,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--heads", type=int, help="KV cache: split the key columns into H heads")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--fill-missing-chunks", action="store_true",
+                   help="read missing zarr chunk files as the fill value (default: an error)")
     common(p)
     p.set_defaults(func=cmd_select)
 
