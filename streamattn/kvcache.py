@@ -694,7 +694,9 @@ def multihead_universal_sets(
             second[i] = MultiHead.of(
                 [
                     [TopScores(TopScoresSpec(sel.budget, head["scoring_map"].w,
-                                             sel.variant == "affine"))
+                                             sel.variant == "affine",
+                                             head["scoring_map"].shift,
+                                             head["scoring_map"].offset))
                      for head in row]
                     for row in res
                 ]
