@@ -8,7 +8,7 @@ import pytest
 
 import streamattn as sa
 from streamattn.operators import LeverageScores, LeverageSpec
-from streamattn.source import Block
+from streamattn.sources import Block
 
 N, D, PLANTED = 3000, 24, 1234
 RATIOS = [0.0, 200.0, 1e4, 1e6]

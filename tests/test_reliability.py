@@ -21,7 +21,7 @@ import zarr
 
 from streamattn.cli import main
 from streamattn.errors import InvalidInputError
-from streamattn.source import KeySource, open_keys
+from streamattn.sources import KeySource, open_keys
 
 N, D, ROWS = 1200, 6, 100  # 12 blocks
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def test_overwrite_replaces_only_a_streamattn_output_and_says_so(
 KILL_BETWEEN_RENAMES = """
 import os, sys
 from pathlib import Path
-import streamattn.outputs as outputs
+import streamattn.io.outputs as outputs
 real, calls = os.replace, []
 def replace(a, b):
     calls.append((a, b))
@@ -175,7 +175,7 @@ def _python(script: str, *args: str) -> subprocess.CompletedProcess[str]:
 def test_a_kill_between_the_two_renames_is_recovered_by_the_next_writer(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from streamattn.outputs import atomic_dir
+    from streamattn.io.outputs import atomic_dir
 
     out = tmp_path / "OUT"
     with atomic_dir(out) as tmp:
@@ -193,7 +193,7 @@ def test_a_kill_between_the_two_renames_is_recovered_by_the_next_writer(
 
 
 def test_stale_temporaries_of_dead_runs_are_removed(tmp_path: Path) -> None:
-    from streamattn.outputs import atomic_dir
+    from streamattn.io.outputs import atomic_dir
 
     out = tmp_path / "OUT"
     stale = tmp_path / ".OUT.tmp-999999-abcd"
@@ -208,7 +208,7 @@ def test_stale_temporaries_of_dead_runs_are_removed(tmp_path: Path) -> None:
 SLOW_SELECT = """
 import sys, time
 from pathlib import Path
-from streamattn.source import KeySource
+from streamattn.sources import KeySource
 from streamattn.cli import main
 real = KeySource.read
 def read(self, a, b):
@@ -309,7 +309,7 @@ def test_resume_of_an_unchanged_store_still_works_and_rereads_nothing(
                         lambda self, a, b: (log.append(a), original(self, a, b))[1])
     assert main(["run", str(cfg), "--quiet", "--resume"]) == 0
     assert min(log) == 900  # the verified prefix was not re-read: its files are untouched
-    from streamattn.universal import load_universal_set
+    from streamattn.recipes.universal import load_universal_set
 
     assert 700 in load_universal_set(out, "plain")
 

@@ -16,7 +16,7 @@ Four promises, each checked by a test (docs/reliability.md lists them):
   holder's pid. The lock is per process and re-entrant (nested holders in one process
   share it); the OS releases it when the process dies, so a killed run never leaves a
   stale lock.
-- **A replace is crash-safe.** ``atomic_dir`` (``streamattn.outputs``) builds the new
+- **A replace is crash-safe.** ``atomic_dir`` (``streamattn.io.outputs``) builds the new
   output in ``.OUT.tmp-PID-*`` and swaps it in with two renames (``OUT`` →
   ``.OUT.old-PID``, tmp → ``OUT``). A kill between them leaves no ``OUT``; the next
   writer of ``OUT`` (which holds the lock, so no other writer is alive) finds the

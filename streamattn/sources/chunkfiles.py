@@ -5,7 +5,7 @@ fill value, silently; for a key store that is data loss read as zeros. A source 
 once at open that every chunk file of its arrays exists, and again for each block it
 reads (a file deleted mid-run), and raises an error naming the chunk and its rows
 unless the caller asked for fill values explicitly. (2) **Stamps.** The store-change
-check (``streamattn.readlog``) records each file's ``(size, mtime_ns, ctime_ns, inode)``
+check (``streamattn.io.readlog``) records each file's ``(size, mtime_ns, ctime_ns, inode)``
 before a pass reads it; a later resume or update skips re-reading a block only when all
 the files holding its rows still carry the same stamp (the ctime cannot be set by a
 user, so rewriting or replacing a file changes it).

@@ -3,7 +3,7 @@
 Every output directory is built under a temporary name beside its destination and
 renamed into place only when complete, so a crash leaves either the previous output or
 the new one, never a half-written mix (a kill inside the two-rename swap is repaired by
-the next writer: ``streamattn.safety``). An existing output is replaced only with
+the next writer: ``streamattn.io.safety``). An existing output is replaced only with
 ``overwrite=True`` and only when it carries streamattn's output marker; an output path
 that is, contains or lies inside an input is refused; one process at a time writes an
 output (a lock beside it). New files and directories get the permissions the umask
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from streamattn import safety
+from streamattn.io import safety
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -11,7 +11,7 @@ operator states:
   bytes already in memory (about 1.6 GB/s here, against ~1.5 GB/s for the float64
   conversion every operator does anyway).
 - the **stamps** ``(size, mtime_ns, ctime_ns, inode)`` of every file of the store
-  (``streamattn.chunkfiles``), taken *before* the pass reads anything.
+  (``streamattn.sources.chunkfiles``), taken *before* the pass reads anything.
 
 :func:`verify_read` runs before a resume or an update folds anything: for each recorded
 block, if every file holding its rows still has its recorded stamp, the block is
@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.chunkfiles import Stamp, stamp
 from streamattn.errors import InvalidInputError
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block
+from streamattn.sources import Block
+from streamattn.sources.chunkfiles import Stamp, stamp
 
 
 def _buffer(a: np.ndarray) -> memoryview:

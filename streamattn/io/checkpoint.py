@@ -19,7 +19,7 @@ an uninterrupted one and its result is bit-identical.
 The store is checked against the fingerprint before each checkpoint and at the end of
 each pass: its shape is re-read from disk, and a store that changed during the run is
 refused (``InvalidInputError``). What was read is fingerprinted as well
-(``streamattn.readlog``): each checkpoint records the CRC-32 of every block folded so far
+(``streamattn.io.readlog``): each checkpoint records the CRC-32 of every block folded so far
 and the stamps of the store's files taken before the pass read them, and a resume first
 checks that the rows ``[0, position)`` are unchanged (re-reading only blocks whose files
 were touched), refusing a store rewritten in place or replaced, with the first changed
@@ -48,8 +48,7 @@ from streamattn.errors import (
     OutputWriteError,
     StateFormatError,
 )
-from streamattn.operators.protocol import Operator, State, specs_equal
-from streamattn.readlog import (
+from streamattn.io.readlog import (
     BlockDigests,
     BlockDigestsSpec,
     digests_for,
@@ -58,6 +57,7 @@ from streamattn.readlog import (
     store_stamps,
     verify_read,
 )
+from streamattn.operators.protocol import Operator, State, specs_equal
 
 FORMAT = 2  # 2: read checksums (BlockDigests) and file stamps
 CHECKSUM_KEY = "__sha256__"
@@ -73,33 +73,6 @@ def state_digest(state: State) -> str:
         h.update(json.dumps([key, arr.dtype.str, list(arr.shape)]).encode())
         h.update(arr.tobytes())
     return h.hexdigest()
-
-
-def encode_state(state: State) -> np.ndarray:
-    """Deterministic uint8 encoding of a flat state (same arrays -> same bytes)."""
-    header: list[list[Any]] = []
-    parts: list[bytes] = []
-    for key in sorted(state):
-        arr = np.asarray(state[key])  # tobytes() is C order; keeps 0-d shapes
-        raw = arr.tobytes()
-        header.append([key, arr.dtype.str, list(arr.shape), len(raw)])
-        parts.append(raw)
-    head = json.dumps(header).encode()
-    blob = len(head).to_bytes(8, "little") + head + b"".join(parts)
-    return np.frombuffer(blob, dtype=np.uint8).copy()
-
-
-def decode_state(blob: np.ndarray) -> State:
-    """Inverse of :func:`encode_state`."""
-    raw = np.asarray(blob, dtype=np.uint8).tobytes()
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + size].decode())
-    out: State = {}
-    pos = 8 + size
-    for key, dtype, shape, nbytes in header:
-        out[key] = np.frombuffer(raw[pos : pos + nbytes], dtype=dtype).reshape(tuple(shape))
-        pos += nbytes
-    return out
 
 
 def write_state_file(path: str | os.PathLike[str], payload: State) -> None:
@@ -256,7 +229,7 @@ class Record:
     """A pass's saved states: position (next row), block size and store fingerprint.
 
     ``reads`` are the checksums of the blocks folded into ``ops`` and ``stamps`` the
-    store's file stamps taken before they were read (``streamattn.readlog``).
+    store's file stamps taken before they were read (``streamattn.io.readlog``).
     """
 
     ops: list[Operator]
