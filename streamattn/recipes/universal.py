@@ -37,6 +37,17 @@ from streamattn.results import UniversalSet, versions
 from streamattn.runner import Outcome, Pass, PassContext, Plan, Recipe, run_recipes
 from streamattn.sources import KeySource, open_keys
 
+#: How the factor behind each variant's scores is computed (certificate field).
+FACTORISATION = {
+    "plain": "float64 QR-type factor: Householder QR, then preconditioned Cholesky updates "
+    "R <- chol(I + Y^T Y) R, Y = X R^-1 (cond(R) <= 1e8, growth <= 1e4, else Householder); "
+    "pseudo-inverse on the numerical range",
+    "affine": "float64 Householder TSQR of [1, K]: the mean and the centred factor R_c "
+    "(R_c^T R_c = scatter); scores 1/n + |(k - mu) R_c^+|^2, numerical rank, sigma_max and "
+    "rank_abs_tol of R_c (independent of a common key offset); numerical_rank counts the "
+    "constant direction too",
+}
+
 
 def _certificate(
     source: KeySource,
@@ -71,9 +82,7 @@ def _certificate(
         "pruning_threshold": threshold,
         "chunk_rows": chunk_rows,
         "passes": passes,
-        "factorisation": "float64 QR-type factor: Householder QR, then preconditioned "
-        "Cholesky updates R <- chol(I + Y^T Y) R, Y = X R^-1 (cond(R) <= 1e8, growth <= 1e4, "
-        "else Householder); pseudo-inverse on the numerical range",
+        "factorisation": FACTORISATION[variant],
         "guarantee": GUARANTEE[variant],
         "softmax": SOFTMAX_NOTE,
         "source": source.describe(),
@@ -109,7 +118,8 @@ class LeverageSet(Recipe[UniversalSet]):
         second = None
         if needs_second_pass(sel, t, first):
             assert sel.budget is not None
-            top = TopScores(TopScoresSpec(sel.budget, first["scoring_map"].w, affine))
+            smap = first["scoring_map"]
+            top = TopScores(TopScoresSpec(sel.budget, smap.w, affine, smap.shift, smap.offset))
             done = yield Pass({"top-B": top}, "top-B")
             second = done["top-B"].result()
         return finish_selection(src, sel, t, first, second, chunk_rows=ctx.chunk_rows,
