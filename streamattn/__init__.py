@@ -6,7 +6,8 @@ protocol (``Operator``) and ``run_operators`` (engines); exact attention ground 
 (``GroundTruth``; selectors in ``streamattn.selectors``, coverage in
 ``streamattn.evaluate``); whole KV caches (``open_kv``,
 ``MultiHeadResult``) and resumable passes (``Checkpointer``); reduced embeddings
-(``reduce_embeddings``) and column sparsifiers for d >> n (``sparsify_columns``).
+(``reduce_embeddings``) and column sparsifiers for d >> n (``sparsify_columns``);
+weighted leverage samples with (1 ± ε) spectral error (``leverage_sample``).
 """
 
 __version__ = "0.1.0"
@@ -29,6 +30,12 @@ from streamattn.kvcache import MultiHead, MultiHeadResult, MultiHeadSource, open
 from streamattn.lp import lp_universal_set, softmax_entry_bound
 from streamattn.operators import GroundTruth, GroundTruthSpec, LeverageScores, Operator, TopScores
 from streamattn.ridge import ridge_universal_set
+from streamattn.samplers import (
+    LeverageSample,
+    LeverageSampler,
+    approximate_universal_set,
+    leverage_sample,
+)
 from streamattn.sliding_window import SlidingWindow
 from streamattn.source import Block, KeySource, open_keys
 from streamattn.universal import Selection, UniversalSet, universal_set, universal_sets
@@ -43,6 +50,8 @@ __all__ = [
     "IncompatibleMergeError",
     "InvalidInputError",
     "KeySource",
+    "LeverageSample",
+    "LeverageSampler",
     "LeverageScores",
     "MemoryBudgetError",
     "MultiHead",
@@ -60,6 +69,8 @@ __all__ = [
     "TopScores",
     "UniversalSet",
     "__version__",
+    "approximate_universal_set",
+    "leverage_sample",
     "lp_universal_set",
     "open_keys",
     "open_kv",

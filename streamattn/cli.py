@@ -163,6 +163,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         heads=cfg.input.heads,
         array=cfg.input.array,
     )
+    if cfg.sample is not None:  # a leverage sample into <output.dir>/sample (samplers.py)
+        from streamattn.cli_sample import run_config_sample
+
+        run_config_sample(args, cfg, source)
     return 0
 
 
@@ -300,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("--array")
     p.set_defaults(func=cmd_inspect)
+
+    from streamattn.cli_sample import add_parser as add_sample_parser
+
+    add_sample_parser(sub)
 
     from streamattn.sliding_window import add_window_parser
 

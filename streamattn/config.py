@@ -23,6 +23,7 @@ from streamattn.embeddings import ReduceConfig
 from streamattn.engines import ENGINES
 from streamattn.engines.dask_engine import DaskOptions
 from streamattn.errors import ConfigError
+from streamattn.samplers import SampleConfig
 from streamattn.synthetic import SyntheticSpec
 from streamattn.universal import Selection
 
@@ -116,6 +117,7 @@ class RunConfig:
     progress: bool = True
     reduce: ReduceConfig | None = None  # reduced embeddings, in the same read (embeddings.py)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoint.py
+    sample: SampleConfig | None = None  # a leverage sample, own pass (samplers.py)
 
     def check(self) -> None:
         names = [s.name for s in self.select]
@@ -132,6 +134,11 @@ class RunConfig:
         if self.reduce is not None:
             self.reduce.check()
         self.checkpoint.check()
+        if self.sample is not None:
+            if self.reduce is not None:
+                raise ConfigError("sample: and reduce: in one run config are not supported; "
+                                  "run them as two configs.")
+            self.sample.validate()
 
 
 def _build(tp: Any, value: Any, where: str) -> Any:
