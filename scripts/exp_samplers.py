@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 
 import streamattn as sa
-from streamattn.embeddings import quality_report
+from streamattn.io.outputs import write_json_atomic
 from streamattn.operators.projection import CentredFactor, CentredFactorSpec, ProjectionMap
-from streamattn.outputs import write_json_atomic
-from streamattn.samplers import LeverageSample, spectral_error
-from streamattn.source import Block
+from streamattn.recipes.embeddings import quality_report
+from streamattn.recipes.samplers import LeverageSample, spectral_error
+from streamattn.sources import Block
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 16

@@ -18,14 +18,14 @@ from typing import Any
 
 import yaml
 
-from streamattn.checkpoint import CheckpointConfig
-from streamattn.embeddings import ReduceConfig
 from streamattn.engines import ENGINES
 from streamattn.engines.dask_engine import DaskOptions
 from streamattn.errors import ConfigError
-from streamattn.samplers import SampleConfig
+from streamattn.io.checkpoint import CheckpointConfig
+from streamattn.recipes.embeddings import ReduceConfig
+from streamattn.recipes.samplers import SampleConfig
+from streamattn.recipes.selection import Selection
 from streamattn.synthetic import SyntheticSpec
-from streamattn.universal import Selection
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,14 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    """One universal set to compute (see ``streamattn.universal.Selection``)."""
+    """One universal set to compute (see ``streamattn.recipes.universal.Selection``)."""
 
     name: str
     eps: float | None = None
     variant: str = "plain"
     budget: int | None = None
     rtol: float = 1e-10
-    p: float = 2.0  # f(x) = |x|^p attention; p != 2: l_p Lewis weights (streamattn.lp)
+    p: float = 2.0  # f(x) = |x|^p attention; p != 2: l_p Lewis weights (streamattn.recipes.lp)
 
     def selection(self) -> Selection:
         return Selection(self.eps, self.variant, self.budget, self.rtol, self.p)

@@ -15,10 +15,10 @@ from conftest import svd_leverage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from laws import blocks_of, fold
 from streamattn.operators import LeverageScores, LeverageSpec, TopScores, TopScoresSpec
 from streamattn.operators.protocol import Operator
-from streamattn.source import Block
+from streamattn.sources import Block
+from streamattn.testing.laws import blocks_of, fold
 
 #: Score tolerance on well-conditioned data (scores lie in [0, 1]).
 SCORE_ATOL = 1e-10

@@ -14,7 +14,7 @@ from streamattn.operators.leverage import (
     fast_factor_update,
     stack_qr,
 )
-from streamattn.source import Block
+from streamattn.sources import Block
 
 
 def ill_conditioned(n: int, d: int = 16, seed: int = 0) -> np.ndarray:

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamattn import Selection, open_keys, universal_set, universal_sets
-from streamattn.universal import GUARANTEE, load_universal_set, save_universal_sets
+from streamattn.recipes.selection import GUARANTEE
+from streamattn.recipes.universal import load_universal_set, save_universal_sets
 
 
 def keys(n: int = 300, d: int = 5, seed: int = 0) -> np.ndarray:

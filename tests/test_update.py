@@ -11,11 +11,11 @@ import zarr
 
 from streamattn.cli import main
 from streamattn.errors import InvalidInputError, StateFormatError
-from streamattn.kvcache import MultiHeadSource
-from streamattn.source import KeySource
+from streamattn.io.update import STATE_FILE, update_output
+from streamattn.recipes.universal import load_universal_set
+from streamattn.sources import KeySource
+from streamattn.sources.kvcache import MultiHeadSource
 from streamattn.synthetic import SyntheticSpec, generate_kv_store
-from streamattn.universal import load_universal_set
-from streamattn.update import STATE_FILE, update_output
 
 D, ROWS = 8, 64
 

@@ -56,7 +56,7 @@ import numpy as np
 import streamattn
 from streamattn.errors import ConfigError, InvalidInputError, StreamattnError
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block, KeySource, open_keys
+from streamattn.sources import Block, KeySource, open_keys
 
 SCHEDULERS = ("threads", "local-cluster")
 DEFAULT_SPLIT_EVERY = 8

@@ -12,7 +12,7 @@ from typing import Any
 
 from streamattn.operators.protocol import Operator
 from streamattn.progress import progress_bar
-from streamattn.source import KeySource
+from streamattn.sources import KeySource
 
 
 def run_local(
@@ -29,7 +29,7 @@ def run_local(
 ) -> list[Operator]:
     """Fold rows ``[start, stop)`` of ``source`` into each operator, in order, in place.
 
-    With a ``checkpoint`` (``streamattn.checkpoint.Checkpointer``) the pass starts from
+    With a ``checkpoint`` (``streamattn.io.checkpoint.Checkpointer``) the pass starts from
     the saved states and position when there are any, offers a checkpoint after every
     block, and records the final states: same blocks, same operations, same result.
     """

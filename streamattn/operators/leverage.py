@@ -48,7 +48,7 @@ from scipy.linalg import blas, lapack
 
 from streamattn.blas import single_blas_thread
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block
+from streamattn.sources import Block
 
 DEFAULT_RTOL = 1e-10
 #: Pruning keeps directions down to this fraction of the rank tolerance (see above).

@@ -37,7 +37,7 @@ gives the map for the next pass. So an iteration costs one read of the keys plus
 and one write of n weights; memory is O(d² + candidates), never O(n). Writes are
 idempotent (a recomputed block writes the same numbers) and go to disjoint rows; the
 engine's blocks should align with the weight arrays' chunks (the orchestration in
-:mod:`streamattn.lp` creates them so) when several workers write at once.
+:mod:`streamattn.recipes.lp` creates them so) when several workers write at once.
 
 Candidate rows with w_{k+1} ≥ ``collect`` are kept (with their rows) while there are at
 most ``cap`` of them; past that the pass only records that it overflowed (a flag that is
@@ -59,7 +59,7 @@ from streamattn.operators.leverage import (
     stack_qr,
 )
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block
+from streamattn.sources import Block
 
 
 def damping(p: float) -> float:

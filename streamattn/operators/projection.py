@@ -55,7 +55,7 @@ import scipy.sparse
 from streamattn.errors import ConfigError
 from streamattn.operators.leverage import stack_qr
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block
+from streamattn.sources import Block
 
 OBLIVIOUS_METHODS = ("gaussian", "sparse-sign", "srht")
 DATA_AWARE_METHODS = ("pca", "frequent-directions")

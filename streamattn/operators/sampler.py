@@ -74,7 +74,7 @@ from streamattn.errors import ConfigError, IncompatibleMergeError
 from streamattn.operators.leverage import DEFAULT_RTOL, ScoringMap, map_scores, stack_qr
 from streamattn.operators.projection import keyed_uniform
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block
+from streamattn.sources import Block
 
 METHODS = ("online", "merge-reduce")
 VARIANTS = ("plain", "affine")
@@ -275,7 +275,7 @@ class SamplerSpec:
     variant: str = "plain"
     seed: int = 0
     leaf_rows: int = 4096
-    fan_in: int = 4
+    fan_in: int = 8
     rtol: float = DEFAULT_RTOL
     ridge: float = 0.0
 

@@ -1,7 +1,7 @@
 """Appended tokens: fold rows added to a store since a run into its saved result.
 
 A run's output keeps the final operator states of its one-pass universal sets in
-``OUT/state.npz`` (checksummed, see :mod:`streamattn.checkpoint`), with the row count,
+``OUT/state.npz`` (checksummed, see :mod:`streamattn.io.checkpoint`), with the row count,
 block size, store fingerprint and the selections. ``streamattn update OUT --input STORE``
 reads that state, checks that the store only grew (same width, dtype and head layout,
 at least as many rows), folds rows ``[n_old, n_new)`` into the saved states and rewrites
@@ -23,7 +23,6 @@ detected (only the shape is checked).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -31,7 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from streamattn.checkpoint import (
+from streamattn.errors import InvalidInputError, StateFormatError
+from streamattn.io.checkpoint import (
     Checkpointer,
     Record,
     pack_operators,
@@ -39,7 +39,6 @@ from streamattn.checkpoint import (
     unpack_operators,
     write_state_file,
 )
-from streamattn.errors import InvalidInputError, StateFormatError
 
 STATE_FILE = "state.npz"
 
@@ -107,8 +106,10 @@ def update_output(
     Returns ``{"sets": {name: UniversalSet}, "report": {...}}``; ``sets`` is empty when no
     rows were appended (then nothing is rewritten).
     """
-    from streamattn.kvcache import flatten_results, open_source
-    from streamattn.universal import Selection, save_universal_sets, universal_sets
+    from streamattn.recipes.selection import Selection
+    from streamattn.recipes.universal import save_universal_sets, universal_sets
+    from streamattn.results import flatten_results
+    from streamattn.sources import open_source
 
     meta, ops = load_state(out)
     source = open_source(store, array=meta["array"], heads=meta["heads"])
@@ -159,40 +160,4 @@ def update_output(
     return {"sets": sets, "report": report}
 
 
-def cmd_update(args: argparse.Namespace) -> int:
-    from streamattn.cli import _engine_from_args, _say, _summary_lines
-    from streamattn.config import EngineConfig
-
-    engine = _engine_from_args(EngineConfig(), args)
-    done = update_output(args.out, args.input, progress=not args.quiet, engine=engine.kind,
-                         **engine.options())
-    info = done["report"]["update"]
-    if not done["sets"]:
-        _say(args, f"streamattn: {args.input} still has {info['rows_after']} rows; "
-             f"{args.out} is up to date.")
-        return 0
-    _say(
-        args,
-        f"streamattn: folded rows [{info['rows_before']}, {info['rows_after']}) into "
-        f"{args.out} ({info['note']}).",
-    )
-    for name, uset in done["sets"].items():
-        _say(args, *_summary_lines(name, uset))
-    return 0
-
-
-def add_update_parser(sub: Any) -> None:
-    """Register ``streamattn update OUT --input STORE``."""
-    p = sub.add_parser(
-        "update", help="fold rows appended to a store into a saved result (no reread)"
-    )
-    p.add_argument("out", help="output directory of an earlier run/select (has state.npz)")
-    p.add_argument("--input", required=True, help="the store, grown since that run")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    from streamattn.cli import _add_engine_flags
-
-    _add_engine_flags(p)
-    p.set_defaults(func=cmd_update)
-
-
-__all__ = ["STATE_FILE", "add_update_parser", "load_state", "state_writer", "update_output"]
+__all__ = ["STATE_FILE", "load_state", "state_writer", "update_output"]

@@ -62,33 +62,6 @@ def state_digest(state: State) -> str:
     return h.hexdigest()
 
 
-def encode_state(state: State) -> np.ndarray:
-    """Deterministic uint8 encoding of a flat state (same arrays -> same bytes)."""
-    header: list[list[Any]] = []
-    parts: list[bytes] = []
-    for key in sorted(state):
-        arr = np.asarray(state[key])  # tobytes() is C order; keeps 0-d shapes
-        raw = arr.tobytes()
-        header.append([key, arr.dtype.str, list(arr.shape), len(raw)])
-        parts.append(raw)
-    head = json.dumps(header).encode()
-    blob = len(head).to_bytes(8, "little") + head + b"".join(parts)
-    return np.frombuffer(blob, dtype=np.uint8).copy()
-
-
-def decode_state(blob: np.ndarray) -> State:
-    """Inverse of :func:`encode_state`."""
-    raw = np.asarray(blob, dtype=np.uint8).tobytes()
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + size].decode())
-    out: State = {}
-    pos = 8 + size
-    for key, dtype, shape, nbytes in header:
-        out[key] = np.frombuffer(raw[pos : pos + nbytes], dtype=dtype).reshape(tuple(shape))
-        pos += nbytes
-    return out
-
-
 def write_state_file(path: str | os.PathLike[str], payload: State) -> None:
     """``np.savez`` of ``payload`` plus its sha256, atomically (temp file, fsync, rename).
 

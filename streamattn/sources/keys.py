@@ -428,34 +428,19 @@ def _open_path(path: Path, array: str | None) -> KeySource:
     )
 
 
-def open_keys(path_or_array: Any, array: str | None = None) -> Any:
-    """Open a key store read-only and validate its shape and dtype.
-
-    A whole KV cache (a 4-D array, or a zarr group of ``keys/layer_{l}`` arrays) is
-    opened by ``streamattn.kvcache.open_kv`` and returned as a ``MultiHeadSource``.
-
-    Parameters
-    ----------
-    path_or_array
-        A path to a ``.npy`` file, a zarr array or a zarr group (``keys`` plus optional
-        ``values`` and ``queries`` arrays), or an in-memory numpy / dask / zarr array, or
-        an existing ``KeySource`` (returned as is).
-    array
-        Name of the key array inside a zarr group (default ``"keys"``).
+def open_key_source(path_or_array: Any, array: str | None = None) -> KeySource:
+    """Open a single-head key store ``(n, d)`` read-only; ``streamattn.sources.open_keys``
+    is the public entry (it hands whole KV caches to ``open_kv``).
 
     Examples
     --------
     >>> import numpy as np
-    >>> src = open_keys(np.ones((10, 4), dtype=np.float32))
+    >>> src = open_key_source(np.ones((10, 4), dtype=np.float32))
     >>> (src.n, src.d)
     (10, 4)
     """
     if isinstance(path_or_array, KeySource):
         return path_or_array
-    from streamattn.kvcache import is_multihead, open_kv  # kvcache imports this module
-
-    if is_multihead(path_or_array, array):
-        return open_kv(path_or_array, array=array)
     if isinstance(path_or_array, (str, os.PathLike)):
         return _open_path(Path(path_or_array), array)
     if not hasattr(path_or_array, "shape") or not hasattr(path_or_array, "dtype"):

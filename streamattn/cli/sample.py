@@ -13,20 +13,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from streamattn.kvcache import MultiHeadResult, open_source
+from streamattn.cli.common import (
+    HelpFormatter,
+    add_engine_flags,
+    add_quiet,
+    engine_from_args,
+    say,
+)
+from streamattn.config import EngineConfig, to_dict
+from streamattn.io.outputs import check_writable
 from streamattn.memory import peak_rss_bytes
 from streamattn.operators.sampler import METHODS, VARIANTS
-from streamattn.outputs import check_writable
-from streamattn.samplers import LeverageSample, SampleConfig, leverage_sample, save_samples
+from streamattn.recipes.samplers import (
+    LeverageSample,
+    SampleConfig,
+    leverage_sample,
+    save_samples,
+)
+from streamattn.results import MultiHeadResult
+from streamattn.sources import open_source
 
 
 def _named(result: LeverageSample | MultiHeadResult) -> dict[str, LeverageSample]:
     return result.named("sample") if isinstance(result, MultiHeadResult) else {"sample": result}
-
-
-def _say(args: argparse.Namespace, line: str) -> None:
-    if not getattr(args, "quiet", False):
-        print(line)
 
 
 def compute_and_save(
@@ -60,21 +69,18 @@ def compute_and_save(
                     for name, s in samples.items()},
     }
     save_samples(out, samples, report=report, overwrite=overwrite)
-    _say(args, f"streamattn: {len(samples)} leverage sample(s) in {seconds:.1f} s -> {out}")
+    say(args, f"streamattn: {len(samples)} leverage sample(s) in {seconds:.1f} s -> {out}")
     for name, s in samples.items():
         c = s.certificate
         measured = (f", measured spectral error {c['spectral_error']:.3g}"
                     if "spectral_error" in c else "")
-        _say(args, f"  {name}: {len(s)} of {c['n']} rows ({c['method']}, {c['variant']}), "
+        say(args, f"  {name}: {len(s)} of {c['n']} rows ({c['method']}, {c['variant']}), "
              f"eps {c['eps']:g} with failure bound {c['delta_bound']:.2g}{measured}")
     return samples
 
 
 def run(args: argparse.Namespace) -> int:
-    from streamattn.cli import _engine_from_args
-    from streamattn.config import EngineConfig
-
-    engine = _engine_from_args(EngineConfig(chunk_rows=args.chunk_rows), args)
+    engine = engine_from_args(EngineConfig(chunk_rows=args.chunk_rows), args)
     cfg = SampleConfig(args.eps, args.delta, args.method, args.variant, args.seed, args.check,
                        args.leaf_rows, args.fan_in, args.rtol, args.ridge)
     cfg.validate()
@@ -88,8 +94,6 @@ def run(args: argparse.Namespace) -> int:
 
 def run_config_sample(args: argparse.Namespace, cfg: Any, source: Any) -> None:
     """The ``sample:`` section of a run config, written to ``<output.dir>/sample``."""
-    from streamattn.config import to_dict
-
     compute_and_save(
         args, source, cfg.sample, out=Path(cfg.output.dir) / "sample",
         overwrite=cfg.output.overwrite or args.overwrite, config=to_dict(cfg),
@@ -99,15 +103,21 @@ def run_config_sample(args: argparse.Namespace, cfg: Any, source: Any) -> None:
 
 
 def add_parser(sub: Any) -> None:
-    from streamattn.cli import _add_engine_flags
-
     d = SampleConfig()
-    p = sub.add_parser("sample", help="weighted leverage sample: (1 +- eps) K^T K from one pass")
+    p = sub.add_parser(
+        "sample",
+        help="weighted leverage sample: (1 +- eps) K^T K from one pass",
+        description="A weighted key sample whose Gram is (1 +- eps) K^T K (affine: [K, 1]) "
+        "with probability >= 1 - delta, from one pass (docs/samplers.md).",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("input", help="zarr array/group or .npy file (a KV cache: every head)")
     p.add_argument("--eps", type=float, default=d.eps, help="relative spectral error")
     p.add_argument("--delta", type=float, default=d.delta, help="failure probability")
-    p.add_argument("--method", choices=list(METHODS), default=d.method)
-    p.add_argument("--variant", choices=list(VARIANTS), default=d.variant)
+    p.add_argument("--method", choices=list(METHODS), default=d.method,
+                   help="online (CMP online sampling) or merge-reduce (fixed merge tree)")
+    p.add_argument("--variant", choices=list(VARIANTS), default=d.variant,
+                   help="plain (K^T K) or affine ([K, 1]: every offset of the logits)")
     p.add_argument("--seed", type=int, default=d.seed, help="key of the keyed coins")
     p.add_argument("--check", action="store_true",
                    help="also measure the spectral error (exact factor in the same read)")
@@ -119,8 +129,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--array", help="key array name inside a zarr group (default keys)")
     p.add_argument("--heads", type=int, help="KV cache: split the key columns into H heads")
     p.add_argument("--chunk-rows", type=int, help="rows per block (default: storage-aligned)")
-    _add_engine_flags(p)
+    add_engine_flags(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_quiet(p)
     p.set_defaults(func=run)

@@ -34,8 +34,8 @@ import numpy as np
 
 from streamattn.engines import run_operators
 from streamattn.errors import ConfigError, InvalidInputError
-from streamattn.kvcache import MultiHead, MultiHeadResult, MultiHeadSource, open_source
 from streamattn.operators.leverage import DEFAULT_RTOL, ScoringMap, stack_qr
+from streamattn.operators.multihead import MultiHead
 from streamattn.operators.projection import CentredFactor, CentredFactorResult, CentredFactorSpec
 from streamattn.operators.sampler import (
     METHODS,
@@ -48,8 +48,8 @@ from streamattn.operators.sampler import (
     merge_reduce_oversampling,
     online_oversampling,
 )
-from streamattn.source import KeySource
-from streamattn.universal import UniversalSet, versions
+from streamattn.results import MultiHeadResult, UniversalSet, versions
+from streamattn.sources import KeySource, MultiHeadSource, open_source
 
 __all__ = [
     "LeverageSample",
@@ -91,7 +91,7 @@ class SampleConfig:
     seed: int = 0
     check: bool = False
     leaf_rows: int | None = None
-    fan_in: int = 4
+    fan_in: int = 8
     rtol: float = DEFAULT_RTOL
     ridge: float = 0.0
 
@@ -242,7 +242,7 @@ def plan_spec(
     seed: int,
     parts: int = 1,
     leaf_rows: int | None = None,
-    fan_in: int = 4,
+    fan_in: int = 8,
     rtol: float = DEFAULT_RTOL,
     ridge: float = 0.0,
 ) -> SamplerSpec:
@@ -299,7 +299,7 @@ def leverage_sample(
     array: str | None = None,
     heads: int | None = None,
     leaf_rows: int | None = None,
-    fan_in: int = 4,
+    fan_in: int = 8,
     rtol: float = DEFAULT_RTOL,
     ridge: float = 0.0,
     **engine_options: Any,
@@ -422,7 +422,7 @@ def approximate_universal_set(
         "sum_scores": res["sum_scores"],
         "sample_eps": eps_s,
         "sample_delta_bound": sample.certificate.get("delta_bound"),
-        "size_bound": source.d * (1 + eps_s) / ((1 - eps_s) * eps),
+        "size_bound": (source.d + sample.affine) * (1 + eps_s) / ((1 - eps_s) * eps),
         "guarantee": (
             "proved on the sample's event (prob >= 1 - sample_delta_bound): contains "
             "{tau_j >= eps} (no false negatives); scores are tau-hat in "
@@ -441,7 +441,7 @@ def save_samples(out: Any, samples: dict[str, LeverageSample], *, report: dict[s
     import zarr
 
     from streamattn.errors import OutputWriteError
-    from streamattn.outputs import atomic_dir, write_arrays, write_json_atomic
+    from streamattn.io.outputs import atomic_dir, write_arrays, write_json_atomic
 
     try:
         with atomic_dir(out, overwrite=overwrite) as tmp:
