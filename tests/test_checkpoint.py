@@ -313,6 +313,7 @@ def test_store_changed_during_the_run_is_refused(
         if len(seen) == 6:  # another process appends rows mid-run
             arr = zarr.open_array(str(store), mode="r+")
             arr.resize((N + 10, D))
+            arr[N:] = 0.5
         return original(self, start, stop)
 
     monkeypatch.setattr(KeySource, "read", read)

@@ -23,7 +23,7 @@ from streamattn.cli.common import (
 from streamattn.config import RunConfig, load_config, to_dict
 from streamattn.engines import run_operators
 from streamattn.io.checkpoint import Checkpointer
-from streamattn.io.outputs import atomic_dir, check_writable, write_json_atomic
+from streamattn.io.outputs import atomic_dir, check_writable, claim_output, write_json_atomic
 from streamattn.memory import peak_rss_bytes
 from streamattn.recipes.embeddings import (
     ReduceConfig,
@@ -63,26 +63,32 @@ def run(args: argparse.Namespace) -> int:
     if cfg.input.generate is not None:
         _, made = ensure_store(path, cfg.input.generate)
         say(args, f"streamattn: {'generated' if made else 'using cached'} store {path}")
-    source = open_source(path, array=cfg.input.array, heads=cfg.input.heads)
+    source = open_source(path, array=cfg.input.array, heads=cfg.input.heads,
+                         fill_missing=cfg.input.fill_missing_chunks)
     say(args, f"streamattn: {source.label}: n = {source.n}, d = {source.d}, {source.dtype}")
     named = {s.name: s.selection() for s in cfg.select}
-    if cfg.reduce is not None:  # universal sets + embeddings from one shared read
-        return run_select_and_reduce(args, cfg, source, named)
-    compute_and_save(
-        args,
-        source,
-        named,
-        out=Path(cfg.output.dir),
-        overwrite=cfg.output.overwrite or args.overwrite,
-        chunk_rows=cfg.engine.chunk_rows,
-        engine=cfg.engine.kind,
-        config=to_dict(cfg),
-        progress=cfg.progress and not args.quiet,
-        engine_options=cfg.engine.options(),
-        checkpoint=Checkpointer.from_config(cfg.checkpoint, cfg.output.dir, resume=args.resume),
-        heads=cfg.input.heads,
-        array=cfg.input.array,
-    )
+    out, overwrite = Path(cfg.output.dir), cfg.output.overwrite or args.overwrite
+    with claim_output(out, overwrite):  # checked, locked and repaired before any work
+        if out.exists() and not args.overwrite:  # overwrite came from the config
+            say(args, f"streamattn: replacing {out}, the output of an earlier streamattn "
+                "run (output.overwrite: true)")
+        if cfg.reduce is not None:  # universal sets + embeddings from one shared read
+            return run_select_and_reduce(args, cfg, source, named)
+        compute_and_save(
+            args,
+            source,
+            named,
+            out=out,
+            overwrite=overwrite,
+            chunk_rows=cfg.engine.chunk_rows,
+            engine=cfg.engine.kind,
+            config=to_dict(cfg),
+            progress=cfg.progress and not args.quiet,
+            engine_options=cfg.engine.options(),
+            checkpoint=Checkpointer.from_config(cfg.checkpoint, out, resume=args.resume),
+            heads=cfg.input.heads,
+            array=cfg.input.array,
+        )
     if cfg.sample is not None:  # a leverage sample into <output.dir>/sample (cli/sample.py)
         from streamattn.cli.sample import run_config_sample
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from streamattn.cli.common import (
@@ -15,6 +14,7 @@ from streamattn.cli.common import (
 )
 from streamattn.config import EngineConfig
 from streamattn.io.checkpoint import CheckpointConfig, Checkpointer
+from streamattn.io.outputs import claim_output
 from streamattn.recipes.selection import Selection
 from streamattn.sources import open_source
 
@@ -42,31 +42,35 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--heads", type=int, help="KV cache: split the key columns into H heads")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--fill-missing-chunks", action="store_true",
+                   help="read missing zarr chunk files as the fill value (default: an error)")
     add_quiet(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     engine = engine_from_args(EngineConfig(chunk_rows=args.chunk_rows), args)
-    source = open_source(args.input, array=args.array, heads=args.heads)
+    source = open_source(args.input, array=args.array, heads=args.heads,
+                         fill_missing=args.fill_missing_chunks)
     sel = Selection(args.eps, args.variant, args.budget, args.rtol, args.p)
     sel.check(source.n)
     name = f"{args.variant}" + (f"-eps{args.eps:g}" if args.eps else "") + (
         f"-top{args.budget}" if args.budget else ""
     ) + (f"-p{args.p:g}" if args.p != 2 else "")
-    compute_and_save(
-        args,
-        source,
-        {name: sel},
-        out=Path(args.out),
-        overwrite=args.overwrite,
-        chunk_rows=args.chunk_rows,
-        engine=engine.kind,
-        config={"command": "select", **{k: v for k, v in vars(args).items() if k != "func"}},
-        progress=not args.quiet,
-        engine_options=engine.options(),
-        checkpoint=Checkpointer.from_config(CheckpointConfig(), args.out, resume=args.resume),
-        heads=args.heads,
-        array=args.array,
-    )
+    with claim_output(args.out, args.overwrite) as out:  # checked and locked before work
+        compute_and_save(
+            args,
+            source,
+            {name: sel},
+            out=out,
+            overwrite=args.overwrite,
+            chunk_rows=args.chunk_rows,
+            engine=engine.kind,
+            config={"command": "select", **{k: v for k, v in vars(args).items() if k != "func"}},
+            progress=not args.quiet,
+            engine_options=engine.options(),
+            checkpoint=Checkpointer.from_config(CheckpointConfig(), out, resume=args.resume),
+            heads=args.heads,
+            array=args.array,
+        )
     return 0

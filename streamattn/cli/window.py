@@ -39,12 +39,18 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    check_writable(out, args.overwrite)
     src = open_keys(args.input, array=args.array)
+    check_writable(out, args.overwrite)  # after the open: the input is registered
     sw = SlidingWindow(args.window, args.block, args.eps, variant=args.variant)
     every = args.every or src.n
     if every < 1:
         raise ConfigError(f"--every must be >= 1, got {every}.")
+    if args.every is not None and every % args.block:
+        raise ConfigError(
+            f"--every {every} is not a multiple of --block {args.block}: the set is only "
+            "known after whole blocks; use a multiple such as "
+            f"{args.block * max(1, every // args.block)}."
+        )
     checkpoints: list[dict[str, Any]] = []
     for block in src.blocks(args.block):
         sw.append(block.rows, block.values)

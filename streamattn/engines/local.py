@@ -38,9 +38,10 @@ def run_local(
     if checkpoint is not None:
         chunk_rows = chunk_rows if chunk_rows is not None else source.default_chunk_rows()
         start = checkpoint.begin(source, ops, start=start, stop=stop, chunk_rows=chunk_rows)
+    folded = ops if checkpoint is None else [*ops, checkpoint.reads]  # + read checksums
     with progress_bar(stop - start, description, enabled=progress) as bar:
         for block in source.blocks(chunk_rows, start=start, stop=stop, prefetch=prefetch):
-            for op in ops:
+            for op in folded:
                 op.update(block)
             bar.update(block.rows.shape[0])
             if checkpoint is not None:

@@ -17,8 +17,12 @@ threshold) and scores equal to ~1e-12 relative.
 Budget mode is honest about its cost: when the top-B cannot be certified from the
 one-pass state, the second pass (top-B by the final scoring map) needs every row again,
 so it rereads the whole store; the report says so (``update.second_pass_reread_rows``).
-The store is assumed append-only: rows before ``n_old`` rewritten in place are not
-detected (only the shape is checked).
+The store must only have grown: ``state.npz`` also records the CRC-32 of every block
+folded into it and the stamps of the store's files (``streamattn.io.readlog``), and the
+update first verifies that rows ``[0, n_old)`` are unchanged — re-reading only blocks
+whose files were written since (for an appended store, the last partial chunk) — so a
+store rewritten in place, or another store of the same width, is refused with the first
+changed block's rows. The output is locked for the whole update (``streamattn.io.safety``).
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ from typing import Any
 from streamattn.errors import InvalidInputError, StateFormatError
 from streamattn.io.checkpoint import (
     Checkpointer,
-    Record,
     pack_operators,
     read_state_file,
+    split_reads,
     unpack_operators,
     write_state_file,
 )
+from streamattn.io.readlog import stamps_to_json, verify_read
+from streamattn.io.safety import output_lock, refuse_overlap
 
 STATE_FILE = "state.npz"
 
@@ -58,7 +64,10 @@ def state_writer(
         return None
     rec = checkpoint.finals[0]
     meta = {
-        "n_ops": len(rec.ops),
+        "format": 2,
+        "reads": rec.reads is not None,
+        "stamps": stamps_to_json(rec.stamps),
+        "n_ops": len(rec.ops) + (rec.reads is not None),
         "position": rec.position,
         "chunk_rows": rec.chunk_rows,
         "fingerprint": rec.fingerprint,
@@ -70,8 +79,10 @@ def state_writer(
     if len(rec.ops) != len(named):
         return None  # a run whose pass 1 is not one operator per selection (e.g. l_p sets)
 
+    ops = [*rec.ops, rec.reads] if rec.reads is not None else rec.ops
+
     def write(tmp: Path) -> None:
-        write_state_file(tmp / STATE_FILE, pack_operators(rec.ops, meta))
+        write_state_file(tmp / STATE_FILE, pack_operators(ops, meta))
 
     return write
 
@@ -106,6 +117,13 @@ def update_output(
     Returns ``{"sets": {name: UniversalSet}, "report": {...}}``; ``sets`` is empty when no
     rows were appended (then nothing is rewritten).
     """
+    with output_lock(out):
+        return _update_output(out, store, progress=progress, engine=engine, **engine_options)
+
+
+def _update_output(
+    out: str | Path, store: Any, *, progress: bool, engine: str, **engine_options: Any
+) -> dict[str, Any]:
     from streamattn.recipes.selection import Selection
     from streamattn.recipes.universal import save_universal_sets, universal_sets
     from streamattn.results import flatten_results
@@ -113,7 +131,8 @@ def update_output(
 
     meta, ops = load_state(out)
     source = open_source(store, array=meta["array"], heads=meta["heads"])
-    saved = Record(ops, int(meta["position"]), int(meta["chunk_rows"]), meta["fingerprint"])
+    refuse_overlap(out)
+    saved = split_reads(meta, ops, Path(out) / STATE_FILE)
     n_old, n_new = saved.position, source.n
     if n_new < n_old:
         raise InvalidInputError(
@@ -121,7 +140,9 @@ def update_output(
             f"{out}; rows were removed or the store was replaced. Run from scratch instead."
         )
     report: dict[str, Any] = {"update": {"rows_before": n_old, "rows_after": n_new}}
-    if n_new == n_old:
+    if n_new == n_old:  # nothing to fold, but say "up to date" only for the same rows
+        if saved.reads is not None:
+            verify_read(source, saved.reads, saved.stamps, f"{Path(out) / STATE_FILE}")
         return {"sets": {}, "report": report}
     named = {name: Selection(**fields) for name, fields in meta["selections"]}
     ckpt = Checkpointer(None, initial={0: saved})

@@ -176,7 +176,7 @@ class LewisPass(Operator):
         xs = x * reweight_scale(w_new, spec.p)[:, None]
         # The leverage operator's preconditioned Cholesky update when it is as accurate as
         # Householder (well-conditioned factor, moderate growth), else TSQR.
-        fast = fast_factor_update(self.r, xs, False)
+        fast = fast_factor_update(self.r, xs)
         self.r = fast.r if fast is not None else stack_qr(self.r, xs)
         self._fold_stats(
             np.array([w_new.sum(), change.max(initial=0.0), w_new.max(initial=0.0)]),

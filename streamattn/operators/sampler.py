@@ -657,17 +657,20 @@ class LeverageSampler(Operator):
 # ---------------------------------------------------------------------------- second pass
 @dataclass(frozen=True)
 class ApproxLeverageSpec:
-    """Keep rows with ‖x̃ W‖² ≥ threshold for a fixed map W (x̃ = [x, 1] when affine)."""
+    """Keep rows with ‖(x − shift) W‖² + offset ≥ threshold for a fixed map (affine maps
+    carry their centring shift μ̃ and offset 1/W̃: ``LeverageSample.scoring_map``)."""
 
     w: np.ndarray
     threshold: float
-    affine: bool = False
+    shift: np.ndarray | None = None
+    offset: float = 0.0
 
 
 class ApproxLeverage(Operator):
     """Mergeable threshold collector for approximate leverage scores from a sample.
 
-    With W from a sample with (1 ± ε) spectral error, ‖x̃W‖² ∈ [τ/(1 + ε), τ/(1 − ε)].
+    With the map of a sample with (1 ± ε) spectral error, the score is in
+    [τ/(1 + ε), τ/(1 − ε)].
     Memory: O(|kept|·d + d²); |kept| ≤ Σ scores / threshold.
     """
 
@@ -700,7 +703,7 @@ class ApproxLeverage(Operator):
             self.rows = np.zeros((0, block.rows.shape[1]))
             if block.values is not None:
                 self.values = np.zeros((0, block.values.shape[1]))
-        s = map_scores(block.rows, self.spec.w, self.spec.affine)
+        s = map_scores(block.rows, self.spec.w, self.spec.shift, self.spec.offset)
         self.total += float(s.sum())
         sel = np.flatnonzero(s >= self.spec.threshold)
         vals = None if block.values is None else np.asarray(block.values[sel], np.float64)

@@ -25,6 +25,7 @@ Uses, each a corollary of the spectral bound (so each holds with the same 1 − 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -171,28 +172,26 @@ class LeverageSample:
         logits = q @ np.asarray(self.rows, dtype=np.float64).T + offset
         return (logits**2) @ self.weights
 
-    def scoring_map(self, rtol: float = DEFAULT_RTOL) -> np.ndarray:
-        """W with ‖x̃ W‖² = x̃ G̃⁺ x̃ᵀ (affine: rows d + 1, the constant last, as
-        ``streamattn.operators.leverage.map_scores`` applies it; scored via the centred form)."""
+    def scoring_map(self, rtol: float = DEFAULT_RTOL) -> ScoringMap:
+        """The map with ‖(x − shift) W‖² + offset = x̃ G̃⁺ x̃ᵀ (plain: no shift, offset 0;
+        affine: W from the weighted-centred sample factor, shift μ̃, offset 1/W̃ — the exact
+        centred identity for [x, 1], stable when the common offset dwarfs the spread)."""
         x = np.asarray(self.rows, dtype=np.float64)
         d = x.shape[1]
         sw = np.sqrt(self.weights)[:, None]
         if not self.affine:
-            return ScoringMap.from_factor(stack_qr(sw * x), rtol, d).w
+            return ScoringMap.from_factor(stack_qr(sw * x), rtol, d)
         total = float(self.weights.sum())
         mean = self.weights @ x / total
-        wc = ScoringMap.from_factor(stack_qr(sw * (x - mean)), rtol, d).w
-        out = np.zeros((d + 1, wc.shape[1] + 1))
-        out[:d, : wc.shape[1]] = wc
-        out[d, : wc.shape[1]] = -mean @ wc
-        out[d, -1] = 1.0 / math.sqrt(total)
-        return out
+        wc = ScoringMap.from_factor(stack_qr(sw * (x - mean)), rtol, d)
+        return dataclasses.replace(wc, rank=wc.rank + 1, shift=mean, offset=1.0 / total)
 
     def leverage(self, rows: np.ndarray, rtol: float = DEFAULT_RTOL) -> np.ndarray:
         """Approximate leverage k̃ᵀG̃⁺k̃ of any rows: within [τ/(1 + ε), τ/(1 − ε)]."""
         from streamattn.operators.leverage import map_scores
 
-        return map_scores(np.asarray(rows, dtype=np.float64), self.scoring_map(rtol), self.affine)
+        smap = self.scoring_map(rtol)
+        return map_scores(np.asarray(rows, dtype=np.float64), smap.w, smap.shift, smap.offset)
 
     def pca(self, m: int) -> tuple[Any, np.ndarray]:
         """(ProjectionMap, μ̃): top-m principal directions of the sample's weighted centred
@@ -404,9 +403,10 @@ def approximate_universal_set(
         raise ConfigError(f"eps must be in (0, 1], got {eps!r}.")
     eps_s = float(sample.certificate["eps"])
     threshold = eps / (1.0 + eps_s)
+    smap = sample.scoring_map(rtol)
     (op,) = run_operators(
         source,
-        [ApproxLeverage(ApproxLeverageSpec(sample.scoring_map(rtol), threshold, sample.affine))],
+        [ApproxLeverage(ApproxLeverageSpec(smap.w, threshold, smap.shift, smap.offset))],
         engine=engine, chunk_rows=chunk_rows, progress=progress,
         description="approximate leverage", **engine_options,
     )

@@ -50,6 +50,7 @@ from streamattn.operators.leverage import (
     augment,
     stack_qr,
 )
+from streamattn.operators.projection import centred_factor_result
 from streamattn.sources import Block
 
 
@@ -62,6 +63,7 @@ class _Done:
     idx: np.ndarray
     rows: np.ndarray
     values: np.ndarray | None
+    n: int  # rows folded into ``r``
 
 
 @dataclass
@@ -163,7 +165,8 @@ class SlidingWindow:
             if self.t % self.block == 0:
                 st = self.current._state()
                 self.done.append(
-                    _Done(self.t - self.block, st["r"], st["idx"], st["rows"], st.get("values"))
+                    _Done(self.t - self.block, st["r"], st["idx"], st["rows"], st.get("values"),
+                          self.block)
                 )
                 self.current = self._fresh()
         while self.done and self.done[0].start < self.window_start:
@@ -178,13 +181,17 @@ class SlidingWindow:
         if self.current.n_rows:
             st = self.current._state()
             parts.append(_Done(self.t - self.current.n_rows, st["r"], st["idx"], st["rows"],
-                               st.get("values")))
-        r = stack_qr(*[p.r for p in parts])
-        smap = ScoringMap.from_factor(r, self.rtol, r.shape[1])
+                               st.get("values"), self.current.n_rows))
+        r = stack_qr(*[p.r for p in parts])  # affine: TSQR of the [1, K] factors
+        if self.variant == "affine":
+            n = sum(p.n for p in parts)
+            smap = ScoringMap.from_centred(centred_factor_result(r, n), self.rtol)
+        else:
+            smap = ScoringMap.from_factor(r, self.rtol, r.shape[1])
         idx = np.concatenate([p.idx for p in parts])
         rows = np.vstack([p.rows for p in parts])
         with_values = all(p.values is not None for p in parts)
-        scores = smap.scores(augment(rows, self.variant == "affine"))
+        scores = smap.scores(augment(rows, False))
         keep = scores >= self.eps
         values = np.vstack([p.values for p in parts])[keep] if with_values else None
         cert = {

@@ -39,6 +39,17 @@ from streamattn.recipes.selection import (
 from streamattn.results import MultiHeadResult, UniversalSet, versions
 from streamattn.sources import KeySource, MultiHeadSource, open_keys
 
+#: How the factor behind each variant's scores is computed (certificate field).
+FACTORISATION = {
+    "plain": "float64 QR-type factor: Householder QR, then preconditioned Cholesky updates "
+    "R <- chol(I + Y^T Y) R, Y = X R^-1 (cond(R) <= 1e8, growth <= 1e4, else Householder); "
+    "pseudo-inverse on the numerical range",
+    "affine": "float64 Householder TSQR of [1, K]: the mean and the centred factor R_c "
+    "(R_c^T R_c = scatter); scores 1/n + |(k - mu) R_c^+|^2, numerical rank, sigma_max and "
+    "rank_abs_tol of R_c (independent of a common key offset); numerical_rank counts the "
+    "constant direction too",
+}
+
 
 def _certificate(
     source: KeySource,
@@ -73,9 +84,7 @@ def _certificate(
         "pruning_threshold": threshold,
         "chunk_rows": chunk_rows,
         "passes": passes,
-        "factorisation": "float64 QR-type factor: Householder QR, then preconditioned "
-        "Cholesky updates R <- chol(I + Y^T Y) R, Y = X R^-1 (cond(R) <= 1e8, growth <= 1e4, "
-        "else Householder); pseudo-inverse on the numerical range",
+        "factorisation": FACTORISATION[variant],
         "guarantee": GUARANTEE[variant],
         "softmax": SOFTMAX_NOTE,
         "source": source.describe(),
@@ -167,8 +176,10 @@ def _universal_sets(
     second: dict[int, TopScores] = {}
     for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True)):
         if needs_second_pass(sel, t, res):
-            w = res["scoring_map"].w
-            second[i] = TopScores(TopScoresSpec(sel.budget, w, sel.variant == "affine"))
+            smap = res["scoring_map"]
+            second[i] = TopScores(TopScoresSpec(
+                sel.budget, smap.w, sel.variant == "affine", smap.shift, smap.offset
+            ))
     if second:
         run_operators(src, list(second.values()), description="top-B", **run)
     return [
@@ -273,7 +284,9 @@ def multihead_universal_sets(
             second[i] = MultiHead.of(
                 [
                     [TopScores(TopScoresSpec(sel.budget, head["scoring_map"].w,
-                                             sel.variant == "affine"))
+                                             sel.variant == "affine",
+                                             head["scoring_map"].shift,
+                                             head["scoring_map"].offset))
                      for head in row]
                     for row in res
                 ]

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from streamattn.errors import ConfigError, InvalidInputError
+from streamattn.io.safety import register_input
+from streamattn.sources.chunkfiles import ChunkFiles, missing_chunk_message
 from streamattn.sources.keys import (
     DEFAULT_BLOCK_ROWS,
     TARGET_BLOCK_BYTES,
@@ -208,6 +210,7 @@ class MultiHeadSource(BlockStream):
         label: str,
         path: str | None = None,
         array_name: str | None = None,
+        fill_missing: bool = False,
     ) -> None:
         if keys.n == 0:
             raise InvalidInputError(f"{label}: the cache has n = 0 rows; nothing to do.")
@@ -237,6 +240,32 @@ class MultiHeadSource(BlockStream):
             "split",
             "layers",
         ) else None
+        self.fill_missing = bool(fill_missing)
+        axis = {"lhnd": 2, "hnd": 1}.get(keys.layout, 0)
+        self._files = [
+            (files, what)
+            for part, what in ((keys, "key"), (values, "value"))
+            if part is not None
+            for files in (ChunkFiles.of(a, axis) for a in part.arrays)
+            if files is not None
+        ]
+        if not self.fill_missing:
+            self._check_chunks(0, self.n)
+
+    def _check_chunks(self, start: int, stop: int) -> None:
+        """Every chunk file holding rows ``[start, stop)`` exists (zarr on local disk)."""
+        for files, what in self._files:
+            found = files.first_missing(start, stop)
+            if found is not None:
+                raise InvalidInputError(missing_chunk_message(self.label, what, found))
+
+    def row_files(self, start: int, stop: int) -> list[str] | None:
+        """The files holding rows ``[start, stop)`` (None: not files on local disk)."""
+        if self._files:
+            return [str(f) for files, _ in self._files for f in files.files(start, stop)]
+        if self.path is not None and Path(self.path).is_file():
+            return [self.path]
+        return None
 
     def head(self, layer: int, head: int) -> HeadView:
         return HeadView(self, layer, head)
@@ -282,6 +311,8 @@ class MultiHeadSource(BlockStream):
                 f"{self.label}: could not read {what} rows [{start}, {stop}): "
                 f"{type(exc).__name__}: {exc}. The chunk holding these rows may be corrupt."
             ) from exc
+        if not self.fill_missing:
+            self._check_chunks(start, stop)
         bad = ~np.isfinite(rows)
         if bad.any():
             r, layer, head = np.argwhere(bad.any(axis=3))[0]
@@ -350,8 +381,8 @@ def is_multihead(path_or_array: Any, array: str | None = None) -> bool:
     return shape is not None and len(shape) == 4
 
 
-def open_kv(path_or_array: Any, *, heads: int | None = None, array: str | None = None
-            ) -> MultiHeadSource:
+def open_kv(path_or_array: Any, *, heads: int | None = None, array: str | None = None,
+            fill_missing: bool = False) -> MultiHeadSource:
     """Open a KV cache read-only (see the module docstring for the layouts).
 
     Parameters
@@ -364,6 +395,8 @@ def open_kv(path_or_array: Any, *, heads: int | None = None, array: str | None =
     array
         The key entry of a zarr group (default ``"keys"``: an array or a group of
         ``layer_{l}`` arrays).
+    fill_missing
+        Read missing zarr chunk files as the fill value instead of refusing the store.
 
     Examples
     --------
@@ -393,16 +426,22 @@ def open_kv(path_or_array: Any, *, heads: int | None = None, array: str | None =
     label = str(path)
     if not path.exists():
         raise InvalidInputError(f"{label}: no such file or directory.")
+    register_input(path)  # outputs must never be written into, over or around it
     if path.is_file():
         if path.suffix != ".npy":
             raise InvalidInputError(f"{label}: expected a .npy file or a zarr directory.")
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:  # truncated, object dtype (needs pickle), not an .npy
+            raise InvalidInputError(f"{label}: cannot read as .npy: {exc}") from exc
         return MultiHeadSource(_part_of_array(arr, heads, label), label=label, path=label)
     import zarr
 
+    fill = {"fill_missing": fill_missing}
     node = _zarr_node(path)
     if isinstance(node, zarr.Array):
-        return MultiHeadSource(_part_of_array(node, heads, label), label=label, path=label)
+        return MultiHeadSource(_part_of_array(node, heads, label), label=label, path=label,
+                               **fill)
     name = array or "keys"
     if name not in node:
         raise InvalidInputError(f"{label}: zarr group has no {name!r} entry.")
@@ -410,13 +449,26 @@ def open_kv(path_or_array: Any, *, heads: int | None = None, array: str | None =
     where = f"{label}[{name}]"
     if isinstance(entry, zarr.Array):
         return MultiHeadSource(
-            _part_of_array(entry, heads, where), label=where, path=label, array_name=name
+            _part_of_array(entry, heads, where), label=where, path=label, array_name=name,
+            **fill,
         )
     if heads is None:
-        declared = dict(entry.attrs).get("heads", dict(node.attrs).get("heads"))
-        heads = None if declared is None else int(declared)
+        heads = _declared_heads(entry, node, where)
     keys = _part_of_layers(entry, heads, where)
     values = None
     if name == "keys" and "values" in node and isinstance(node["values"], zarr.Group):
         values = _part_of_layers(node["values"], keys.heads, f"{label}[values]")
-    return MultiHeadSource(keys, values=values, label=where, path=label, array_name=name)
+    return MultiHeadSource(keys, values=values, label=where, path=label, array_name=name, **fill)
+
+
+def _declared_heads(entry: Any, node: Any, where: str) -> int | None:
+    """The ``heads`` attribute of a per-layer group (or its parent): a whole number >= 1."""
+    declared = dict(entry.attrs).get("heads", dict(node.attrs).get("heads"))
+    if declared is None:
+        return None
+    if isinstance(declared, bool) or not isinstance(declared, int) or declared < 1:
+        raise InvalidInputError(
+            f"{where}: the 'heads' attribute must be a whole number >= 1, got {declared!r}; "
+            "fix the attribute or declare the head count (heads: H / --heads H)."
+        )
+    return declared

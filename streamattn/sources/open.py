@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamattn.sources.keys import KeySource, open_key_source
+from streamattn.sources.keys import KeySource, check_array_name, open_key_source
 from streamattn.sources.kvcache import MultiHeadSource, is_multihead, open_kv
 
 
-def open_keys(path_or_array: Any, array: str | None = None) -> Any:
+def open_keys(path_or_array: Any, array: str | None = None, *, fill_missing: bool = False
+              ) -> Any:
     """Open a key store read-only and validate its shape and dtype.
 
     A whole KV cache (a 4-D array, or a zarr group of ``keys/layer_{l}`` arrays) is
@@ -23,6 +24,9 @@ def open_keys(path_or_array: Any, array: str | None = None) -> Any:
         an existing ``KeySource`` (returned as is).
     array
         Name of the key array inside a zarr group (default ``"keys"``).
+    fill_missing
+        Read missing zarr chunk files as the fill value (default: a missing chunk file
+        is an error naming the chunk and its rows).
 
     Examples
     --------
@@ -33,16 +37,20 @@ def open_keys(path_or_array: Any, array: str | None = None) -> Any:
     """
     if isinstance(path_or_array, KeySource):
         return path_or_array
+    if array is not None:
+        check_array_name(array)
     if is_multihead(path_or_array, array):
-        return open_kv(path_or_array, array=array)
-    return open_key_source(path_or_array, array)
+        return open_kv(path_or_array, array=array, fill_missing=fill_missing)
+    return open_key_source(path_or_array, array, fill_missing=fill_missing)
 
 
 def open_source(
-    path_or_array: Any, *, array: str | None = None, heads: int | None = None
+    path_or_array: Any, *, array: str | None = None, heads: int | None = None,
+    fill_missing: bool = False,
 ) -> KeySource | MultiHeadSource:
     """``open_kv`` when ``heads`` is declared or the input is a cache, else ``open_keys``."""
     if heads is not None:
-        return open_kv(path_or_array, heads=heads, array=array)
-    out: KeySource | MultiHeadSource = open_keys(path_or_array, array=array)
+        return open_kv(path_or_array, heads=heads, array=array, fill_missing=fill_missing)
+    out: KeySource | MultiHeadSource = open_keys(path_or_array, array=array,
+                                                 fill_missing=fill_missing)
     return out
