@@ -19,6 +19,7 @@ from streamattn.cli import (
     inspect,
     reduce,
     run,
+    sample,
     select,
     update,
     window,
@@ -27,7 +28,9 @@ from streamattn.cli.common import HelpFormatter
 from streamattn.errors import StreamattnError
 
 #: The commands, in the order ``streamattn --help`` lists them.
-COMMANDS = (run, select, generate, update, evaluate, reduce, inspect, window, bench, experiment)
+COMMANDS = (
+    run, select, sample, generate, update, evaluate, reduce, inspect, window, bench, experiment,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
