@@ -133,6 +133,7 @@ def test_scaling_quick_config(tmp_path: Path) -> None:
     for r in rows:
         by_n.setdefault(r["n"], []).append({k: v for k, v in r.items() if k != "source"})
     assert all(len(v) == 2 and v[0] == v[1] for v in by_n.values())  # same rows, same results
+    assert all(0 < int(r["sample_size"]) <= int(r["sample_size_bound"]) for r in rows)
     meas = read_csv(tmp_path / "a" / "measurements.csv")
     assert all(int(m["peak_rss_bytes"]) > 0 and float(m["seconds"]) > 0 for m in meas)
     assert list(stores.iterdir()) == []  # stores removed after use
