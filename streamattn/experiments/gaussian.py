@@ -20,10 +20,11 @@ missing share is ≤ ``regime_missing_mass`` and the expected total heavy count 
 predicted) is ≥ ``regime_min_total`` (so sampling noise stays at a few %).
 
 Data: keys stream from ``GaussianRows`` (generated per chunk from the seed), through
-``SparsityStats`` on the local engine; all σ share one pass (their queries are stacked:
-q = c_σ z with the same z, common random numbers), and the n sweep is one pass with a
-snapshot of the (mergeable, exact) state at each n, since the first n rows of the
-stream are the keys of size n.
+``SparsityStats`` on the local engine (``run_local`` with row ranges: the runner reads
+whole sources, and the n sweep needs the state at each prefix); all σ share one pass
+(their queries are stacked: q = c_σ z with the same z, common random numbers), and the n
+sweep is one pass with a snapshot of the (mergeable, exact) state at each n, since the
+first n rows of the stream are the keys of size n.
 """
 
 from __future__ import annotations

@@ -352,6 +352,9 @@ def _plots(meas: list[dict[str, Any]], out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         if key == "universal_set_size":
             ax.set_yscale("symlog", linthresh=1)
+            ax.set_ylim(0, None)
+        if key == "cpu_ns_per_row":
+            ax.set_yscale("log")
     axes[0][0].legend(fontsize=7)
     save_figure(fig, out / "scaling.png")
     return ["scaling.png"]
