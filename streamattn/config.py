@@ -26,6 +26,7 @@ from streamattn.io.checkpoint import CheckpointConfig
 from streamattn.recipes.embeddings import ReduceConfig
 from streamattn.recipes.samplers import SampleConfig
 from streamattn.recipes.selection import Selection
+from streamattn.runner import parse_bytes
 from streamattn.sources.keys import check_array_name
 from streamattn.synthetic import SyntheticSpec
 
@@ -75,11 +76,14 @@ class EngineConfig:
     ``streamattn.engines.dask_engine.DaskOptions``): ``scheduler`` (``threads``,
     ``local-cluster`` or ``tcp://host:port``), ``n_workers``, ``threads_per_worker``,
     ``split_every``, ``blocks_per_task``, ``retries``, ``timeout`` (seconds) and
-    ``dashboard``.
+    ``dashboard``. ``memory_limit`` (any engine; bytes or a size such as ``4GiB``): a
+    plan whose projected peak (operator bounds plus blocks in flight) exceeds it is
+    refused before any read.
     """
 
     kind: str = "local"
     chunk_rows: int | None = None
+    memory_limit: int | str | None = None
     scheduler: str = DaskOptions.scheduler
     n_workers: int | None = None
     threads_per_worker: int | None = None
@@ -100,6 +104,10 @@ class EngineConfig:
             raise ConfigError(f"engine.kind must be one of {list(ENGINES)}, got {self.kind!r}.")
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise ConfigError(f"engine.chunk_rows must be >= 1, got {self.chunk_rows}.")
+        try:
+            parse_bytes(self.memory_limit)
+        except ConfigError as exc:
+            raise ConfigError(f"engine.{exc}") from exc
         if self.kind == "dask":  # the dask keys are ignored by the local engine
             DaskOptions.from_kwargs(self.options()).check()
 

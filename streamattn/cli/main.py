@@ -14,6 +14,7 @@ from streamattn import __version__
 from streamattn.cli import (
     bench,
     evaluate,
+    experiment,
     generate,
     inspect,
     reduce,
@@ -27,7 +28,9 @@ from streamattn.cli.common import HelpFormatter
 from streamattn.errors import StreamattnError
 
 #: The commands, in the order ``streamattn --help`` lists them.
-COMMANDS = (run, select, sample, generate, update, evaluate, reduce, inspect, window, bench)
+COMMANDS = (
+    run, select, sample, generate, update, evaluate, reduce, inspect, window, bench, experiment,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
