@@ -9,7 +9,7 @@ up to ``zarr_max_n``) a *fresh subprocess* streams the keys once through
   block and not stored, so the time is the projection's, not a disk write's),
 - ``GroundTruth`` (exact heavy entries of ``gt_queries`` queries),
 
-all sharing each read block (``universal_sets(..., also=[...])``), and reports the time
+all sharing each read block (the runner fuses the recipes into one read), and reports the time
 per row, |U|, the heavy/candidate counts and its peak RSS (``streamattn.memory``). For
 zarr sources it then times a raw read of the same store (blocks only, no operators):
 engine time / raw read time says how far the pass is from the reading limit. The
@@ -121,7 +121,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     from streamattn.operators.projection import ProjectionMap
     from streamattn.recipes.embeddings import ReduceConfig, projection_operator
     from streamattn.recipes.selection import Selection
-    from streamattn.recipes.universal import universal_sets
+    from streamattn.recipes.universal import selection_recipe
+    from streamattn.runner import OnePass, run_recipes
     from streamattn.sources import open_keys
 
     spec = SyntheticSpec(**job["spec"])
@@ -135,9 +136,9 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     gt = GroundTruth(GroundTruthSpec(queries.astype(np.float64), eps=job["gt_eps"]))
     rcfg = ReduceConfig(m=job["jl_m"], method=job["jl_method"], seed=job["seed"])
     proj = projection_operator(ProjectionMap(rcfg.method, spec.d, rcfg.m, rcfg.seed), "", rcfg)
-    also: list[Any] = [gt, proj]
     t0, c0 = time.perf_counter(), _cpu_seconds()
-    (uset,) = universal_sets(source, [Selection(job["eps"], job["variant"])], also=also)
+    sel = Selection(job["eps"], job["variant"])
+    uset, also = run_recipes(source, [selection_recipe(sel), OnePass([gt, proj])]).results
     seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     gt_res, proj_res = also[0].result(), also[1].result()
     read_seconds = None
