@@ -6,11 +6,14 @@ protocol (``Operator``) and ``run_operators`` (engines); exact attention ground 
 (``GroundTruth``; selectors in ``streamattn.selectors``, coverage in
 ``streamattn.evaluate``); whole KV caches (``open_kv``,
 ``MultiHeadResult``) and resumable passes (``Checkpointer``); reduced embeddings
-(``reduce_embeddings``) and column sparsifiers for d >> n (``sparsify_columns``).
+(``reduce_embeddings``) and column sparsifiers for d >> n (``sparsify_columns``);
+kernel-regression solvers (``streamattn.solve``) and the one-layer attention fit
+(``streamattn.fit``).
 """
 
 __version__ = "0.1.0"
 
+from streamattn import fit, solve
 from streamattn.checkpoint import Checkpointer
 from streamattn.columns import ColumnSelection, sparsify_columns
 from streamattn.embeddings import ReduceConfig, ReducedEmbeddings, reduce_embeddings
@@ -60,6 +63,7 @@ __all__ = [
     "TopScores",
     "UniversalSet",
     "__version__",
+    "fit",
     "lp_universal_set",
     "open_keys",
     "open_kv",
@@ -67,6 +71,7 @@ __all__ = [
     "ridge_universal_set",
     "run_operators",
     "softmax_entry_bound",
+    "solve",
     "sparsify_columns",
     "universal_set",
     "universal_sets",

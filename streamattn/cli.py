@@ -1,4 +1,4 @@
-"""The command line: ``streamattn run | select | generate | inspect``.
+"""The command line: ``streamattn run | select | generate | inspect | solve | ...``.
 
 Every command validates its inputs before reading data, prints one clear line and exits
 non-zero on bad input (never a traceback for a user error), and writes outputs
@@ -308,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     from streamattn.bench import add_bench_parser
 
     add_bench_parser(sub)
+
+    from streamattn.cli_solve import add_parser as add_solve_parser
+
+    add_solve_parser(sub)
     return parser
 
 
