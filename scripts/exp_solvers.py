@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 
 import streamattn as sa
+from streamattn.io.outputs import write_json_atomic
 from streamattn.memory import peak_rss_bytes
 from streamattn.operators.solve_ops import ExpKernelMatvec, ExpKernelMatvecSpec
-from streamattn.outputs import write_json_atomic
-from streamattn.source import open_keys
+from streamattn.sources import open_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 

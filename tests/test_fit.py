@@ -16,7 +16,7 @@ from streamattn.operators.fit_ops import (
     AttentionLossGradient,
     AttentionLossGradientSpec,
 )
-from streamattn.source import KeySource
+from streamattn.sources import KeySource
 
 
 def dense_attention(a1: np.ndarray, x: np.ndarray, a2: np.ndarray) -> np.ndarray:

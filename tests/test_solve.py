@@ -15,7 +15,7 @@ from streamattn.operators.solve_ops import (
     RowSketchSpec,
     sketch_weights,
 )
-from streamattn.source import Block
+from streamattn.sources import Block
 
 
 def conditioned(n: int, d: int, cond: float, seed: int = 0) -> np.ndarray:

@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from laws import check_operator_laws
 from streamattn.operators.fit_ops import (
     AttentionFeatures,
     AttentionFeaturesSpec,
@@ -28,6 +27,7 @@ from streamattn.operators.solve_ops import (
     TallSkinnyQR,
     TallSkinnyQRSpec,
 )
+from streamattn.testing.laws import check_operator_laws
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((150, 5))

@@ -33,7 +33,7 @@ import numpy as np
 from streamattn.blas import single_blas_thread
 from streamattn.operators.leverage import stack_qr
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block
+from streamattn.sources import Block
 
 #: Query rows per tile: the tile's logits are tile × n float64.
 DEFAULT_FIT_TILE = 256

@@ -35,7 +35,7 @@ from streamattn.errors import ConfigError
 from streamattn.operators.leverage import stack_qr
 from streamattn.operators.projection import _block_rng, keyed_hash, keyed_uniform, next_pow2
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block
+from streamattn.sources import Block
 
 SKETCH_METHODS = ("gaussian", "srht", "countsketch")
 #: Rows of A per generated piece of a dense sketch (bounds the m × rows weight matrix).

@@ -13,20 +13,29 @@ from typing import Any
 
 import numpy as np
 
+from streamattn.cli.common import HelpFormatter, add_engine_flags, add_quiet, engine_from_args
+from streamattn.config import EngineConfig
 from streamattn.errors import ConfigError
-from streamattn.outputs import atomic_dir, check_writable, write_json_atomic
+from streamattn.io.outputs import atomic_dir, check_writable, write_json_atomic
+from streamattn.operators.solve_ops import DEFAULT_TILE, SKETCH_METHODS
+from streamattn.recipes import solve
+from streamattn.recipes.solve import KERNEL_METHODS, METHODS
+from streamattn.sources import open_keys
 
 PROBLEMS = ("gram-power", "a-gram-power", "attention-kernel")
 
 
 def add_parser(sub: Any) -> None:
     """Register the ``solve`` command on the CLI's subparsers."""
-    from streamattn.cli import _add_engine_flags
-    from streamattn.operators.solve_ops import DEFAULT_TILE, SKETCH_METHODS
-    from streamattn.solve import KERNEL_METHODS, METHODS
-
-    p = sub.add_parser("solve", help="kernel regressions: (AᵀA)^j, A(AᵀA)^j, exp(β AAᵀ)")
-    p.add_argument("problem", choices=list(PROBLEMS))
+    p = sub.add_parser(
+        "solve",
+        help="kernel regressions: (AᵀA)^j, A(AᵀA)^j, exp(β AAᵀ)",
+        description="Solve min ‖(AᵀA)^j x − b‖, min ‖A(AᵀA)^j x − b‖ or "
+        "min ‖(exp(β AAᵀ) + λI) x − b‖ out of core (one pass over A per product); writes "
+        "OUT/x.npy and OUT/report.json.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("problem", choices=list(PROBLEMS), help="which regression")
     p.add_argument("input", help="A: zarr array/group or .npy file (n x d)")
     p.add_argument("--array", help="key array name inside a zarr group (default keys)")
     p.add_argument("--b", required=True, help="right-hand side: .npy file or zarr array")
@@ -45,10 +54,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, help="attention-kernel: tile edge")
     p.add_argument("--no-verify", action="store_true", help="skip the residual passes")
     p.add_argument("--chunk-rows", type=int, help="rows per block (default: storage-aligned)")
-    _add_engine_flags(p)
+    add_engine_flags(p)
     p.add_argument("--out", required=True, help="output directory (x.npy, report.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--quiet", action="store_true", help="no summary")
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
@@ -58,17 +67,12 @@ def _inside(out: Path, inp: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streamattn import solve
-    from streamattn.cli import _engine_from_args
-    from streamattn.config import EngineConfig
-    from streamattn.source import open_keys
-
     out = Path(args.out)
     for given in (args.input, args.b):
         if _inside(out, Path(given)):
             raise ConfigError(f"--out {out} is inside the input {given}; choose another path.")
     check_writable(out, args.overwrite)
-    engine = _engine_from_args(EngineConfig(), args)
+    engine = engine_from_args(EngineConfig(), args)
     run_opts: dict[str, Any] = dict(engine=engine.kind, chunk_rows=args.chunk_rows,
                                     **engine.options())
     source = open_keys(args.input, array=args.array)

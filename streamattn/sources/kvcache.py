@@ -14,30 +14,24 @@ opened by :func:`open_kv` (and by ``open_keys``, which hands them here):
 :class:`MultiHeadSource` yields ``Block(start, rows)`` with ``rows`` of shape
 ``(r, layers, heads, d)``: each block of rows is read once — one read of the 4-D/2-D
 array, or one read per layer array — and that one read serves every head's operator.
-:class:`MultiHead` wraps one operator per (layer, head) into a single operator, so the
-engines, checkpoints and the Dask engine handle a whole cache without knowing about
-heads. Its update runs a Python loop over the ``layers × heads`` head operators *per
-block* (never per row); each head's work is block-level BLAS/LAPACK on a contiguous
-``r × d`` slice, so for the usual 64k-row blocks the loop costs microseconds against
-milliseconds of QR per head. Memory is bounded by ``layers × heads`` times the
-single-head bound of the wrapped operator (``MultiHead.nbytes_bound``), still
-independent of n.
+:class:`streamattn.operators.multihead.MultiHead` wraps one operator per (layer, head)
+into a single operator, so the engines, checkpoints and the Dask engine handle a whole
+cache without knowing about heads.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from streamattn.checkpoint import decode_state, encode_state
 from streamattn.errors import ConfigError, InvalidInputError
-from streamattn.operators.protocol import Operator, RowRanges, State, spec_to_state
-from streamattn.source import (
+from streamattn.io.safety import register_input
+from streamattn.sources.chunkfiles import ChunkFiles, missing_chunk_message
+from streamattn.sources.keys import (
     DEFAULT_BLOCK_ROWS,
     TARGET_BLOCK_BYTES,
     Block,
@@ -216,6 +210,7 @@ class MultiHeadSource(BlockStream):
         label: str,
         path: str | None = None,
         array_name: str | None = None,
+        fill_missing: bool = False,
     ) -> None:
         if keys.n == 0:
             raise InvalidInputError(f"{label}: the cache has n = 0 rows; nothing to do.")
@@ -245,6 +240,32 @@ class MultiHeadSource(BlockStream):
             "split",
             "layers",
         ) else None
+        self.fill_missing = bool(fill_missing)
+        axis = {"lhnd": 2, "hnd": 1}.get(keys.layout, 0)
+        self._files = [
+            (files, what)
+            for part, what in ((keys, "key"), (values, "value"))
+            if part is not None
+            for files in (ChunkFiles.of(a, axis) for a in part.arrays)
+            if files is not None
+        ]
+        if not self.fill_missing:
+            self._check_chunks(0, self.n)
+
+    def _check_chunks(self, start: int, stop: int) -> None:
+        """Every chunk file holding rows ``[start, stop)`` exists (zarr on local disk)."""
+        for files, what in self._files:
+            found = files.first_missing(start, stop)
+            if found is not None:
+                raise InvalidInputError(missing_chunk_message(self.label, what, found))
+
+    def row_files(self, start: int, stop: int) -> list[str] | None:
+        """The files holding rows ``[start, stop)`` (None: not files on local disk)."""
+        if self._files:
+            return [str(f) for files, _ in self._files for f in files.files(start, stop)]
+        if self.path is not None and Path(self.path).is_file():
+            return [self.path]
+        return None
 
     def head(self, layer: int, head: int) -> HeadView:
         return HeadView(self, layer, head)
@@ -290,6 +311,8 @@ class MultiHeadSource(BlockStream):
                 f"{self.label}: could not read {what} rows [{start}, {stop}): "
                 f"{type(exc).__name__}: {exc}. The chunk holding these rows may be corrupt."
             ) from exc
+        if not self.fill_missing:
+            self._check_chunks(start, stop)
         bad = ~np.isfinite(rows)
         if bad.any():
             r, layer, head = np.argwhere(bad.any(axis=3))[0]
@@ -358,8 +381,8 @@ def is_multihead(path_or_array: Any, array: str | None = None) -> bool:
     return shape is not None and len(shape) == 4
 
 
-def open_kv(path_or_array: Any, *, heads: int | None = None, array: str | None = None
-            ) -> MultiHeadSource:
+def open_kv(path_or_array: Any, *, heads: int | None = None, array: str | None = None,
+            fill_missing: bool = False) -> MultiHeadSource:
     """Open a KV cache read-only (see the module docstring for the layouts).
 
     Parameters
@@ -372,6 +395,8 @@ def open_kv(path_or_array: Any, *, heads: int | None = None, array: str | None =
     array
         The key entry of a zarr group (default ``"keys"``: an array or a group of
         ``layer_{l}`` arrays).
+    fill_missing
+        Read missing zarr chunk files as the fill value instead of refusing the store.
 
     Examples
     --------
@@ -401,16 +426,22 @@ def open_kv(path_or_array: Any, *, heads: int | None = None, array: str | None =
     label = str(path)
     if not path.exists():
         raise InvalidInputError(f"{label}: no such file or directory.")
+    register_input(path)  # outputs must never be written into, over or around it
     if path.is_file():
         if path.suffix != ".npy":
             raise InvalidInputError(f"{label}: expected a .npy file or a zarr directory.")
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:  # truncated, object dtype (needs pickle), not an .npy
+            raise InvalidInputError(f"{label}: cannot read as .npy: {exc}") from exc
         return MultiHeadSource(_part_of_array(arr, heads, label), label=label, path=label)
     import zarr
 
+    fill = {"fill_missing": fill_missing}
     node = _zarr_node(path)
     if isinstance(node, zarr.Array):
-        return MultiHeadSource(_part_of_array(node, heads, label), label=label, path=label)
+        return MultiHeadSource(_part_of_array(node, heads, label), label=label, path=label,
+                               **fill)
     name = array or "keys"
     if name not in node:
         raise InvalidInputError(f"{label}: zarr group has no {name!r} entry.")
@@ -418,247 +449,26 @@ def open_kv(path_or_array: Any, *, heads: int | None = None, array: str | None =
     where = f"{label}[{name}]"
     if isinstance(entry, zarr.Array):
         return MultiHeadSource(
-            _part_of_array(entry, heads, where), label=where, path=label, array_name=name
+            _part_of_array(entry, heads, where), label=where, path=label, array_name=name,
+            **fill,
         )
     if heads is None:
-        declared = dict(entry.attrs).get("heads", dict(node.attrs).get("heads"))
-        heads = None if declared is None else int(declared)
+        heads = _declared_heads(entry, node, where)
     keys = _part_of_layers(entry, heads, where)
     values = None
     if name == "keys" and "values" in node and isinstance(node["values"], zarr.Group):
         values = _part_of_layers(node["values"], keys.heads, f"{label}[values]")
-    return MultiHeadSource(keys, values=values, label=where, path=label, array_name=name)
+    return MultiHeadSource(keys, values=values, label=where, path=label, array_name=name, **fill)
 
 
-def open_source(
-    path_or_array: Any, *, array: str | None = None, heads: int | None = None
-) -> KeySource | MultiHeadSource:
-    """``open_kv`` when ``heads`` is declared or the input is a cache, else ``open_keys``."""
-    from streamattn.source import open_keys
-
-    if heads is not None:
-        return open_kv(path_or_array, heads=heads, array=array)
-    return open_keys(path_or_array, array=array)
-
-
-# ---------------------------------------------------------------------------- operator
-@dataclass(frozen=True)
-class MultiHeadSpec:
-    """``layers × heads`` inner operators; ``inner`` encodes their specs (any family)."""
-
-    layers: int
-    heads: int
-    inner: np.ndarray
-
-
-def _empty_state(op: Operator) -> State:
-    return {
-        "family": np.array(op.family),
-        "format_version": np.array(op.format_version, dtype=np.int64),
-        "covered": RowRanges().to_array(),
-        **spec_to_state(op.spec),
-    }
-
-
-def _split_prefixed(state: State) -> dict[tuple[int, int], State]:
-    out: dict[tuple[int, int], State] = {}
-    for key, value in state.items():
-        head, _, rest = key.partition("|")
-        layer, h = head.split(".")
-        out.setdefault((int(layer), int(h)), {})[rest] = value
-    return out
-
-
-class MultiHead(Operator):
-    """One operator per (layer, head), fed from one read of each block.
-
-    ``update`` takes blocks with rows ``(r, layers, heads, d)`` and folds the slice
-    ``rows[:, l, h]`` (contiguous) into head (l, h)'s operator: a loop over heads per
-    block, block-level BLAS inside each. ``merge``, states and results are per head.
-    Memory: the sum of the heads' bounds (``layers × heads`` × the single-head bound).
-    """
-
-    family = "multi-head"
-    Spec = MultiHeadSpec
-    needs_values = True
-
-    def __init__(self, spec: MultiHeadSpec) -> None:
-        super().__init__(spec)
-        empties = _split_prefixed(decode_state(spec.inner))
-        self.ops = [
-            [Operator.from_state(empties[(layer, h)]) for h in range(spec.heads)]
-            for layer in range(spec.layers)
-        ]
-
-    @classmethod
-    def of(cls, ops: list[list[Operator]]) -> MultiHead:
-        """Wrap empty per-head operators ``ops[layer][head]`` (any families)."""
-        layers, heads = len(ops), len(ops[0])
-        if any(len(row) != heads for row in ops):
-            raise ConfigError("every layer needs the same number of head operators.")
-        flat: State = {}
-        for layer, row in enumerate(ops):
-            for h, op in enumerate(row):
-                for key, value in _empty_state(op).items():
-                    flat[f"{layer}.{h}|{key}"] = value
-        return cls(MultiHeadSpec(layers, heads, encode_state(flat)))
-
-    def _heads(self) -> Iterator[tuple[int, int, Operator]]:
-        for layer, row in enumerate(self.ops):
-            for h, op in enumerate(row):
-                yield layer, h, op
-
-    def _update(self, block: Block) -> None:
-        rows = block.rows
-        want = (self.spec.layers, self.spec.heads)
-        if rows.ndim != 4 or rows.shape[1:3] != want:
-            raise InvalidInputError(
-                f"multi-head operator for {want[0]} layers x {want[1]} heads got a block of "
-                f"shape {rows.shape}; expected (rows, {want[0]}, {want[1]}, d)."
-            )
-        vals = block.values
-        for layer, h, op in self._heads():
-            op.update(Block(block.start, rows[:, layer, h],
-                            None if vals is None else vals[:, layer, h]))
-
-    def _merge(self, other: MultiHead) -> None:
-        for layer, h, op in self._heads():
-            op.merge(other.ops[layer][h])
-
-    def _state(self) -> State:
-        out: State = {}
-        for layer, h, op in self._heads():
-            for key, value in op.to_state().items():
-                out[f"{layer}.{h}|{key}"] = value
-        return out
-
-    def _load(self, state: State) -> None:
-        for (layer, h), sub in _split_prefixed(state).items():
-            self.ops[layer][h] = Operator.from_state(sub)
-
-    def result(self) -> list[list[Any]]:
-        """``result()[layer][head]``: each head operator's result."""
-        return [[op.result() for op in row] for row in self.ops]
-
-    def nbytes_bound(self, d: int) -> int:
-        return sum(op.nbytes_bound(d) for _, _, op in self._heads())
-
-
-# ---------------------------------------------------------------------------- results
-class MultiHeadResult:
-    """Per-(layer, head) results of one request, indexable as ``result[layer, head]``.
-
-    Each item has the single-head type (e.g. ``UniversalSet``).
-    """
-
-    def __init__(self, items: list[list[Any]]) -> None:
-        self.items = items
-
-    @property
-    def layers(self) -> int:
-        return len(self.items)
-
-    @property
-    def heads(self) -> int:
-        return len(self.items[0])
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        layer, head = key
-        return self.items[layer][head]
-
-    def __len__(self) -> int:
-        return self.layers * self.heads
-
-    def __iter__(self) -> Iterator[tuple[tuple[int, int], Any]]:
-        for layer, row in enumerate(self.items):
-            for head, item in enumerate(row):
-                yield (layer, head), item
-
-    def named(self, name: str) -> dict[str, Any]:
-        """``{"name/layer_{l}/head_{h}": item}``, the layout of saved outputs."""
-        return {f"{name}/layer_{lay}/head_{h}": item for (lay, h), item in self}
-
-
-def flatten_results(names: list[str], results: list[Any]) -> dict[str, Any]:
-    """Name → single-head result, expanding multi-head results per (layer, head)."""
-    out: dict[str, Any] = {}
-    for name, res in zip(names, results, strict=True):
-        out.update(res.named(name) if isinstance(res, MultiHeadResult) else {name: res})
-    return out
-
-
-# ---------------------------------------------------------------------------- universal sets
-def multihead_universal_sets(
-    source: MultiHeadSource,
-    selections: list[Any],
-    *,
-    chunk_rows: int,
-    checkpoint: Any = None,
-    **run: Any,
-) -> list[MultiHeadResult]:
-    """Universal sets of every (layer, head) of a cache, in the passes of one head.
-
-    Pass 1 folds each block into one ``LeverageScores`` per (selection, layer, head);
-    budget selections for which some head cannot certify its top-B from pass 1 get one
-    shared second pass (``TopScores`` per head; heads already certified keep their pass-1
-    answer, so every head's set is the one a single-head run would give). Each head's
-    result is ``universal.finish_selection`` of its own pass results.
-    """
-    from streamattn.engines import run_operators
-    from streamattn.operators.leverage import (
-        LeverageScores,
-        LeverageSpec,
-        TopScores,
-        TopScoresSpec,
-    )
-    from streamattn.universal import finish_selection, needs_second_pass
-
-    run = dict(run, chunk_rows=chunk_rows, checkpoint=checkpoint)
-    if run.get("engine", "local") != "local" and (source.path is None or source.declared):
-        raise ConfigError(
-            f"{source.label}: the {run['engine']} engine's workers open a KV cache by path "
-            "and need its head layout on disk (a 4-D array or keys/layer_{l} arrays with a "
-            "heads attribute); an in-memory cache or a 2-D array split by a declared heads "
-            "setting runs on engine: local."
+def _declared_heads(entry: Any, node: Any, where: str) -> int | None:
+    """The ``heads`` attribute of a per-layer group (or its parent): a whole number >= 1."""
+    declared = dict(entry.attrs).get("heads", dict(node.attrs).get("heads"))
+    if declared is None:
+        return None
+    if isinstance(declared, bool) or not isinstance(declared, int) or declared < 1:
+        raise InvalidInputError(
+            f"{where}: the 'heads' attribute must be a whole number >= 1, got {declared!r}; "
+            "fix the attribute or declare the head count (heads: H / --heads H)."
         )
-    grid = [(layer, h) for layer in range(source.layers) for h in range(source.heads)]
-    thresholds = [sel.pruning_threshold(source.d) for sel in selections]
-    ops = [
-        MultiHead.of(
-            [
-                [LeverageScores(LeverageSpec(t, sel.variant == "affine", sel.rtol))
-                 for _ in range(source.heads)]
-                for _ in range(source.layers)
-            ]
-        )
-        for sel, t in zip(selections, thresholds, strict=True)
-    ]
-    run_operators(source, ops, description="leverage", **run)
-    firsts = [op.result() for op in ops]
-    second: dict[int, MultiHead] = {}
-    for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True)):
-        if any(needs_second_pass(sel, t, res[lay][h]) for lay, h in grid):
-            second[i] = MultiHead.of(
-                [
-                    [TopScores(TopScoresSpec(sel.budget, head["scoring_map"].w,
-                                             sel.variant == "affine"))
-                     for head in row]
-                    for row in res
-                ]
-            )
-    if second:
-        run_operators(source, list(second.values()), description="top-B", **run)
-    out = []
-    for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True)):
-        items = [[None] * source.heads for _ in range(source.layers)]
-        for lay, h in grid:
-            first = res[lay][h]
-            top = None
-            if i in second and needs_second_pass(sel, t, first):
-                top = second[i].ops[lay][h].result()
-            items[lay][h] = finish_selection(
-                source.head(lay, h), sel, t, first, top,
-                chunk_rows=chunk_rows, engine=run.get("engine", "local"),
-            )
-        out.append(MultiHeadResult(items))
-    return out
+    return declared
