@@ -14,10 +14,12 @@ from streamattn import __version__
 from streamattn.cli import (
     bench,
     evaluate,
+    experiment,
     generate,
     inspect,
     reduce,
     run,
+    sample,
     select,
     solve,
     update,
@@ -27,7 +29,10 @@ from streamattn.cli.common import HelpFormatter
 from streamattn.errors import StreamattnError
 
 #: The commands, in the order ``streamattn --help`` lists them.
-COMMANDS = (run, select, generate, update, evaluate, reduce, inspect, window, bench, solve)
+COMMANDS = (
+    run, select, sample, generate, update, evaluate, reduce, inspect, window, bench, experiment,
+    solve,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from streamattn.blas import single_blas_thread
-from streamattn.operators.leverage import stack_qr
+from streamattn.operators.factors import stack_qr
 from streamattn.operators.protocol import Operator, State
 from streamattn.sources import Block
 

@@ -4,7 +4,8 @@ Every pass over A ∈ R^{n×d} (and, where needed, b ∈ R^n streamed with it as
 value column) is one of these mergeable operators, run by ``streamattn.engines``:
 
 - :class:`TallSkinnyQR`: the R factor of [A] or [A, b] by Householder TSQR in float64
-  (``stack_qr`` from the leverage operator: R ← qr([R; block]).R; merge stacks two factors).
+  (``stack_qr`` of operators.factors, shared with the leverage operator:
+  R ← qr([R; block]).R; merge stacks two factors).
   Never the normal equations. For [A, b] the last column gives Qᵀb and the least-squares
   residual ‖Aw* − b‖ = |R[d, d]|.
 - :class:`RowSketch`: SA ∈ R^{m×d} for a seeded oblivious row sketch S ∈ R^{m×n}. Column j
@@ -32,7 +33,7 @@ import numpy as np
 import scipy.sparse
 
 from streamattn.errors import ConfigError
-from streamattn.operators.leverage import stack_qr
+from streamattn.operators.factors import stack_qr
 from streamattn.operators.projection import _block_rng, keyed_hash, keyed_uniform, next_pow2
 from streamattn.operators.protocol import Operator, State
 from streamattn.sources import Block
