@@ -9,7 +9,12 @@ protocol (``Operator``) and ``run_operators`` (engines); exact attention ground 
 (``reduce_embeddings``) and column sparsifiers for d >> n (``sparsify_columns``).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # the one version string is pyproject.toml's
+    __version__ = version("streamattn")
+except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0+unknown"
 
 from streamattn.engines import run_operators
 from streamattn.errors import (
