@@ -210,6 +210,21 @@ def test_real_sparsity_equals_dense_per_head(tmp_path: Path, causal: bool) -> No
                        shallow=False)
 
 
+def test_without_matplotlib_the_plots_are_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import streamattn.experiments.real as real
+
+    monkeypatch.setattr(real, "plots_available", lambda: False)
+    make_cache(tmp_path / "c.zarr", n=700, layers=1, segments=(0, 400))
+    cfg = write_yaml(tmp_path / "r.yaml", {"path": str(tmp_path / "c.zarr"), "queries": 8,
+                                           "eps": 0.01, "delta": 0.5, "min_keys": 50})
+    run_experiment("real-sparsity", cfg, tmp_path / "out")
+    assert "plots skipped" in (tmp_path / "out" / "report.md").read_text()
+    assert not list((tmp_path / "out").glob("*.png"))
+    assert (tmp_path / "out" / "results.csv").exists()
+
+
 def test_real_sparsity_errors(tmp_path: Path) -> None:
     cfg = write_yaml(tmp_path / "r.yaml", {"path": str(tmp_path / "none.zarr")})
     with pytest.raises(InvalidInputError, match="no such KV cache"):

@@ -40,7 +40,14 @@ from scipy.stats import norm
 
 from streamattn.engines import run_local
 from streamattn.errors import ConfigError
-from streamattn.experiments.common import as_list, csv_text, new_figure, save_figure
+from streamattn.experiments.common import (
+    PLOTS_MISSING,
+    as_list,
+    csv_text,
+    new_figure,
+    plots_available,
+    save_figure,
+)
 from streamattn.experiments.generated import GaussianRows, GeneratedSource
 from streamattn.operators.sparsity import SparsitySpec, SparsityStats, heavy_counts, k_delta
 
@@ -298,7 +305,7 @@ def run(cfg: GaussianSparsityConfig, out: Path, *, progress: bool = False) -> di
     (out / "results.csv").write_text(csv_text(rows, COLUMNS))
     (out / "kdelta.csv").write_text(csv_text(krows, KDELTA_COLUMNS))
     (out / "fit.csv").write_text(csv_text(fits, FIT_COLUMNS))
-    plots = _plots(rows, krows, fits, out)
+    plots = _plots(rows, krows, fits, out) if plots_available() else []
     (out / "report.md").write_text(_report(cfg, rows, fits, plots))
     inside = [r for r in rows if r["in_regime"]]
     return {
@@ -449,5 +456,5 @@ def _report(cfg: GaussianSparsityConfig, rows: list[dict], fits: list[dict],
         c = "censored" if f["C"] is None else f"{f['C']:.3f}"
         lines.append(f"| {f['d']} | {f['sigma']:g} | {f['delta']:g} | {c} | "
                      f"{f['n_min']}–{f['n_max']} | {f['points']} |")
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += ["", "## Plots", ""] + ([f"![{p}]({p})" for p in plots] or [PLOTS_MISSING]) + [""]
     return "\n".join(lines)

@@ -42,7 +42,14 @@ from typing import Any
 import numpy as np
 
 from streamattn.errors import ConfigError
-from streamattn.experiments.common import as_list, csv_text, new_figure, save_figure
+from streamattn.experiments.common import (
+    PLOTS_MISSING,
+    as_list,
+    csv_text,
+    new_figure,
+    plots_available,
+    save_figure,
+)
 from streamattn.synthetic import SyntheticSpec, synthetic_queries, synthetic_rows
 
 NAME = "scaling"
@@ -300,7 +307,7 @@ def run(cfg: ScalingConfig, out: Path, *, progress: bool = False) -> dict[str, A
     _derive(meas)
     (out / "results.csv").write_text(csv_text(rows, COLUMNS))
     (out / "measurements.csv").write_text(csv_text(meas, MEASURE_COLUMNS))
-    plots = _plots(meas, out) if meas else []
+    plots = _plots(meas, out) if meas and plots_available() else []
     (out / "report.md").write_text(_report(cfg, rows, meas, skipped, plots))
     reached = max((m["n"] for m in meas), default=None)
     return {"runs": len(meas), "skipped": len(skipped), "max_n": reached, "plots": plots}
@@ -420,7 +427,7 @@ def _report(cfg: ScalingConfig, rows: list[dict], meas: list[dict], skipped: lis
         lines += ["", f"Skipped by the time budget ({cfg.time_budget_s} s):", ""]
         lines += [f"- n = 2^{int(math.log2(s['n']))}, d = {s['d']}, {s['source']}: "
                   f"{s['reason']}" for s in skipped]
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += ["", "## Plots", ""] + ([f"![{p}]({p})" for p in plots] or [PLOTS_MISSING]) + [""]
     return "\n".join(lines)
 
 
