@@ -24,6 +24,7 @@ from streamattn.engines.dask_engine import DaskOptions
 from streamattn.errors import ConfigError, InvalidInputError
 from streamattn.io.checkpoint import CheckpointConfig
 from streamattn.recipes.embeddings import ReduceConfig
+from streamattn.recipes.samplers import SampleConfig
 from streamattn.recipes.selection import Selection
 from streamattn.runner import parse_bytes
 from streamattn.sources.keys import check_array_name
@@ -130,12 +131,14 @@ class RunConfig:
     progress: bool = True
     reduce: ReduceConfig | None = None  # reduced embeddings, in the same read (embeddings.py)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoint.py
+    sample: SampleConfig | None = None  # a leverage sample, own pass (samplers.py)
 
     def check(self) -> None:
         names = [s.name for s in self.select]
-        if not names and self.reduce is None:
+        if not names and self.reduce is None and self.sample is None:
             raise ConfigError(
-                "select: is empty and there is no reduce: section; nothing would be computed. "
+                "select: is empty and there is no reduce: or sample: section; nothing would be "
+                "computed. "
                 "List at least one selection (e.g. - name: plain, eps: 0.01)."
             )
         for i, name in enumerate(names):
@@ -163,6 +166,11 @@ class RunConfig:
         if self.reduce is not None:
             self.reduce.check()
         self.checkpoint.check()
+        if self.sample is not None:
+            if self.reduce is not None:
+                raise ConfigError("sample: and reduce: in one run config are not supported; "
+                                  "run them as two configs.")
+            self.sample.validate()
 
 
 def _build(tp: Any, value: Any, where: str) -> Any:

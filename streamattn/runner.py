@@ -327,18 +327,20 @@ def _drive(
         if checkpoint is not None and volatile and len(volatile) < len(step.ops):
             groups = [[k for k in step.ops if k not in volatile],
                       [k for k in step.ops if k in volatile]]
-        done: dict[str, Operator] = {}
-        for names in groups:
-            ops = [step.ops[k] for k in names]
-            need = projected_bytes(src, ops, rows)
+        needs = [projected_bytes(src, [step.ops[k] for k in names], rows) for names in groups]
+        for need in needs:  # every read of this round is checked before the first one
             if limit is not None and need["total"] > limit:
+                what = "nothing was read" if not report.passes else "it was not started"
                 raise MemoryBudgetError(
                     f"{src.label}: the pass '{step.description}' needs up to "
                     f"{_mib(need['total'])} ({_mib(need['operators'])} of operator state, "
                     f"{_mib(need['blocks'])} of blocks of {rows} rows), over memory_limit = "
-                    f"{_mib(limit)}; nothing was read. Lower chunk_rows, ask for fewer or "
-                    "smaller sets, or raise memory_limit."
+                    f"{_mib(limit)}; {what}. Lower chunk_rows, ask for fewer or smaller "
+                    "sets, or raise memory_limit."
                 )
+        done: dict[str, Operator] = {}
+        for names, need in zip(groups, needs, strict=True):
+            ops = [step.ops[k] for k in names]
             resumable = not any(k in volatile for k in names)
             t0 = time.perf_counter()
             finished = run_operators(

@@ -90,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
             heads=cfg.input.heads,
             array=cfg.input.array,
         )
+    if cfg.sample is not None:  # a leverage sample into <output.dir>/sample (cli/sample.py)
+        from streamattn.cli.sample import run_config_sample
+
+        run_config_sample(args, cfg, source)
     return 0
 
 
