@@ -65,7 +65,7 @@ class PassContext:
     """What a recipe may know about the run: the source (one head of a cache when lifted),
     the resolved block size and the engine's name (for certificates)."""
 
-    source: KeySource | HeadView
+    source: KeySource | HeadView | MultiHeadSource
     chunk_rows: int
     engine: str
 
@@ -296,7 +296,7 @@ def run_recipes(
                 )
             lifted = r.on_cache == "lift"
             plans.append(lift(r, src, rows, engine) if lifted else
-                         r.plan(PassContext(src, rows, engine)))  # type: ignore[arg-type]
+                         r.plan(PassContext(src, rows, engine)))
     else:
         ctx = PassContext(src, rows, engine)
         plans = [r.plan(ctx) for r in recipes]
