@@ -6,7 +6,8 @@ protocol (``Operator``) and ``run_operators`` (engines); exact attention ground 
 (``GroundTruth``; selectors in ``streamattn.recipes.selectors``, coverage in
 ``streamattn.recipes.evaluate``); whole KV caches (``open_kv``,
 ``MultiHeadResult``) and resumable passes (``Checkpointer``); reduced embeddings
-(``reduce_embeddings``) and column sparsifiers for d >> n (``sparsify_columns``).
+(``reduce_embeddings``) and column sparsifiers for d >> n (``sparsify_columns``);
+weighted leverage samples with (1 ± ε) spectral error (``leverage_sample``).
 """
 
 __version__ = "0.1.0"
@@ -29,6 +30,12 @@ from streamattn.recipes.columns import ColumnSelection, sparsify_columns
 from streamattn.recipes.embeddings import ReduceConfig, ReducedEmbeddings, reduce_embeddings
 from streamattn.recipes.lp import lp_universal_set, softmax_entry_bound
 from streamattn.recipes.ridge import ridge_universal_set
+from streamattn.recipes.samplers import (
+    LeverageSample,
+    LeverageSampler,
+    approximate_universal_set,
+    leverage_sample,
+)
 from streamattn.recipes.selection import Selection
 from streamattn.recipes.sliding_window import SlidingWindow
 from streamattn.recipes.universal import universal_set, universal_sets
@@ -45,6 +52,8 @@ __all__ = [
     "IncompatibleMergeError",
     "InvalidInputError",
     "KeySource",
+    "LeverageSample",
+    "LeverageSampler",
     "LeverageScores",
     "MemoryBudgetError",
     "MultiHead",
@@ -62,6 +71,8 @@ __all__ = [
     "TopScores",
     "UniversalSet",
     "__version__",
+    "approximate_universal_set",
+    "leverage_sample",
     "lp_universal_set",
     "open_keys",
     "open_kv",

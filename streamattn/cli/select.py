@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             config={"command": "select", **{k: v for k, v in vars(args).items() if k != "func"}},
             progress=not args.quiet,
             engine_options=engine.options(),
+            memory_limit=engine.memory_limit,
             checkpoint=Checkpointer.from_config(CheckpointConfig(), out, resume=args.resume),
             heads=args.heads,
             array=args.array,
