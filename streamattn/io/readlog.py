@@ -53,7 +53,7 @@ def _buffer(a: np.ndarray) -> memoryview:
         b = a.transpose(1, 2, 0, 3)
         if b.flags.c_contiguous:
             a = b
-    return memoryview(np.ascontiguousarray(a)).cast("B")
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8).data
 
 
 def block_crc(block: Block) -> int:
@@ -81,6 +81,7 @@ class BlockDigests(Operator):
 
     family = "block-digests"
     Spec = BlockDigestsSpec
+    spec: BlockDigestsSpec
     needs_values = True
 
     def __init__(self, spec: BlockDigestsSpec) -> None:
