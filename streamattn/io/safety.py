@@ -117,15 +117,14 @@ def write_marker(directory: str | os.PathLike[str], info: dict[str, Any] | None 
     """
     import streamattn
 
-    body: dict[str, Any] = {
-        "streamattn": streamattn.__version__, "pid": os.getpid(), "time": time.time()
-    }
+    body = {"streamattn": streamattn.__version__, "pid": os.getpid(), "time": time.time()}
     body.update(info or {})
     d = Path(directory)
     if _is_zarr_root(d):
         import zarr
 
-        zarr.open(str(d), mode="r+").attrs[MARKER] = json.loads(json.dumps(body))
+        root: Any = zarr.open(str(d), mode="r+")
+        root.attrs[MARKER] = body
         return
     with open(d / MARKER, "w") as fh:
         json.dump(body, fh, sort_keys=True)

@@ -441,10 +441,11 @@ def open_kv(path_or_array: Any, *, heads: int | None = None, array: str | None =
         return MultiHeadSource(_part_of_array(arr, heads, label), label=label, path=label)
     import zarr
 
+    fill: dict[str, Any] = {"fill_missing": fill_missing}
     node = _zarr_node(path)
     if isinstance(node, zarr.Array):
         return MultiHeadSource(_part_of_array(node, heads, label), label=label, path=label,
-                               fill_missing=fill_missing)
+                               **fill)
     name = array or "keys"
     if name not in node:
         raise InvalidInputError(f"{label}: zarr group has no {name!r} entry.")
@@ -453,7 +454,7 @@ def open_kv(path_or_array: Any, *, heads: int | None = None, array: str | None =
     if isinstance(entry, zarr.Array):
         return MultiHeadSource(
             _part_of_array(entry, heads, where), label=where, path=label, array_name=name,
-            fill_missing=fill_missing,
+            **fill,
         )
     if heads is None:
         heads = _declared_heads(entry, node, where)
@@ -461,8 +462,7 @@ def open_kv(path_or_array: Any, *, heads: int | None = None, array: str | None =
     values = None
     if name == "keys" and "values" in node and isinstance(node["values"], zarr.Group):
         values = _part_of_layers(node["values"], keys.heads, f"{label}[values]")
-    return MultiHeadSource(keys, values=values, label=where, path=label, array_name=name,
-                           fill_missing=fill_missing)
+    return MultiHeadSource(keys, values=values, label=where, path=label, array_name=name, **fill)
 
 
 def _declared_heads(entry: Any, node: Any, where: str) -> int | None:
