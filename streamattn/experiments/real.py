@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.engines import run_operators
 from streamattn.errors import ConfigError, InvalidInputError
 from streamattn.experiments.common import as_list, csv_text, new_figure, save_figure
 from streamattn.experiments.gaussian import (
@@ -38,6 +37,7 @@ from streamattn.experiments.gaussian import (
     predicted_kdelta,
 )
 from streamattn.operators.sparsity import SparsitySpec, SparsityStats, heavy_counts, k_delta
+from streamattn.runner import run_pass
 from streamattn.sources import KeySource
 
 NAME = "real-sparsity"
@@ -226,7 +226,7 @@ def run(cfg: RealSparsityConfig, out: Path, *, progress: bool = False) -> dict[s
                 top_keys=top, key_lo=lo, key_hi=hi, columns=(kv * hd, (kv + 1) * hd),
             )))
         source = KeySource(lay.keys, label=f"{cfg.path}/keys/layer_{layer}", path=cfg.path)
-        run_operators(source, ops, progress=progress, description=f"{NAME} layer {layer}")
+        run_pass(source, ops, progress=progress, description=f"{NAME} layer {layer}")
         for h, op in zip(heads, ops, strict=True):
             res = op.result()
             head = {"layer": layer, "head": h, "kv_head": h // group, "mask": mask,

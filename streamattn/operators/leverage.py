@@ -1,7 +1,7 @@
 """Leverage scores and the exact one-pass LevAttention universal set (p = 2).
 
-Mathematics (DESIGN 2.1; Kannan, Bhattacharyya, Kacham, Woodruff, arXiv 2410.05462).
-For keys k_j (rows of K) and G = KᵀK, the leverage score is τ_j = k_jᵀ G⁺ k_j. For
+Mathematics (docs/architecture.md, note 2.1; Kannan, Bhattacharyya, Kacham, Woodruff, arXiv
+2410.05462). For keys k_j (rows of K) and G = KᵀK, the leverage score is τ_j = k_jᵀ G⁺ k_j. For
 f(x) = x² attention, A_qj = (q·k_j)² / Σ_l (q·k_l)² ≤ τ_j for every query q
 (Cauchy–Schwarz in the G metric), and Σ_j τ_j = rank(K) ≤ d. Hence
 U_ε = {j : τ_j ≥ ε} holds every key that any query weights ≥ ε, and |U_ε| ≤ rank/ε.
@@ -14,8 +14,8 @@ dropped once never qualifies again: no false negatives, and |C| ≤ rank/thresho
 every step. Merge stacks the two factors and re-prunes. The final set is the offline
 U_ε for any chunking and merge tree, up to float rounding at the threshold itself.
 
-Speed (DESIGN 3): once R is square and well conditioned, a block X updates it by a
-preconditioned Cholesky step (``fast_factor_update``: Y = X R⁻¹, R ← chol(I + YᵀY) R),
+Speed (docs/architecture.md, note 3): once R is square and well conditioned, a block X updates it
+by a preconditioned Cholesky step (``fast_factor_update``: Y = X R⁻¹, R ← chol(I + YᵀY) R),
 QR-accurate at level-3 BLAS speed, and ‖y_j‖² = k_jᵀ G_old⁻¹ k_j bounds every later score
 of row j from above (G only grows; the full inverse dominates the truncated one), so
 only rows with ‖y_j‖² ≥ threshold (less a rounding margin) are scored exactly.

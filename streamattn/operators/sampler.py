@@ -1,6 +1,7 @@
 """Leverage-score row samplers: a small weighted set of keys whose Gram is (1 ± ε) KᵀK.
 
-Goal (DESIGN 2.10). Rows k_s with weights w_s such that, with probability ≥ 1 − δ,
+Goal (docs/architecture.md, note 2.10). Rows k_s with weights w_s such that, with probability ≥ 1 −
+δ,
 
     (1 − ε) KᵀK ⪯ G̃ = Σ_s w_s k_s k_sᵀ ⪯ (1 + ε) KᵀK,
 
@@ -56,8 +57,8 @@ node samples per level, each with E[size] ≤ c·dim: O((b + fan_in·c·dim·log
 Numerics: leverage is computed from Householder QR factors in float64 with the
 pseudo-inverse on the numerical range (σ > rtol·σ_max); the affine variant scores
 [k, 1] through the exact centred identity τ̃ = w(1/W + (k − μ_w)ᵀS_w⁺(k − μ_w)) (μ_w, S_w
-the weighted mean and scatter), never through an appended column (DESIGN 2.1). The
-guarantees above are in exact arithmetic with independent uniform coins.
+the weighted mean and scatter), never through an appended column (docs/architecture.md, note 2.1).
+The guarantees above are in exact arithmetic with independent uniform coins.
 """
 
 from __future__ import annotations
