@@ -77,6 +77,7 @@ class TallSkinnyQR(Operator):
 
     family = "tsqr"
     Spec = TallSkinnyQRSpec
+    spec: TallSkinnyQRSpec
     needs_values = True
 
     def __init__(self, spec: TallSkinnyQRSpec) -> None:
@@ -182,6 +183,7 @@ class RowSketch(Operator):
 
     family = "row-sketch"
     Spec = RowSketchSpec
+    spec: RowSketchSpec
 
     def __init__(self, spec: RowSketchSpec) -> None:
         super().__init__(spec)
@@ -238,6 +240,7 @@ class GramMatvec(Operator):
 
     family = "gram-matvec"
     Spec = GramMatvecSpec
+    spec: GramMatvecSpec
 
     def __init__(self, spec: GramMatvecSpec) -> None:
         super().__init__(spec)
@@ -290,6 +293,7 @@ class LeastSquaresResidual(Operator):
 
     family = "ls-residual"
     Spec = LeastSquaresResidualSpec
+    spec: LeastSquaresResidualSpec
     needs_values = True
 
     def __init__(self, spec: LeastSquaresResidualSpec) -> None:
@@ -351,6 +355,7 @@ class ExpKernelMatvec(Operator):
 
     family = "exp-kernel-matvec"
     Spec = ExpKernelMatvecSpec
+    spec: ExpKernelMatvecSpec
 
     def __init__(self, spec: ExpKernelMatvecSpec) -> None:
         super().__init__(spec)
