@@ -12,7 +12,12 @@ kernel-regression solvers (``streamattn.solve``) and the one-layer attention fit
 (``streamattn.fit``).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # the one version string is pyproject.toml's
+    __version__ = version("streamattn")
+except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0+unknown"
 
 from streamattn import fit, solve
 from streamattn.engines import run_operators

@@ -58,6 +58,7 @@ from streamattn.io.readlog import (
     verify_read,
 )
 from streamattn.operators.protocol import Operator, State, specs_equal
+from streamattn.progress import progress_bar
 
 FORMAT = 2  # 2: read checksums (BlockDigests) and file stamps
 CHECKSUM_KEY = "__sha256__"
@@ -166,7 +167,7 @@ def current_shape(source: Any) -> tuple[int, ...]:
         return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
     import zarr
 
-    node = zarr.open(str(path), mode="r")
+    node: Any = zarr.open(str(path), mode="r")
     if source.array_name is not None:
         node = node[source.array_name]
     return tuple(int(s) for s in node.shape)
@@ -469,10 +470,18 @@ class RowWindow:
     def __init__(self, source: Any, start: int, stop: int) -> None:
         self._source = source
         self._start, self._stop = start, stop
-        keys = getattr(source, "keys", None)
-        values = getattr(source, "values", None)
-        self.keys = None if keys is None else keys[start:stop]
-        self.values = None if values is None else values[start:stop]
+
+    # Sliced on access, never at construction: slicing a zarr array reads it, and a store
+    # on disk is read by the engine's workers themselves (by path), not by the client.
+    @property
+    def keys(self) -> Any:
+        keys = getattr(self._source, "keys", None)
+        return None if keys is None else keys[self._start : self._stop]
+
+    @property
+    def values(self) -> Any:
+        values = getattr(self._source, "values", None)
+        return None if values is None else values[self._start : self._stop]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._source, name)
@@ -492,6 +501,8 @@ def run_segmented(
     run_pass: Any,
     *,
     chunk_rows: int | None,
+    progress: bool = False,
+    description: str = "pass",
 ) -> list[Operator]:
     """A checkpointed pass on an engine that merges partial states (e.g. Dask).
 
@@ -500,21 +511,23 @@ def run_segmented(
     engine (a tree of partial states), its merged state is folded into ``ops`` on the
     client, and a checkpoint is written after every segment. A resumed run skips the
     completed segments: the granularity of resume is one segment of completed partial
-    states. Segment boundaries depend only on the block size and ``every_blocks``, so a
-    resumed run merges in the same order as an uninterrupted one (same result, bit for
-    bit, for a deterministic engine merge tree).
+    states; the progress bar advances by segment. Segment boundaries depend only on the
+    block size and ``every_blocks``, so a resumed run merges in the same order as an
+    uninterrupted one (same result, bit for bit, for a deterministic engine merge tree).
     """
     rows = source.rows_per_block(chunk_rows)
     start = checkpoint.begin(source, ops, start=0, stop=source.n, chunk_rows=rows)
     seg = rows * (checkpoint.every_blocks or DEFAULT_SEGMENT_BLOCKS)
-    for a in range(start, source.n, seg):
-        b = min(a + seg, source.n)
-        partial = run_pass(
-            RowWindow(source, a, b), [op.empty() for op in ops] + [checkpoint.reads.empty()]
-        )
-        for op, part in zip([*ops, checkpoint.reads], partial, strict=True):
-            op.merge(part)
-        if b < source.n and checkpoint.directory is not None:
-            checkpoint.save(source, ops, b)
+    with progress_bar(source.n - start, description, enabled=progress) as bar:
+        for a in range(start, source.n, seg):
+            b = min(a + seg, source.n)
+            partial = run_pass(
+                RowWindow(source, a, b), [op.empty() for op in ops] + [checkpoint.reads.empty()]
+            )
+            for op, part in zip([*ops, checkpoint.reads], partial, strict=True):
+                op.merge(part)
+            bar.update(b - a)
+            if b < source.n and checkpoint.directory is not None:
+                checkpoint.save(source, ops, b)
     checkpoint.end(source, ops, source.n)
     return ops

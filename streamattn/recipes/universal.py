@@ -361,7 +361,7 @@ def load_universal_set(out: Any, name: str) -> UniversalSet:
     from streamattn.errors import InvalidInputError
 
     try:
-        group = zarr.open_group(f"{out}/result.zarr", mode="r")[f"universal_set/{name}"]
+        group: Any = zarr.open_group(f"{out}/result.zarr", mode="r")[f"universal_set/{name}"]
     except (KeyError, FileNotFoundError) as exc:
         raise InvalidInputError(f"{out}: no universal set named {name!r} in result.zarr.") from exc
     arrays = {k: v[...] for k, v in group.arrays()}

@@ -441,7 +441,7 @@ def open_kv(path_or_array: Any, *, heads: int | None = None, array: str | None =
         return MultiHeadSource(_part_of_array(arr, heads, label), label=label, path=label)
     import zarr
 
-    fill = {"fill_missing": fill_missing}
+    fill: dict[str, Any] = {"fill_missing": fill_missing}
     node = _zarr_node(path)
     if isinstance(node, zarr.Array):
         return MultiHeadSource(_part_of_array(node, heads, label), label=label, path=label,
