@@ -308,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     from streamattn.bench import add_bench_parser
 
     add_bench_parser(sub)
+
+    from streamattn import cli_downstream, cli_extract
+
+    cli_extract.add_parser(sub)
+    cli_downstream.add_parser(sub)
     return parser
 
 
