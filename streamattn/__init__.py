@@ -3,17 +3,23 @@
 Public API: ``open_keys`` (validated read-only key stores), ``universal_set`` /
 ``universal_sets`` (the LevAttention universal set, exact, one pass), the operator
 protocol (``Operator``) and ``run_operators`` (engines); exact attention ground truth
-(``GroundTruth``; selectors in ``streamattn.selectors``, coverage in
-``streamattn.evaluate``); whole KV caches (``open_kv``,
+(``GroundTruth``; selectors in ``streamattn.recipes.selectors``, coverage in
+``streamattn.recipes.evaluate``); whole KV caches (``open_kv``,
 ``MultiHeadResult``) and resumable passes (``Checkpointer``); reduced embeddings
-(``reduce_embeddings``) and column sparsifiers for d >> n (``sparsify_columns``).
+(``reduce_embeddings``) and column sparsifiers for d >> n (``sparsify_columns``);
+weighted leverage samples with (1 ± ε) spectral error (``leverage_sample``);
+kernel-regression solvers (``streamattn.solve``) and the one-layer attention fit
+(``streamattn.fit``).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
 
-from streamattn.checkpoint import Checkpointer
-from streamattn.columns import ColumnSelection, sparsify_columns
-from streamattn.embeddings import ReduceConfig, ReducedEmbeddings, reduce_embeddings
+try:  # the one version string is pyproject.toml's
+    __version__ = version("streamattn")
+except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0+unknown"
+
+from streamattn import fit, solve
 from streamattn.engines import run_operators
 from streamattn.errors import (
     ConfigError,
@@ -25,13 +31,24 @@ from streamattn.errors import (
     StateFormatError,
     StreamattnError,
 )
-from streamattn.kvcache import MultiHead, MultiHeadResult, MultiHeadSource, open_kv
-from streamattn.lp import lp_universal_set, softmax_entry_bound
+from streamattn.io.checkpoint import Checkpointer
 from streamattn.operators import GroundTruth, GroundTruthSpec, LeverageScores, Operator, TopScores
-from streamattn.ridge import ridge_universal_set
-from streamattn.sliding_window import SlidingWindow
-from streamattn.source import Block, KeySource, open_keys
-from streamattn.universal import Selection, UniversalSet, universal_set, universal_sets
+from streamattn.operators.multihead import MultiHead
+from streamattn.recipes.columns import ColumnSelection, sparsify_columns
+from streamattn.recipes.embeddings import ReduceConfig, ReducedEmbeddings, reduce_embeddings
+from streamattn.recipes.lp import lp_universal_set, softmax_entry_bound
+from streamattn.recipes.ridge import ridge_universal_set
+from streamattn.recipes.samplers import (
+    LeverageSample,
+    LeverageSampler,
+    approximate_universal_set,
+    leverage_sample,
+)
+from streamattn.recipes.selection import Selection
+from streamattn.recipes.sliding_window import SlidingWindow
+from streamattn.recipes.universal import universal_set, universal_sets
+from streamattn.results import MultiHeadResult, UniversalSet
+from streamattn.sources import Block, KeySource, MultiHeadSource, open_keys, open_kv
 
 __all__ = [
     "Block",
@@ -43,6 +60,8 @@ __all__ = [
     "IncompatibleMergeError",
     "InvalidInputError",
     "KeySource",
+    "LeverageSample",
+    "LeverageSampler",
     "LeverageScores",
     "MemoryBudgetError",
     "MultiHead",
@@ -60,6 +79,9 @@ __all__ = [
     "TopScores",
     "UniversalSet",
     "__version__",
+    "approximate_universal_set",
+    "fit",
+    "leverage_sample",
     "lp_universal_set",
     "open_keys",
     "open_kv",
@@ -67,6 +89,7 @@ __all__ = [
     "ridge_universal_set",
     "run_operators",
     "softmax_entry_bound",
+    "solve",
     "sparsify_columns",
     "universal_set",
     "universal_sets",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,13 +19,19 @@ from typing import Any
 
 import yaml
 
-from streamattn.checkpoint import CheckpointConfig
-from streamattn.embeddings import ReduceConfig
 from streamattn.engines import ENGINES
 from streamattn.engines.dask_engine import DaskOptions
-from streamattn.errors import ConfigError
+from streamattn.errors import ConfigError, InvalidInputError
+from streamattn.io.checkpoint import CheckpointConfig
+from streamattn.recipes.embeddings import ReduceConfig
+from streamattn.recipes.samplers import SampleConfig
+from streamattn.recipes.selection import Selection
+from streamattn.runner import parse_bytes
+from streamattn.sources.keys import check_array_name
 from streamattn.synthetic import SyntheticSpec
-from streamattn.universal import Selection
+
+#: What a selection name may be (it names a group inside result.zarr).
+SELECTION_NAME = re.compile(r"[A-Za-z0-9_+\-][A-Za-z0-9_.+\-]*")
 
 
 @dataclass(frozen=True)
@@ -35,18 +42,19 @@ class InputConfig:
     array: str | None = None
     generate: SyntheticSpec | None = None
     heads: int | None = None  # KV cache: split the key columns into heads (kvcache.py)
+    fill_missing_chunks: bool = False  # missing zarr chunk files: error (false) or fill value
 
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    """One universal set to compute (see ``streamattn.universal.Selection``)."""
+    """One universal set to compute (see ``streamattn.recipes.universal.Selection``)."""
 
     name: str
     eps: float | None = None
     variant: str = "plain"
     budget: int | None = None
     rtol: float = 1e-10
-    p: float = 2.0  # f(x) = |x|^p attention; p != 2: l_p Lewis weights (streamattn.lp)
+    p: float = 2.0  # f(x) = |x|^p attention; p != 2: l_p Lewis weights (streamattn.recipes.lp)
 
     def selection(self) -> Selection:
         return Selection(self.eps, self.variant, self.budget, self.rtol, self.p)
@@ -68,11 +76,14 @@ class EngineConfig:
     ``streamattn.engines.dask_engine.DaskOptions``): ``scheduler`` (``threads``,
     ``local-cluster`` or ``tcp://host:port``), ``n_workers``, ``threads_per_worker``,
     ``split_every``, ``blocks_per_task``, ``retries``, ``timeout`` (seconds) and
-    ``dashboard``.
+    ``dashboard``. ``memory_limit`` (any engine; bytes or a size such as ``4GiB``): a
+    plan whose projected peak (operator bounds plus blocks in flight) exceeds it is
+    refused before any read.
     """
 
     kind: str = "local"
     chunk_rows: int | None = None
+    memory_limit: int | str | None = None
     scheduler: str = DaskOptions.scheduler
     n_workers: int | None = None
     threads_per_worker: int | None = None
@@ -93,6 +104,10 @@ class EngineConfig:
             raise ConfigError(f"engine.kind must be one of {list(ENGINES)}, got {self.kind!r}.")
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise ConfigError(f"engine.chunk_rows must be >= 1, got {self.chunk_rows}.")
+        try:
+            parse_bytes(self.memory_limit)
+        except ConfigError as exc:
+            raise ConfigError(f"engine.{exc}") from exc
         if self.kind == "dask":  # the dask keys are ignored by the local engine
             DaskOptions.from_kwargs(self.options()).check()
 
@@ -116,11 +131,30 @@ class RunConfig:
     progress: bool = True
     reduce: ReduceConfig | None = None  # reduced embeddings, in the same read (embeddings.py)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoint.py
+    sample: SampleConfig | None = None  # a leverage sample, own pass (samplers.py)
 
     def check(self) -> None:
         names = [s.name for s in self.select]
+        if not names and self.reduce is None and self.sample is None:
+            raise ConfigError(
+                "select: is empty and there is no reduce: or sample: section; nothing would be "
+                "computed. "
+                "List at least one selection (e.g. - name: plain, eps: 0.01)."
+            )
+        for i, name in enumerate(names):
+            if not isinstance(name, str) or not SELECTION_NAME.fullmatch(name) or ".." in name:
+                raise ConfigError(
+                    f"select[{i}].name {name!r}: a selection name becomes a group name in "
+                    "result.zarr; use letters, digits and . _ + - (no '/', no '..', not "
+                    "starting with '.')."
+                )
         if len(set(names)) != len(names):
             raise ConfigError(f"select: selection names must be unique, got {names}.")
+        if self.input.array is not None:
+            try:
+                check_array_name(self.input.array)
+            except InvalidInputError as exc:
+                raise ConfigError(f"input.array: {exc}") from exc
         for i, sel in enumerate(self.select):
             try:
                 sel.selection().check()
@@ -132,6 +166,11 @@ class RunConfig:
         if self.reduce is not None:
             self.reduce.check()
         self.checkpoint.check()
+        if self.sample is not None:
+            if self.reduce is not None:
+                raise ConfigError("sample: and reduce: in one run config are not supported; "
+                                  "run them as two configs.")
+            self.sample.validate()
 
 
 def _build(tp: Any, value: Any, where: str) -> Any:

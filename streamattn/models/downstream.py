@@ -1,7 +1,7 @@
 """``streamattn downstream``: next-token loss of a model through a compressed KV cache.
 
-Protocol (DESIGN 2.11). ``ids`` = the text's token ids without special tokens; context
-x_0..x_{C−1}, continuation x_C..x_{C+T−1}, targets x_{C+1}..x_{C+T}.
+Protocol (docs/architecture.md, note 2.11). ``ids`` = the text's token ids without special
+tokens; context x_0..x_{C−1}, continuation x_C..x_{C+T−1}, targets x_{C+1}..x_{C+T}.
 
 1. Prefill the context (eager attention) into a cache: per layer l and KV head h, post-RoPE
    keys K_lh (C × hd) and values.
@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from streamattn.errors import ConfigError
+from streamattn.io.outputs import atomic_dir, check_writable, write_json_atomic
 from streamattn.models.loading import load_model, read_text, resolve_model, text_ids
 from streamattn.models.scoring import check_selectors, select_head
-from streamattn.outputs import atomic_dir, check_writable, write_json_atomic
 
 COLUMNS = ("selector", "source", "ratio", "kept_mean", "loss", "ppl", "delta_loss", "seconds")
 STREAMATTN_DEFAULT = (

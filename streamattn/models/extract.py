@@ -7,7 +7,7 @@ captured (:mod:`streamattn.models.capture`) and appended to the store before the
 runs, so memory is bounded by one window's activations, not by n. The forward pass stops
 after the last chosen layer.
 
-Layout written (DESIGN 1.3; the real-caches commands read it as it is):
+Layout written (docs/architecture.md, note 1.3; the real-caches commands read it as it is):
 
 - ``keys/layer_{l}`` (n, H_kv·hd): keys as the kernel receives them — after RoPE and the
   projection bias, KV heads before the GQA repetition; ``queries/layer_{l}`` (n, H_q·hd);
@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from streamattn.errors import ConfigError, InvalidInputError
+from streamattn.io.outputs import atomic_dir, check_writable, to_jsonable
 from streamattn.models.loading import (
     ModelRef,
     load_model,
@@ -51,7 +52,6 @@ from streamattn.models.loading import (
     sha256_file,
     text_ids,
 )
-from streamattn.outputs import atomic_dir, check_writable, to_jsonable
 
 VERIFY_TOLERANCE = 1e-4
 QUERY_CHUNK = 1024
@@ -162,7 +162,7 @@ class _Writer:
 def _softmax_rows(logits: np.ndarray) -> np.ndarray:
     m = logits.max(axis=1, keepdims=True)
     e = np.exp(logits - m)
-    return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def verify_layer(root: Any, call: Any, rows: int) -> dict[str, float]:

@@ -55,7 +55,7 @@ def rotate(x: np.ndarray, positions: np.ndarray | float, freqs: np.ndarray) -> n
     sin = np.concatenate([np.sin(ang)] * 2, axis=1)
     h = x.shape[1] // 2
     half = np.concatenate([-x[:, h:], x[:, :h]], axis=1)
-    return x * cos + half * sin  # type: ignore[no-any-return]
+    return x * cos + half * sin
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,7 @@ def load_model(ref: ModelRef, attn_implementation: str = "eager") -> tuple[Any, 
             if not (folder / "config.json").exists():
                 model, tok = _from_pretrained(ref.directory, ref.load_kwargs(),
                                               attn_implementation)
-                from streamattn.outputs import atomic_dir
+                from streamattn.io.outputs import atomic_dir
 
                 with atomic_dir(folder, overwrite=True) as tmp:
                     model.save_pretrained(tmp)

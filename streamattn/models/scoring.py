@@ -27,14 +27,14 @@ from typing import Any
 import numpy as np
 
 from streamattn.errors import ConfigError
-from streamattn.selectors import (
+from streamattn.recipes.selectors import (
     hybrid,
     largest_norm,
     leverage_top,
     sinks_window,
     uniform_random,
 )
-from streamattn.universal import universal_set
+from streamattn.recipes.universal import universal_set
 
 SINKS = 4
 

@@ -53,9 +53,14 @@ import numpy as np
 import scipy.sparse
 
 from streamattn.errors import ConfigError
-from streamattn.operators.leverage import stack_qr
+from streamattn.operators.factors import (
+    CentredFactorResult,
+    centred_factor_result,
+    centred_factor_update,
+    stack_qr,
+)
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block
+from streamattn.sources import Block
 
 OBLIVIOUS_METHODS = ("gaussian", "sparse-sign", "srht")
 DATA_AWARE_METHODS = ("pca", "frequent-directions")
@@ -263,6 +268,7 @@ class ProjectionMap:
         elif self.method == "gaussian":
             s = _gaussian(self.d, self.m, self.seed)
         else:
+            assert self.matrix is not None
             s = self.matrix
         return tiled_matmul(x, np.ascontiguousarray(s, dtype=np.float64), start)
 
@@ -382,7 +388,7 @@ class ProjectionSummary:
     projection_map: ProjectionMap
 
 
-class ProjectedEmbeddings(Operator):
+class ProjectedEmbeddings(Operator[ProjectionSpec, ProjectionSummary]):
     """Y = K S written block by block; mean and a key sample kept as the mergeable state.
 
     ``update`` writes Y_block = K_block S into rows [start, stop) of ``spec.out_path`` (a
@@ -474,23 +480,7 @@ class CentredFactorSpec:
     """TSQR of [1, K]; no parameters beyond the dimension check done by the source."""
 
 
-@dataclass(frozen=True)
-class CentredFactorResult:
-    """n, the mean μ and R_c, the R factor of the centred keys (R_cᵀR_c = Σ (k−μ)(k−μ)ᵀ)."""
-
-    n: int
-    mean: np.ndarray
-    r_centred: np.ndarray
-
-    def principal_directions(self, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """(V_m, σ²): top-m right singular vectors of R_c (d × m, sign-fixed) and all σ²."""
-        _, s, vt = np.linalg.svd(self.r_centred, full_matrices=True)
-        v = vt[:m].T
-        flip = np.sign(v[np.argmax(np.abs(v), axis=0), np.arange(v.shape[1])])
-        return v * np.where(flip == 0, 1.0, flip), s**2
-
-
-class CentredFactor(Operator):
+class CentredFactor(Operator[CentredFactorSpec, CentredFactorResult]):
     """One-pass TSQR R factor of [1, K] (float64): the mean and the centred factor.
 
     R = qr([1, K]).R has first row (r₀₀, r₀₀ μᵀ) with |r₀₀| = √n, and its trailing block
@@ -506,9 +496,7 @@ class CentredFactor(Operator):
         self.r = np.zeros((0, 0))
 
     def _update(self, block: Block) -> None:
-        x = np.asarray(block.rows, dtype=np.float64)
-        aug = np.hstack([np.ones((x.shape[0], 1)), x])
-        self.r = stack_qr(aug) if self.r.size == 0 else stack_qr(self.r, aug)
+        self.r = centred_factor_update(self.r, block.rows)
 
     def _merge(self, other: CentredFactor) -> None:
         self.r = stack_qr(self.r, other.r)
@@ -520,11 +508,7 @@ class CentredFactor(Operator):
         self.r = np.array(state["r"], dtype=np.float64)
 
     def result(self) -> CentredFactorResult:
-        d = self.r.shape[1] - 1
-        r = np.zeros((d + 1, d + 1))
-        r[: self.r.shape[0]] = self.r
-        mean = r[0, 1:] / r[0, 0]
-        return CentredFactorResult(self.n_rows, mean, r[1:, 1:])
+        return centred_factor_result(self.r, self.n_rows)
 
     def nbytes_bound(self, d: int) -> int:
         return 8 * 2 * (d + 1) ** 2
@@ -535,7 +519,7 @@ class KeyMeanSpec:
     """Count and float64 column sums; no parameters."""
 
 
-class KeyMean(Operator):
+class KeyMean(Operator[KeyMeanSpec, dict[str, Any]]):
     """The mean key μ in one pass (float64 column sums). Memory: O(d)."""
 
     family = "key-mean"
