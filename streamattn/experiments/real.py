@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 
 from streamattn.errors import ConfigError, InvalidInputError
-from streamattn.experiments.common import as_list, csv_text, new_figure, save_figure
+from streamattn.experiments.common import (
+    PLOTS_MISSING,
+    as_list,
+    csv_text,
+    new_figure,
+    plots_available,
+    save_figure,
+)
 from streamattn.experiments.gaussian import (
     missing_mass,
     predicted_heavy,
@@ -235,7 +242,7 @@ def run(cfg: RealSparsityConfig, out: Path, *, progress: bool = False) -> dict[s
             krows += _krows(res, head, deltas)
     (out / "results.csv").write_text(csv_text(rows, COLUMNS))
     (out / "kdelta.csv").write_text(csv_text(krows, KDELTA_COLUMNS))
-    plots = _plots(rows, out)
+    plots = _plots(rows, out) if plots_available() else []
     (out / "report.md").write_text(_report(cfg, model, rows, krows, plots))
     return {"layers": len(layers), "rows": len(rows), "plots": plots}
 
@@ -371,5 +378,5 @@ def _report(cfg: RealSparsityConfig, model: dict[str, Any], rows: list[dict],
             f"{r['measured_kdelta_exact_fraction']:.2f} | {r['predicted_kdelta_median']:.0f} | "
             f"{'' if frac is None else f'{frac:.3g}'} |"
         )
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += ["", "## Plots", ""] + ([f"![{p}]({p})" for p in plots] or [PLOTS_MISSING]) + [""]
     return "\n".join(lines)

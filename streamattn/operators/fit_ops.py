@@ -113,6 +113,7 @@ class AttentionFeatures(Operator):
 
     family = "attention-features"
     Spec = AttentionFeaturesSpec
+    spec: AttentionFeaturesSpec
     needs_values = True
 
     def __init__(self, spec: AttentionFeaturesSpec) -> None:
@@ -174,6 +175,7 @@ class AttentionGaussNewton(_Additive):
 
     family = "attention-gauss-newton"
     Spec = AttentionGaussNewtonSpec
+    spec: AttentionGaussNewtonSpec
     needs_values = True
 
     def __init__(self, spec: AttentionGaussNewtonSpec) -> None:
@@ -261,6 +263,7 @@ class AttentionLossGradient(_Additive):
 
     family = "attention-loss-gradient"
     Spec = AttentionLossGradientSpec
+    spec: AttentionLossGradientSpec
     needs_values = True
 
     def _update(self, block: Block) -> None:

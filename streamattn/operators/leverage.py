@@ -94,22 +94,34 @@ class ScoringMap:
     offset: float = 0.0
 
     @classmethod
-    def from_factor(cls, r: np.ndarray, rtol: float, d: int) -> ScoringMap:
+    def from_factor(cls, r: np.ndarray, rtol: float, d: int, floor: float = 0.0) -> ScoringMap:
+        """The map on σ_i > max(rtol · σ_max, floor) (``floor``: an absolute noise level)."""
         if r.shape[0] == 0:
             return cls(np.zeros((d, 0)), 0, 0.0, 0.0, 0.0)
         _, s, vt = np.linalg.svd(r, full_matrices=False)
-        tol = rtol * s[0]
+        tol = max(rtol * s[0], floor)
         rank = int(np.count_nonzero(s > tol)) if s[0] > 0 else 0
         w = vt[:rank].T / s[:rank]
         return cls(w, rank, float(s[0]), float(s[rank - 1]) if rank else 0.0, float(tol))
 
     @classmethod
     def from_centred(cls, factor: Any, rtol: float) -> ScoringMap:
-        """The affine map from a ``CentredFactorResult`` (n, μ, R_c): rank on R_c only."""
-        c = cls.from_factor(factor.r_centred, rtol, factor.r_centred.shape[1])
+        """The affine map from a ``CentredFactorResult`` (n, μ, R_c): rank on R_c only.
+
+        R_c is the trailing block of a backward-stable QR of [1, K], so its entries carry
+        rounding of order u·‖[1, K]‖_F (u the float64 unit roundoff), however small R_c
+        itself is: singular values below (d + 1)·u·‖[1, K]‖_F are counted as zero (e.g.
+        identical keys, whose centred rows are exactly zero). ‖[1, K]‖_F² is read off the
+        factor: n + n‖μ‖² + ‖R_c‖_F².
+        """
+        rc = np.asarray(factor.r_centred, dtype=np.float64)
         n = int(factor.n)
+        mean = np.asarray(factor.mean, dtype=np.float64)
+        norm = np.sqrt(n * (1.0 + float(mean @ mean)) + float(np.sum(rc * rc)))
+        floor = (rc.shape[1] + 1) * np.finfo(np.float64).eps * norm
+        c = cls.from_factor(rc, rtol, rc.shape[1], floor)
         return cls(c.w, c.rank + (1 if n else 0), c.sigma_max, c.sigma_min_kept, c.abs_tol,
-                   np.asarray(factor.mean, dtype=np.float64), 1.0 / n if n else 0.0)
+                   mean, 1.0 / n if n else 0.0)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         """τ for each row of ``x`` (float64; raw keys for a centred map)."""

@@ -79,6 +79,7 @@ class TallSkinnyQR(Operator):
 
     family = "tsqr"
     Spec = TallSkinnyQRSpec
+    spec: TallSkinnyQRSpec
     needs_values = True
 
     def __init__(self, spec: TallSkinnyQRSpec) -> None:
@@ -184,6 +185,7 @@ class RowSketch(Operator):
 
     family = "row-sketch"
     Spec = RowSketchSpec
+    spec: RowSketchSpec
 
     def __init__(self, spec: RowSketchSpec) -> None:
         super().__init__(spec)
@@ -240,6 +242,7 @@ class GramMatvec(Operator):
 
     family = "gram-matvec"
     Spec = GramMatvecSpec
+    spec: GramMatvecSpec
 
     def __init__(self, spec: GramMatvecSpec) -> None:
         super().__init__(spec)
@@ -292,6 +295,7 @@ class LeastSquaresResidual(Operator):
 
     family = "ls-residual"
     Spec = LeastSquaresResidualSpec
+    spec: LeastSquaresResidualSpec
     needs_values = True
 
     def __init__(self, spec: LeastSquaresResidualSpec) -> None:
@@ -353,6 +357,7 @@ class ExpKernelMatvec(Operator):
 
     family = "exp-kernel-matvec"
     Spec = ExpKernelMatvecSpec
+    spec: ExpKernelMatvecSpec
 
     def __init__(self, spec: ExpKernelMatvecSpec) -> None:
         super().__init__(spec)
