@@ -21,10 +21,9 @@ from streamattn.checkpoint import CheckpointConfig, Checkpointer
 from streamattn.config import EngineConfig, RunConfig, load_config, to_dict
 from streamattn.engines import ENGINES
 from streamattn.errors import StreamattnError
-from streamattn.kvcache import flatten_results, open_source
+from streamattn.kvcache import MultiHeadResult, MultiHeadSource, flatten_results, open_source
 from streamattn.memory import peak_rss_bytes
 from streamattn.outputs import check_writable
-from streamattn.source import open_keys
 from streamattn.synthetic import SyntheticSpec, ensure_store, generate_kv_store, generate_store
 from streamattn.universal import (
     Selection,
@@ -66,8 +65,10 @@ def _compute_and_save(
     progress: bool,
     engine_options: dict[str, Any] | None = None,
     checkpoint: Checkpointer | None = None,
-    heads: int | None = None,
+    n_heads: int | None = None,
     array: str | None = None,
+    keep_mask: bool = False,
+    per_head: bool = False,
 ) -> dict[str, UniversalSet]:
     check_writable(out, overwrite)
     t0 = time.perf_counter()
@@ -81,6 +82,7 @@ def _compute_and_save(
         **(engine_options or {}),
     )
     seconds = time.perf_counter() - t0
+    caches = {k: r for k, r in zip(named, results, strict=True) if isinstance(r, MultiHeadResult)}
     sets = flatten_results(list(named), results)  # KV caches: name/layer_{l}/head_{h}
     report = {
         "config": config,
@@ -91,8 +93,11 @@ def _compute_and_save(
             for name, u in sets.items()
         },
     }
-    writer = state_writer(checkpoint, named, array=array, heads=heads)
-    save_universal_sets(out, sets, report=report, overwrite=overwrite, extra=writer)
+    writer = state_writer(checkpoint, named, array=array, n_heads=n_heads)
+    # KV caches: stacked (layer, head, rank) arrays; per-head groups only on request
+    groups = {k: u for k, u in sets.items() if per_head or k.split("/")[0] not in caches}
+    save_universal_sets(out, groups, report=report, overwrite=overwrite,
+                        extra=_cache_writer(caches, source.n, keep_mask, writer))
     if checkpoint is not None:
         for k, row in sorted(checkpoint.resumed_from.items()):
             _say(args, f"streamattn: pass {k + 1} resumed from its checkpoint at row {row}")
@@ -102,6 +107,27 @@ def _compute_and_save(
         _say(args, *_summary_lines(name, uset))
     _say(args, "  guarantee: x^2 / (x+c)^2 attention only; softmax coverage must be measured.")
     return sets
+
+
+def _cache_writer(
+    caches: dict[str, MultiHeadResult], n: int, keep_mask: bool, then: Any
+) -> Any:
+    """``extra`` for ``save_universal_sets``: stacked cache selections, then ``then``."""
+    if not caches:
+        return then
+
+    def write(tmp: Path) -> None:
+        import zarr
+
+        from streamattn.cache_outputs import write_cache_selection
+
+        root = zarr.open_group(str(tmp / "result.zarr"), mode="a")
+        for name, res in caches.items():
+            write_cache_selection(root, name, res, n=n, keep_mask=keep_mask)
+        if then is not None:
+            then(tmp)
+
+    return write
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -115,6 +141,29 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, help="dask: retries of a failed task")
     p.add_argument("--timeout", type=float, help="dask: seconds to reach the scheduler")
     p.add_argument("--no-dashboard", action="store_true", help="dask: no LocalCluster dashboard")
+
+
+def _index_list(text: str) -> tuple[int, ...]:
+    """``"3,15"`` -> (3, 15) for --layers / --heads."""
+    try:
+        out = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 0,2; got {text!r}"
+        ) from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one index")
+    return out
+
+
+def add_cache_flags(p: argparse.ArgumentParser, *, heads_help: str) -> None:
+    """KV-cache input flags shared by select, inspect and evaluate (docs/real-caches.md)."""
+    p.add_argument("--layers", type=_index_list, help="KV cache: real layer indices, e.g. 3,15")
+    p.add_argument("--heads", type=_index_list, help=heads_help)
+    p.add_argument("--n-heads", type=int,
+                   help="the head count of a 2-D (n, H*d) key array (per-layer zarr arrays "
+                   "carry it as an attribute)")
+    p.add_argument("--batch", type=int, help="KV cache with a batch axis: the sequence to read")
 
 
 def _engine_from_args(base: EngineConfig, args: argparse.Namespace) -> EngineConfig:
@@ -141,7 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.input.generate is not None:
         _, made = ensure_store(path, cfg.input.generate)
         _say(args, f"streamattn: {'generated' if made else 'using cached'} store {path}")
-    source = open_source(path, array=cfg.input.array, heads=cfg.input.heads)
+    source = open_source(path, array=cfg.input.array, **cfg.input.cache_options())
     _say(args, f"streamattn: {source.label}: n = {source.n}, d = {source.d}, {source.dtype}")
     named = {s.name: s.selection() for s in cfg.select}
     if cfg.reduce is not None:  # universal sets + embeddings from one shared read
@@ -160,15 +209,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=cfg.progress and not args.quiet,
         engine_options=cfg.engine.options(),
         checkpoint=Checkpointer.from_config(cfg.checkpoint, cfg.output.dir, resume=args.resume),
-        heads=cfg.input.heads,
+        n_heads=cfg.input.n_heads,
         array=cfg.input.array,
+        keep_mask=cfg.output.keep_mask,
+        per_head=cfg.output.per_head,
     )
     return 0
 
 
 def cmd_select(args: argparse.Namespace) -> int:
     engine = _engine_from_args(EngineConfig(chunk_rows=args.chunk_rows), args)
-    source = open_source(args.input, array=args.array, heads=args.heads)
+    source = open_source(args.input, array=args.array, n_heads=args.n_heads,
+                         layers=args.layers, heads=args.heads, batch=args.batch)
     sel = Selection(args.eps, args.variant, args.budget, args.rtol, args.p)
     sel.check(source.n)
     name = f"{args.variant}" + (f"-eps{args.eps:g}" if args.eps else "") + (
@@ -186,8 +238,10 @@ def cmd_select(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         engine_options=engine.options(),
         checkpoint=Checkpointer.from_config(CheckpointConfig(), args.out, resume=args.resume),
-        heads=args.heads,
+        n_heads=args.n_heads,
         array=args.array,
+        keep_mask=args.keep_mask,
+        per_head=args.per_head,
     )
     return 0
 
@@ -218,13 +272,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    source = open_keys(args.input, array=args.array)
+    """Describe a store; the key-norm figures are over a sample of the first 4096 rows.
+
+    ``sample_mean_key_norm_ratio`` = ‖mean_j k_j‖ / mean_j ‖k_j‖ (≤ 1 by the triangle
+    inequality): near 1, keys share a large common offset (softmax ignores it, plain
+    leverage does not). For a KV cache it is computed per (layer, head), over rows.
+    """
+    source = open_source(args.input, array=args.array, n_heads=args.n_heads,
+                         layers=args.layers, heads=args.heads, batch=args.batch)
     info = source.describe()
     rows = source.read(0, min(source.n, 4096)).rows.astype(np.float64)
-    norms = np.linalg.norm(rows, axis=1)
+    norms = np.linalg.norm(rows, axis=-1)  # (r,) or (r, layers, heads)
+    ratio = np.linalg.norm(rows.mean(axis=0), axis=-1) / np.maximum(norms.mean(axis=0),
+                                                                    1e-300)
     info["sample_rows"] = int(rows.shape[0])
     info["sample_mean_norm"] = float(norms.mean())
-    info["sample_mean_key_norm_ratio"] = float(np.linalg.norm(rows.mean(0)) / norms.mean())
+    info["sample_mean_key_norm_ratio"] = float(ratio.mean())
+    if isinstance(source, MultiHeadSource):
+        info["per_head"] = [
+            {"layer": lay, "head": h, "mean_norm": float(norms[:, li, hi].mean()),
+             "mean_key_norm_ratio": float(ratio[li, hi])}
+            for li, lay in enumerate(source.layer_ids)
+            for hi, h in enumerate(source.head_ids)
+        ]
     info["default_chunk_rows"] = source.default_chunk_rows()
     print(json.dumps(info, indent=2))
     return 0
@@ -261,7 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--heads", type=int, help="KV cache: split the key columns into H heads")
+    add_cache_flags(p, heads_help="KV cache: KV heads to select, e.g. 0,2 (default all)")
+    p.add_argument("--keep-mask", action="store_true",
+                   help="KV cache: also write the (layer, head, key) boolean keep-mask")
+    p.add_argument("--per-head", action="store_true",
+                   help="KV cache: also write one group per (layer, head)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     common(p)
     p.set_defaults(func=cmd_select)
@@ -299,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe a key store (shape, dtype, chunks)")
     p.add_argument("input")
     p.add_argument("--array")
+    add_cache_flags(p, heads_help="KV cache: KV heads to describe, e.g. 0,2 (default all)")
     p.set_defaults(func=cmd_inspect)
 
     from streamattn.sliding_window import add_window_parser

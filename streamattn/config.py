@@ -34,7 +34,16 @@ class InputConfig:
     path: str = "data/default-keys.zarr"
     array: str | None = None
     generate: SyntheticSpec | None = None
-    heads: int | None = None  # KV cache: split the key columns into heads (kvcache.py)
+    # KV caches (streamattn.kvcache.open_kv, docs/real-caches.md):
+    n_heads: int | None = None  # the head count of a 2-D (n, H*d) array
+    layers: tuple[int, ...] | None = None  # real layer indices to read (null: all)
+    heads: tuple[int, ...] | None = None  # KV heads (select) / query heads (evaluate)
+    batch: int | None = None  # the sequence of a batched (5-D) cache
+
+    def cache_options(self) -> dict[str, Any]:
+        """``open_source`` keyword options besides ``array``."""
+        return {"n_heads": self.n_heads, "layers": self.layers, "heads": self.heads,
+                "batch": self.batch}
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,8 @@ class OutputConfig:
 
     dir: str = "runs/default"
     overwrite: bool = True
+    keep_mask: bool = False  # KV caches: also the (layer, head, key) boolean keep-mask
+    per_head: bool = False  # KV caches: also one group per (layer, head)
 
 
 @dataclass(frozen=True)

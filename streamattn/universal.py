@@ -510,6 +510,9 @@ def load_universal_set(out: Any, name: str) -> UniversalSet:
     try:
         group = zarr.open_group(f"{out}/result.zarr", mode="r")[f"universal_set/{name}"]
     except (KeyError, FileNotFoundError) as exc:
+        head = _stacked_head(out, name)  # a KV cache's "<set>/layer_{l}/head_{h}"
+        if head is not None:
+            return head
         raise InvalidInputError(f"{out}: no universal set named {name!r} in result.zarr.") from exc
     arrays = {k: v[...] for k, v in group.arrays()}
     return UniversalSet(
@@ -519,3 +522,20 @@ def load_universal_set(out: Any, name: str) -> UniversalSet:
         arrays.get("values"),
         dict(group.attrs)["certificate"],
     )
+
+
+def _stacked_head(out: Any, name: str) -> UniversalSet | None:
+    """One head of a stacked cache selection (``streamattn.cache_outputs``), if present."""
+    import re
+
+    m = re.fullmatch(r"(.+)/layer_(\d+)/head_(\d+)", name)
+    if m is None:
+        return None
+    from streamattn.cache_outputs import load_cache_selection
+    from streamattn.errors import InvalidInputError
+
+    try:
+        res = load_cache_selection(out, m.group(1))
+        return res[int(m.group(2)), int(m.group(3))]  # type: ignore[no-any-return]
+    except (InvalidInputError, KeyError):
+        return None

@@ -49,7 +49,7 @@ def state_writer(
     named: dict[str, Any],
     *,
     array: str | None,
-    heads: int | None,
+    n_heads: int | None,
 ) -> Callable[[Path], None] | None:
     """A function writing ``state.npz`` into the output being built (None: nothing kept).
 
@@ -64,7 +64,7 @@ def state_writer(
         "chunk_rows": rec.chunk_rows,
         "fingerprint": rec.fingerprint,
         "array": array,
-        "heads": heads,
+        "n_heads": n_heads,
         # a list: the order must match the operators' (the meta JSON sorts dict keys)
         "selections": [[name, dataclasses.asdict(sel)] for name, sel in named.items()],
     }
@@ -111,7 +111,7 @@ def update_output(
     from streamattn.universal import Selection, save_universal_sets, universal_sets
 
     meta, ops = load_state(out)
-    source = open_source(store, array=meta["array"], heads=meta["heads"])
+    source = open_source(store, array=meta["array"], n_heads=meta.get("n_heads"))
     saved = Record(ops, int(meta["position"]), int(meta["chunk_rows"]), meta["fingerprint"])
     n_old, n_new = saved.position, source.n
     if n_new < n_old:
@@ -154,7 +154,7 @@ def update_output(
             },
         }
     )
-    writer = state_writer(ckpt, named, array=meta["array"], heads=meta["heads"])
+    writer = state_writer(ckpt, named, array=meta["array"], n_heads=meta.get("n_heads"))
     save_universal_sets(out, sets, report=report, overwrite=True, extra=writer)
     return {"sets": sets, "report": report}
 
