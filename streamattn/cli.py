@@ -69,6 +69,7 @@ def _compute_and_save(
     array: str | None = None,
     keep_mask: bool = False,
     per_head: bool = False,
+    save_state: bool = False,
 ) -> dict[str, UniversalSet]:
     check_writable(out, overwrite)
     t0 = time.perf_counter()
@@ -93,7 +94,10 @@ def _compute_and_save(
             for name, u in sets.items()
         },
     }
-    writer = state_writer(checkpoint, named, array=array, n_heads=n_heads)
+    # a KV cache's state.npz (every head's factor) only on request; a single store's always
+    keep_state = save_state or not caches
+    writer = state_writer(checkpoint, named, array=array, n_heads=n_heads) if keep_state \
+        else None
     # KV caches: stacked (layer, head, rank) arrays; per-head groups only on request
     groups = {k: u for k, u in sets.items() if per_head or k.split("/")[0] not in caches}
     save_universal_sets(out, groups, report=report, overwrite=overwrite,
@@ -213,6 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         array=cfg.input.array,
         keep_mask=cfg.output.keep_mask,
         per_head=cfg.output.per_head,
+        save_state=cfg.output.save_state,
     )
     return 0
 
@@ -242,6 +247,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         array=args.array,
         keep_mask=args.keep_mask,
         per_head=args.per_head,
+        save_state=args.save_state,
     )
     return 0
 
@@ -336,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache: also write the (layer, head, key) boolean keep-mask")
     p.add_argument("--per-head", action="store_true",
                    help="KV cache: also write one group per (layer, head)")
+    p.add_argument("--save-state", action="store_true",
+                   help="KV cache: also write state.npz (for streamattn update)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     common(p)
     p.set_defaults(func=cmd_select)

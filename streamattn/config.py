@@ -114,6 +114,7 @@ class OutputConfig:
     overwrite: bool = True
     keep_mask: bool = False  # KV caches: also the (layer, head, key) boolean keep-mask
     per_head: bool = False  # KV caches: also one group per (layer, head)
+    save_state: bool = False  # KV caches: also state.npz (for `streamattn update`)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from streamattn.cache_evaluate import CACHE_SELECTORS, check_budgets
 from streamattn.config import (
     EngineConfig,
     InputConfig,
@@ -45,6 +47,8 @@ from streamattn.config import (
 )
 from streamattn.engines import engine_session, run_operators
 from streamattn.errors import ConfigError
+from streamattn.kvcache import is_multihead
+from streamattn.masks import Mask
 from streamattn.memory import peak_rss_bytes
 from streamattn.operators.ground_truth import (
     KINDS,
@@ -120,7 +124,8 @@ class SelectorConfig:
     """Which selectors, at which budgets, with their parameters."""
 
     names: tuple[str, ...] = SELECTORS
-    budgets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
+    # counts, or fractions < 1 of the keys a query can attend (KV caches: cache_evaluate)
+    budgets: tuple[int | float, ...] = (16, 32, 64, 128, 256, 512, 1024)
     universal_eps: float = 0.01
     universal_variant: str = "plain"
     sinks: int = 4
@@ -147,20 +152,21 @@ class EvaluateConfig:
         for kind in a.kinds:
             if kind not in KINDS:
                 raise ConfigError(f"attention.kinds: {kind!r} is not one of {list(KINDS)}.")
-        for mode in a.modes:
-            if mode not in MODES:
-                raise ConfigError(f"attention.modes: {mode!r} is not one of {list(MODES)}.")
+        for mode in a.modes:  # masks; native and local:W need a KV cache (cache_evaluate)
+            Mask.parse(mode)
         if not a.kinds or not a.modes:
             raise ConfigError("attention.kinds and attention.modes must not be empty.")
         if not 0 < a.eps <= 1:
             raise ConfigError(f"attention.eps must be in (0, 1], got {a.eps}.")
         if a.p <= 0:
             raise ConfigError(f"attention.p must be > 0, got {a.p}.")
+        known = SELECTORS + tuple(x for x in CACHE_SELECTORS if x not in SELECTORS)
         for name in s.names:
-            if name not in SELECTORS:
-                raise ConfigError(f"selectors.names: {name!r} is not one of {list(SELECTORS)}.")
-        if not s.budgets or any(b < 1 for b in s.budgets):
-            raise ConfigError(f"selectors.budgets must be integers >= 1, got {s.budgets}.")
+            if name not in known:
+                raise ConfigError(f"selectors.names: {name!r} is not one of {list(known)}.")
+        if not s.budgets:
+            raise ConfigError("selectors.budgets must not be empty.")
+        check_budgets(tuple(s.budgets))
         if not 0 < s.universal_eps <= 1:
             raise ConfigError(f"selectors.universal_eps must be in (0, 1], got {s.universal_eps}.")
         if s.sinks < 0:
@@ -171,11 +177,6 @@ class EvaluateConfig:
             raise ConfigError(f"queries.count must be >= 1 or null, got {q.count}.")
         if self.input.generate is not None:
             self.input.generate.check()
-        if self.input.heads is not None:
-            raise ConfigError(
-                "input.heads: evaluate measures one head at a time; point input.path/array "
-                "at one head's keys (with its queries and values)."
-            )
         self.engine.check()
 
 
@@ -314,7 +315,26 @@ def evaluate(
         return _evaluate(src, cfg, run)
 
 
+def _single_store_config(src: KeySource, cfg: EvaluateConfig) -> EvaluateConfig:
+    """Refuse cache-only masks and selectors; fractional budgets become counts of n."""
+    for mode in cfg.attention.modes:
+        if mode not in MODES:
+            raise ConfigError(
+                f"attention.modes: {mode!r} needs a KV cache with segments (input.path in "
+                "the layout of docs/real-caches.md); a single key store has "
+                f"{list(MODES)}."
+            )
+    only = [x for x in cfg.selectors.names if x not in SELECTORS]
+    if only:
+        raise ConfigError(f"selectors.names: {only} need a KV cache input (docs/real-caches.md).")
+    budgets = tuple(b if isinstance(b, int) else max(1, math.ceil(b * src.n))
+                    for b in cfg.selectors.budgets)
+    return dataclasses.replace(cfg, selectors=dataclasses.replace(cfg.selectors,
+                                                                  budgets=budgets))
+
+
 def _evaluate(src: KeySource, cfg: EvaluateConfig, run: dict[str, Any]) -> dict[str, Any]:
+    cfg = _single_store_config(src, cfg)
     queries, positions = load_queries(src, cfg.queries)
     a = cfg.attention
     if "causal" in a.modes and positions is None:
@@ -503,6 +523,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out or cfg.output.dir)
     overwrite = cfg.output.overwrite or args.overwrite
     check_writable(out, overwrite)
+    if cfg.input.generate is None and is_multihead(cfg.input.path, cfg.input.array):
+        from streamattn.cache_evaluate import run_cache_evaluate
+
+        return run_cache_evaluate(cfg, out, overwrite=overwrite, quiet=args.quiet)
     src, made = prepare_source(cfg)
     quiet = args.quiet
     if not quiet:
