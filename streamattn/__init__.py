@@ -4,9 +4,10 @@ Public API: ``open_keys`` (validated read-only key stores), ``universal_set`` /
 ``universal_sets`` (the LevAttention universal set, exact, one pass), the operator
 protocol (``Operator``) and ``run_operators`` (engines); exact attention ground truth
 (``GroundTruth``; selectors in ``streamattn.selectors``, coverage in
-``streamattn.evaluate``); whole KV caches (``open_kv``,
-``MultiHeadResult``) and resumable passes (``Checkpointer``); reduced embeddings
-(``reduce_embeddings``) and column sparsifiers for d >> n (``sparsify_columns``).
+``streamattn.evaluate``); whole KV caches (``open_kv``, ``MultiHeadResult``, attention
+masks ``Mask``, per-key scores ``key_scores``; docs/real-caches.md) and resumable passes
+(``Checkpointer``); reduced embeddings (``reduce_embeddings``) and column sparsifiers
+for d >> n (``sparsify_columns``).
 """
 
 __version__ = "0.1.0"
@@ -25,8 +26,10 @@ from streamattn.errors import (
     StateFormatError,
     StreamattnError,
 )
+from streamattn.key_scores import key_scores
 from streamattn.kvcache import MultiHead, MultiHeadResult, MultiHeadSource, open_kv
 from streamattn.lp import lp_universal_set, softmax_entry_bound
+from streamattn.masks import Mask
 from streamattn.operators import GroundTruth, GroundTruthSpec, LeverageScores, Operator, TopScores
 from streamattn.ridge import ridge_universal_set
 from streamattn.sliding_window import SlidingWindow
@@ -44,6 +47,7 @@ __all__ = [
     "InvalidInputError",
     "KeySource",
     "LeverageScores",
+    "Mask",
     "MemoryBudgetError",
     "MultiHead",
     "MultiHeadResult",
@@ -60,6 +64,7 @@ __all__ = [
     "TopScores",
     "UniversalSet",
     "__version__",
+    "key_scores",
     "lp_universal_set",
     "open_keys",
     "open_kv",

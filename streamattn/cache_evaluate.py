@@ -35,6 +35,7 @@ kept (mean, p10), relative output error (mean), heavy entries per query, queries
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -332,9 +333,9 @@ def evaluate_cache(
 
     passes: list[dict[str, Any]] = []
 
-    def timed(ops: list[Any], what: str) -> None:
+    def timed(ops: list[Any], what: str, values: bool = True) -> None:
         t = time.perf_counter()
-        run_operators(src, ops, description=what, **run)
+        run_operators(src if values else src.keys_only(), ops, description=what, **run)
         passes.append({"pass": what, "seconds": time.perf_counter() - t})
 
     # pass 1: ground truth, oracle, leverage factors, key norms
@@ -362,14 +363,15 @@ def evaluate_cache(
         n, "map", levs[v].ops[li][hi].result()["scoring_map"].w, v == "affine")))
         for v in levs}
     if maps:
-        timed(list(maps.values()), "leverage of every key")
+        timed(list(maps.values()), "leverage of every key", values=False)
 
     # pass 3: attention restricted to every set
     specs: dict[str, list[list[SetAttentionSpec]]] = {}
     plans: list[list[SetPlan]] = [[None] * src.heads for _ in range(src.layers)]  # type: ignore[list-item]
     head_scores: dict[tuple[int, int], np.ndarray] = {}
     for li, hi in grid:
-        arrays, ids = [], {}
+        arrays: list[np.ndarray] = []
+        ids: dict[str, int] = {}
         for v in maps:
             ids[f"leverage-{v}"] = len(arrays)
             arrays.append(maps[v].ops[li][hi].result())
@@ -441,12 +443,22 @@ def evaluate_cache(
 
 
 # ---------------------------------------------------------------------------- summaries
-def curves(rows: list[dict[str, Any]], kind: str, mask: str, metric: str
-           ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per selector, (keys used, metric) averaged over heads per budget, sorted by keys."""
+def budget_family(budget: Any) -> str:
+    """``count`` (B keys; also the ε-threshold set) or ``fraction`` (B_i ∝ keys visible).
+
+    Curves never mix the two: at a fraction, early and late queries use very different
+    numbers of keys, so a mean over queries is not a point of the count curve."""
+    return "fraction" if isinstance(budget, float) else "count"
+
+
+def curves(rows: list[dict[str, Any]], kind: str, mask: str, metric: str,
+           family: str = "count") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per selector, (keys used, metric) averaged over heads per budget of one budget
+    ``family``, sorted by keys used."""
     by: dict[tuple[str, Any], list[tuple[float, float]]] = {}
     for r in rows:
-        if r["kind"] == kind and r["mask"] == mask and r[metric] is not None:
+        if (r["kind"] == kind and r["mask"] == mask and r[metric] is not None
+                and budget_family(r["budget"]) == family):
             by.setdefault((r["selector"], r["budget"]), []).append(
                 (r["keys_used_mean"], r[metric]))
     out: dict[str, list[tuple[float, float]]] = {}
@@ -461,18 +473,19 @@ def curves(rows: list[dict[str, Any]], kind: str, mask: str, metric: str
 
 
 def at_equal_keys(
-    rows: list[dict[str, Any]], kind: str, mask: str, metric: str
+    rows: list[dict[str, Any]], kind: str, mask: str, metric: str, family: str = "count"
 ) -> tuple[list[float], dict[str, list[float | None]]]:
     """Each selector's metric interpolated (linearly in log keys) at common key counts.
 
-    The grid is the oracle's keys-used points (else the union of all points); a selector
-    gets None outside the range of keys it was measured at (no extrapolation).
+    The grid is the oracle's keys-used points plus every single-point selector's (the
+    ε-threshold set); a selector gets None outside the range of keys it was measured at
+    (no extrapolation).
     """
-    cs = curves(rows, kind, mask, metric)
+    cs = curves(rows, kind, mask, metric, family)
     if not cs:
         return [], {}
-    base = cs["oracle"][0] if "oracle" in cs else np.unique(np.concatenate([c[0] for c in
-                                                                             cs.values()]))
+    points = [c[0] for name, c in cs.items() if name == "oracle" or c[0].size == 1]
+    base = np.unique(np.concatenate(points or [c[0] for c in cs.values()]))
     grid = [float(x) for x in base]
     table: dict[str, list[float | None]] = {}
     for name, (x, y) in cs.items():
@@ -520,11 +533,13 @@ def markdown_report(report: dict[str, Any]) -> str:
     ]
     for kind in report["kinds"]:
         for mask in report["masks"]:
-            for metric in ("mass_mean", "recall_mean"):
-                grid, table = at_equal_keys(report["rows"], kind, mask, metric)
+            for family, metric in itertools.product(("count", "fraction"),
+                                                    ("mass_mean", "recall_mean")):
+                grid, table = at_equal_keys(report["rows"], kind, mask, metric, family)
                 if not grid:
                     continue
-                lines += [f"### {metric} at equal keys used ({kind}, mask {mask})", "",
+                lines += [f"### {metric} at equal keys used ({kind}, mask {mask}, budgets "
+                          f"as {family}s)", "",
                           "| keys used | " + " | ".join(table) + " |",
                           "|---:|" + "---:|" * len(table)]
                 for i, g in enumerate(grid):
@@ -541,6 +556,7 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """Per kind and metric (mass, recall): one panel per mask, a curve per selector vs
     keys used (means over heads); the oracle dashed. Masks with no data get no panel."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -550,19 +566,29 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     for kind in report["kinds"]:
         for metric, label in (("mass_mean", "attention mass kept"),
                               ("recall_mean", f"recall of entries >= eps = {report['eps']}")):
-            panels = [(m, curves(report["rows"], kind, m, metric)) for m in report["masks"]]
-            panels = [(m, c) for m, c in panels if c]
+            panels = [(m, {f: curves(report["rows"], kind, m, metric, f)
+                           for f in ("count", "fraction")}) for m in report["masks"]]
+            panels = [(m, c) for m, c in panels if c["count"] or c["fraction"]]
             if not panels:
                 continue
             fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 2, 4.2),
                                      squeeze=False)
-            for ax, (mask, cs) in zip(axes[0], panels, strict=True):
-                for name, (x, y) in cs.items():
-                    i = names.index(name) if name in names else 0
-                    ax.plot(x, y, "--" if name == "oracle" else "-",
-                            marker=MARKERS[i % len(MARKERS)], color=f"C{i % 10}",
-                            label="oracle (query-aware)" if name == "oracle" else name)
+            for ax, (mask, fams) in zip(axes[0], panels, strict=True):
+                for family, cs in fams.items():
+                    for name, (x, y) in cs.items():
+                        x, y = x[x > 0], y[x > 0]  # a set with no keys has no log-x point
+                        if x.size == 0:
+                            continue
+                        i = names.index(name) if name in names else 0
+                        style = "--" if name == "oracle" else "-"
+                        text = "oracle (query-aware)" if name == "oracle" else name
+                        ax.plot(x, y, style if family == "count" else ":",
+                                marker=MARKERS[i % len(MARKERS)], color=f"C{i % 10}",
+                                mfc="none" if family == "fraction" else None,
+                                label=text if family == "count" or not fams["count"]
+                                else None)
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
                 ax.set_xlabel("keys used per query (mean)")
                 ax.set_ylabel(label)
                 ax.set_ylim(-0.02, 1.02)
@@ -570,7 +596,8 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
                 ax.grid(alpha=0.3)
             axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
             fig.suptitle(f"{label} vs keys used — {report['model'].get('name', '?')}, "
-                         f"{kind}, eps = {report['eps']}, n = {report['n']}, d = {report['d']}")
+                         f"{kind}, eps = {report['eps']}, n = {report['n']}, d = {report['d']}"
+                         " (dotted, hollow: fractional budgets)")
             fig.tight_layout()
             path = out_dir / f"{metric.split('_')[0]}_{kind}.png"
             fig.savefig(path, dpi=90)

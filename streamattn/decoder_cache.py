@@ -12,9 +12,9 @@ RoPE applied to queries and keys inside each segment (positions ``tokens/pos`` r
 = 1/√head_dim, sizes, seed). The per-layer arrays are chunked ``(chunk_rows, head_dim)``
 inside shards ``(chunk_rows, full width)``, so one head can be read alone.
 
-It is a faithful *shape* of a real model's cache (RoPE, GQA, segments, residual stream,
-attention sinks emerge from the first token's large norm) — not a trained model; use it
-to test the pipeline, and the extractor for real models.
+It has the *shape* of a real model's cache (RoPE, GQA, segments, a residual stream) but
+not trained attention patterns (no attention sinks, near-uniform leverage): use it to test
+the pipeline, and the extractor for real models.
 """
 
 from __future__ import annotations
@@ -82,7 +82,6 @@ def decoder_cache(spec: DecoderSpec) -> dict[str, Any]:
     pos = np.arange(spec.n) - window * spec.segment
     ids = rng.integers(0, spec.vocab, size=spec.n)
     x = rng.standard_normal((spec.vocab, width))[ids]
-    x[pos == 0] *= 8.0  # a large first token per segment: sinks, as in trained models
     group = hq // hkv
     scale = 1.0 / np.sqrt(hd)
     out: dict[str, Any] = {"q": [], "k": [], "v": [], "window": window, "pos": pos, "ids": ids}

@@ -1,15 +1,21 @@
 """Whole KV caches: multi-layer, multi-head key stores read once for every head.
 
 A KV cache holds, per layer ``l`` and head ``h``, an ``n × d_head`` key matrix. Layouts
-opened by :func:`open_kv` (and by ``open_keys``, which hands them here):
+opened by :func:`open_kv` (and by ``open_keys``, which hands them here; the array layouts
+and torch/transformers adapters live in :mod:`streamattn.cache_layout`):
 
-- a 4-D array ``(layers, heads, n, d)`` (numpy, ``.npy``, zarr array or a group's
-  ``keys`` array), or a 3-D array ``(heads, n, d)`` (one layer);
-- a 2-D array ``(n, heads·d_head)`` with a declared head split (``heads=8``: columns
-  ``[h·d_head, (h+1)·d_head)`` are head ``h``);
-- a zarr group with per-layer arrays ``keys/layer_{l}`` of shape ``(n, heads·d_head)``
-  (and optionally ``values/layer_{l}`` of shape ``(n, heads·d_v)``), the head count
-  declared by ``heads=`` or the group's ``heads`` attribute.
+- the documented zarr layout (docs/real-caches.md): per-layer arrays ``keys/layer_{l}``
+  ``(n, H_kv·hd)`` with attributes ``n_heads``, ``head_dim``, ``layer`` (any subset of
+  layers), optional ``queries/layer_{l}``, ``values/layer_{l}``, ``tokens/window``,
+  ``tokens/pos`` and the group attribute ``model``;
+- a 4-D array ``(layers, heads, n, d)`` or 5-D ``(batch, layers, heads, n, d)`` (numpy,
+  ``.npy``, zarr, dask, CPU torch), or a 3-D array ``(heads, n, d)`` (one layer);
+- a 2-D array ``(n, heads·d_head)`` split by a declared ``n_heads``;
+- a transformers cache: a tuple per layer of ``(k, v)`` tensors
+  ``(batch, kv_heads, seq, head_dim)``, or a ``DynamicCache``.
+
+``layers=`` / ``heads=`` choose real layer and KV-head indices (only their arrays and
+columns are read); values are read only with ``values=True``.
 
 :class:`MultiHeadSource` yields ``Block(start, rows)`` with ``rows`` of shape
 ``(r, layers, heads, d)``: each block of rows is read once — one read of the 4-D/2-D
@@ -26,6 +32,7 @@ independent of n.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +162,12 @@ class MultiHeadSource(BlockStream):
     @property
     def values_dim(self) -> int:
         return 0 if self._values is None else self._values.d
+
+    def keys_only(self) -> MultiHeadSource:
+        """The same cache without its values (a pass that needs no values reads none)."""
+        out = copy.copy(self)
+        out._values = None
+        return out
 
     def head(self, layer: int, head: int) -> HeadView:
         return HeadView(self, layer, head)

@@ -495,6 +495,8 @@ def _save_universal_sets(
                     "values": uset.values,
                 },
                 {"certificate": uset.certificate},
+                dims={"indices": ["rank"], "scores": ["rank"], "rows": ["rank", "dim"],
+                      "values": ["rank", "value_dim"]},
             )
         write_json_atomic(tmp / "report.json", report)
         if extra is not None:

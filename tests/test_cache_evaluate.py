@@ -176,6 +176,12 @@ def test_every_figure_equals_a_dense_computation(tmp_path: Path, causal: bool,
     assert len(seen) == len(rows) == 2 * 2 * len(modes) * (7 * 2 + 1)
     md = (tmp_path / "out" / "report.md").read_text()
     assert "at equal keys used" in md and "oracle" in md
+    assert "budgets as counts" in md and "budgets as fractions" in md  # never mixed
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("xarray")
+    ds = pd.read_csv(tmp_path / "out" / "results.csv").set_index(
+        ["layer", "head", "mask", "selector", "budget"]).to_xarray()
+    assert dict(ds.sizes)["layer"] == 2 and "mass_mean" in ds
     pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert pngs == ["mass_softmax.png", "recall_softmax.png"]
 
@@ -251,3 +257,52 @@ def test_native_needs_the_model_causal_attribute_and_queries(tmp_path: Path, cap
     assert "not available for a KV cache" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert open_kv(store).queries is not None
+
+
+def test_each_pass_reads_each_layer_once_per_block_and_values_only_when_needed(
+    tmp_path: Path,
+) -> None:
+    import dataclasses
+
+    from streamattn.cache_evaluate import evaluate_cache, open_for_evaluate
+    from streamattn.evaluate import EvaluateConfig, load_evaluate_config
+
+    store = write_decoder_cache(tmp_path / "kv.zarr", DecoderSpec(
+        n=256, segment=64, layers=2, q_heads=4, kv_heads=2, head_dim=8, chunk_rows=32))
+    cfg_path = tmp_path / "ev.yaml"
+    cfg_path.write_text(f"input:\n  path: {store}\nqueries:\n  count: 8\nattention:\n"
+                        "  kinds: [softmax]\n  modes: [native, causal]\nselectors:\n"
+                        "  budgets: [4, 0.1]\nprogress: false\n")
+    cfg: EvaluateConfig = load_evaluate_config(cfg_path)
+    src, group = open_for_evaluate(store, cfg)
+
+    class Counting:
+        def __init__(self, arr: Any) -> None:
+            self.arr, self.reads = arr, 0
+            self.shape, self.dtype, self.chunks = arr.shape, arr.dtype, arr.chunks
+
+        def __getitem__(self, key: Any) -> Any:
+            self.reads += 1
+            return self.arr[key]
+
+    keys = [Counting(a) for a in src._keys.arrays]
+    assert src._values is not None
+    vals = [Counting(a) for a in src._values.arrays]
+    src._keys = dataclasses.replace(src._keys, arrays=tuple(keys))
+    src._values = dataclasses.replace(src._values, arrays=tuple(vals))
+    report = evaluate_cache(src, group, cfg, {"chunk_rows": 64})
+    assert len(report["passes"]) == 3
+    blocks = 256 // 64
+    assert [k.reads for k in keys] == [3 * blocks] * 2  # one read per layer per block per pass
+    assert [v.reads for v in vals] == [2 * blocks] * 2  # not in the leverage pass
+
+
+def test_single_store_outputs_open_in_xarray(tmp_path: Path) -> None:
+    xr = pytest.importorskip("xarray")
+    k = np.random.default_rng(0).standard_normal((300, 5)).astype(np.float32)
+    np.save(tmp_path / "k.npy", k)
+    assert main(["select", str(tmp_path / "k.npy"), "--budget", "9", "--out",
+                 str(tmp_path / "o"), "--quiet"]) == 0
+    ds = xr.open_zarr(tmp_path / "o" / "result.zarr", group="universal_set/plain-top9",
+                      consolidated=False)
+    assert ds["indices"].dims == ("rank",) and ds["rows"].dims == ("rank", "dim")

@@ -64,6 +64,10 @@ def test_select_budget_64_equals_dense_leverage_per_head_without_reading_values(
     shutil.copytree(store, broken)
     shutil.rmtree(broken / "values")  # select must never need values/
     (broken / "values").mkdir()
+    assert main(["select", str(broken), "--budget", "64", "--out", str(tmp_path / "all"),
+                 "--quiet"]) == 0  # no options: every layer and KV head
+    every = load_cache_selection(tmp_path / "all", "plain-top64")
+    assert (every.layer_ids, every.head_ids) == ((0, 7, 15), (0, 1))
     out = tmp_path / "sel"
     assert main(["select", str(broken), "--budget", "64", "--out", str(out), "--quiet",
                  "--layers", "7,15", "--keep-mask"]) == 0
@@ -88,6 +92,8 @@ def test_select_budget_64_equals_dense_leverage_per_head_without_reading_values(
 
 
 def test_inspect_reports_head_counts_and_a_norm_ratio_at_most_one(store: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["inspect", str(store)]) == 0  # no options for the documented layout
+    assert len(json.loads(capsys.readouterr().out)["per_head"]) == 3 * 2
     assert main(["inspect", str(store), "--heads", "1"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["n_heads_total"] == 2 and info["query_heads"] == 4

@@ -233,8 +233,10 @@ class SetAttentionSpec(AttentionSpec):
         w = np.asarray(self.windows)[m][q[:, 0]]
         keys = np.asarray(keys)
         inside = (keys >= self.key_lo[q]) & (keys <= self.key_hi[q]) & (keys >= 0)
-        hit = ((keys >= w[:, 0:1]) & (keys <= w[:, 1:2])) | (
-            (keys >= w[:, 2:3]) & (keys <= w[:, 3:4]))
+        hit = np.zeros(np.broadcast_shapes(keys.shape, (w.shape[0], 1)), dtype=bool)
+        for a, b in ((0, 1), (2, 3)):
+            if (w[:, a] <= w[:, b]).any():  # ranked sets have empty windows: skip them
+                hit |= (keys >= w[:, a : a + 1]) & (keys <= w[:, b : b + 1])
         src = int(np.asarray(self.rank_src)[m])
         if src >= 0:
             sc = np.asarray(self.scores)[src]
@@ -302,20 +304,25 @@ class SetAttention(Operator):
 
     def _update(self, block: Block) -> None:
         spec = self.spec
-        s = spec.queries.shape[0]
-        q = np.arange(s)[:, None]
         step = max(1, MAX_LOGIT_ENTRIES // max(1, spec.values_dim))
+        assert spec.key_lo is not None and spec.key_hi is not None
         for start, rows, vals in _pieces(spec, block):
-            logits = log_weights(spec, start, rows)
-            keys = np.arange(start, start + rows.shape[0])[None, :]
+            stop = start + rows.shape[0]
+            # only queries whose mask interval meets this piece can gain keys from it
+            act = np.flatnonzero((spec.key_lo < stop) & (spec.key_hi >= start))
+            if act.size == 0:
+                continue
+            logits = log_weights(spec, start, rows)[act]
+            keys = np.arange(start, stop)[None, :]
             finite = np.isfinite(logits)
             for m in range(spec.n_sets):
-                qi, kj = np.nonzero(spec.member(m, q, keys) & finite)
+                qa, kj = np.nonzero(spec.member(m, act[:, None], keys) & finite)
+                qi = act[qa]
                 acc = None if self.acc is None else self.acc[m]
                 for a in range(0, qi.size, step):  # bounded gathers of value rows
                     sl = slice(a, a + step)
                     v = None if vals is None else vals[kj[sl]]
-                    fold_pairs(self.lse[m], acc, self.count[m], qi[sl], logits[qi[sl], kj[sl]],
+                    fold_pairs(self.lse[m], acc, self.count[m], qi[sl], logits[qa[sl], kj[sl]],
                                v)
 
     def _merge(self, other: SetAttention) -> None:
