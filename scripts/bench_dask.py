@@ -100,7 +100,7 @@ def run_one(config: str, store: str) -> dict[str, Any]:
 def graph_sizes(store: str) -> list[dict[str, Any]]:
     from streamattn.engines.dask_engine import build_graph
     from streamattn.operators import LeverageScores, LeverageSpec
-    from streamattn.source import open_keys
+    from streamattn.sources import open_keys
 
     src = open_keys(store)
     op = LeverageScores(LeverageSpec(EPS, False))
@@ -161,7 +161,7 @@ def many_blocks(out: Path) -> None:
     assert np.array_equal(u.indices, ref.indices)
     from streamattn.engines.dask_engine import build_graph
     from streamattn.operators import LeverageScores, LeverageSpec
-    from streamattn.source import open_keys
+    from streamattn.sources import open_keys
 
     graph = build_graph(
         open_keys(store),
@@ -238,7 +238,7 @@ def main() -> None:
         print(json.dumps(run_one(args.one, args.store)))
         return
 
-    from streamattn.source import open_keys
+    from streamattn.sources import open_keys
     from streamattn.synthetic import SyntheticSpec, ensure_store
 
     spec = SyntheticSpec(n=args.n, d=args.d, chunk_rows=65536, compressor="none")

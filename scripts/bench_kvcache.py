@@ -32,9 +32,9 @@ import numpy as np
 import zarr
 
 import streamattn as sa
-from streamattn.checkpoint import Checkpointer
+from streamattn.io.checkpoint import Checkpointer
+from streamattn.io.update import update_output
 from streamattn.synthetic import SyntheticSpec, generate_kv_store
-from streamattn.update import update_output
 
 SELECTIONS = [sa.Selection(eps=0.05), sa.Selection(eps=0.02, variant="affine")]
 

@@ -5,7 +5,7 @@ Usage::
     python scripts/exp_coverage.py [--config configs/coverage.yaml] [--input STORE]
                                    [--out results/exp_coverage]
 
-Runs ``streamattn.evaluate`` with the config (by default a structured synthetic store:
+Runs ``streamattn.recipes.evaluate`` with the config (by default a structured synthetic store:
 offset, low rank, planted large keys, attention sinks, recency bias; generated once
 under data/) or on any store with ``queries`` (and ``values``, ``query_positions``), and
 writes ``report.json``, ``report.md`` (full tables), ``winners.md`` (best selector by
@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from streamattn.config import to_dict
-from streamattn.evaluate import (
+from streamattn.io.outputs import atomic_dir, write_json_atomic
+from streamattn.memory import peak_rss_bytes
+from streamattn.recipes.evaluate import (
     evaluate,
     load_evaluate_config,
     markdown_table,
     plot_report,
     prepare_source,
 )
-from streamattn.memory import peak_rss_bytes
-from streamattn.outputs import atomic_dir, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 

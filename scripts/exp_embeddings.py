@@ -9,7 +9,7 @@ For each store, method (gaussian, sparse-sign, srht, pca, frequent-directions) a
 ``reduce_embeddings`` run reports (quality report, DESIGN 2.4): max / mean normalised logit
 error |q·k − (Sᵀq)·(Sᵀk)|/(‖q‖‖k‖), the same for centred keys, and the attention error at
 scale 1/√d (max |p − p̂|, total variation per query row) over a key sample, with the store's
-queries when it has them. A second table covers the d ≫ n regime (streamattn.columns):
+queries when it has them. A second table covers the d ≫ n regime (streamattn.recipes.columns):
 BSS and column-leverage sampling on a wide synthetic matrix with ‖XXᵀ‖∞ = r.
 
 Writes results/exp_embeddings/results.json, results.md and errors_vs_m.png.
@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.columns import sparsify_columns
 from streamattn.config import load_config
-from streamattn.embeddings import ReduceConfig, reduce_embeddings
+from streamattn.io.outputs import write_json_atomic
 from streamattn.operators.projection import METHODS
-from streamattn.outputs import write_json_atomic
-from streamattn.source import open_keys
+from streamattn.recipes.columns import sparsify_columns
+from streamattn.recipes.embeddings import ReduceConfig, reduce_embeddings
+from streamattn.sources import open_keys
 from streamattn.synthetic import ensure_store
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.lp import lp_universal_set
-from streamattn.outputs import write_json_atomic
-from streamattn.ridge import ridge_universal_set
-from streamattn.sliding_window import SlidingWindow
-from streamattn.source import open_keys
+from streamattn.io.outputs import write_json_atomic
+from streamattn.recipes.lp import lp_universal_set
+from streamattn.recipes.ridge import ridge_universal_set
+from streamattn.recipes.sliding_window import SlidingWindow
+from streamattn.sources import open_keys
 from streamattn.synthetic import SyntheticSpec, generate_store
 
 ROOT = Path(__file__).resolve().parents[1]

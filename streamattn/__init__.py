@@ -3,18 +3,15 @@
 Public API: ``open_keys`` (validated read-only key stores), ``universal_set`` /
 ``universal_sets`` (the LevAttention universal set, exact, one pass), the operator
 protocol (``Operator``) and ``run_operators`` (engines); exact attention ground truth
-(``GroundTruth``; selectors in ``streamattn.selectors``, coverage in
-``streamattn.evaluate``); whole KV caches (``open_kv``, ``MultiHeadResult``, attention
-masks ``Mask``, per-key scores ``key_scores``; docs/real-caches.md) and resumable passes
-(``Checkpointer``); reduced embeddings (``reduce_embeddings``) and column sparsifiers
-for d >> n (``sparsify_columns``).
+(``GroundTruth``; selectors in ``streamattn.recipes.selectors``, coverage in
+``streamattn.recipes.evaluate``); whole KV caches (``open_kv``, ``MultiHeadResult``,
+attention masks ``Mask``, per-key scores ``key_scores``; docs/real-caches.md) and
+resumable passes (``Checkpointer``); reduced embeddings (``reduce_embeddings``) and column
+sparsifiers for d >> n (``sparsify_columns``).
 """
 
 __version__ = "0.1.0"
 
-from streamattn.checkpoint import Checkpointer
-from streamattn.columns import ColumnSelection, sparsify_columns
-from streamattn.embeddings import ReduceConfig, ReducedEmbeddings, reduce_embeddings
 from streamattn.engines import run_operators
 from streamattn.errors import (
     ConfigError,
@@ -26,15 +23,20 @@ from streamattn.errors import (
     StateFormatError,
     StreamattnError,
 )
-from streamattn.key_scores import key_scores
-from streamattn.kvcache import MultiHead, MultiHeadResult, MultiHeadSource, open_kv
-from streamattn.lp import lp_universal_set, softmax_entry_bound
+from streamattn.io.checkpoint import Checkpointer
 from streamattn.masks import Mask
 from streamattn.operators import GroundTruth, GroundTruthSpec, LeverageScores, Operator, TopScores
-from streamattn.ridge import ridge_universal_set
-from streamattn.sliding_window import SlidingWindow
-from streamattn.source import Block, KeySource, open_keys
-from streamattn.universal import Selection, UniversalSet, universal_set, universal_sets
+from streamattn.operators.multihead import MultiHead
+from streamattn.recipes.columns import ColumnSelection, sparsify_columns
+from streamattn.recipes.embeddings import ReduceConfig, ReducedEmbeddings, reduce_embeddings
+from streamattn.recipes.key_scores import key_scores
+from streamattn.recipes.lp import lp_universal_set, softmax_entry_bound
+from streamattn.recipes.ridge import ridge_universal_set
+from streamattn.recipes.selection import Selection
+from streamattn.recipes.sliding_window import SlidingWindow
+from streamattn.recipes.universal import universal_set, universal_sets
+from streamattn.results import MultiHeadResult, UniversalSet
+from streamattn.sources import Block, KeySource, MultiHeadSource, open_keys, open_kv
 
 __all__ = [
     "Block",

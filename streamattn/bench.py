@@ -118,7 +118,7 @@ def run_parallel_read(path: Path) -> dict[str, Any]:
 
 
 def run_uset(path: Path, variant: str, **engine: Any) -> dict[str, Any]:
-    from streamattn.universal import universal_set
+    from streamattn.recipes.universal import universal_set
 
     u = universal_set(str(path), eps=EPS, variant=variant, **engine)
     return {"selected": len(u), "rank": u.certificate["numerical_rank"]}
@@ -126,7 +126,7 @@ def run_uset(path: Path, variant: str, **engine: Any) -> dict[str, Any]:
 
 def run_uset_jl(path: Path) -> dict[str, Any]:
     try:
-        from streamattn.embeddings import (
+        from streamattn.recipes.embeddings import (
             ReduceConfig,
             build_map,
             create_embeddings_array,
@@ -136,7 +136,7 @@ def run_uset_jl(path: Path) -> dict[str, Any]:
         raise NotAvailable(str(exc)) from exc
     from streamattn.engines import run_operators
     from streamattn.operators.leverage import LeverageScores, LeverageSpec
-    from streamattn.source import open_keys
+    from streamattn.sources import open_keys
 
     src = open_keys(str(path))
     rows = src.default_chunk_rows()
@@ -156,7 +156,7 @@ def run_ground_truth(path: Path) -> dict[str, Any]:
     except ImportError as exc:
         raise NotAvailable(str(exc)) from exc
     from streamattn.engines import run_operators
-    from streamattn.source import open_keys
+    from streamattn.sources import open_keys
 
     src = open_keys(str(path))
     q = np.random.default_rng(0).standard_normal((256, src.d))
@@ -374,7 +374,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_results(out_dir: Path, rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
-    from streamattn.outputs import to_jsonable, write_json_atomic
+    from streamattn.io.outputs import to_jsonable, write_json_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(
@@ -452,13 +452,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                          "repeat": args.repeat})
     print(f"wrote {args.out}/results.json and results.md")
     return 0
-
-
-def add_bench_parser(sub: Any) -> None:
-    """Register ``streamattn bench`` on the CLI's subparsers."""
-    p = sub.add_parser("bench", help="benchmark the engine against the store's read limit")
-    add_arguments(p)
-    p.set_defaults(func=cmd_bench)
 
 
 if __name__ == "__main__":

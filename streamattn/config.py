@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,13 +19,17 @@ from typing import Any
 
 import yaml
 
-from streamattn.checkpoint import CheckpointConfig
-from streamattn.embeddings import ReduceConfig
 from streamattn.engines import ENGINES
 from streamattn.engines.dask_engine import DaskOptions
-from streamattn.errors import ConfigError
+from streamattn.errors import ConfigError, InvalidInputError
+from streamattn.io.checkpoint import CheckpointConfig
+from streamattn.recipes.embeddings import ReduceConfig
+from streamattn.recipes.selection import Selection
+from streamattn.sources.keys import check_array_name
 from streamattn.synthetic import SyntheticSpec
-from streamattn.universal import Selection
+
+#: What a selection name may be (it names a group inside result.zarr).
+SELECTION_NAME = re.compile(r"[A-Za-z0-9_+\-][A-Za-z0-9_.+\-]*")
 
 
 @dataclass(frozen=True)
@@ -34,28 +39,29 @@ class InputConfig:
     path: str = "data/default-keys.zarr"
     array: str | None = None
     generate: SyntheticSpec | None = None
-    # KV caches (streamattn.kvcache.open_kv, docs/real-caches.md):
+    # KV caches (streamattn.sources.kvcache.open_kv, docs/real-caches.md):
     n_heads: int | None = None  # the head count of a 2-D (n, H*d) array
     layers: tuple[int, ...] | None = None  # real layer indices to read (null: all)
     heads: tuple[int, ...] | None = None  # KV heads (select) / query heads (evaluate)
     batch: int | None = None  # the sequence of a batched (5-D) cache
+    fill_missing_chunks: bool = False  # missing zarr chunk files: error (false) or fill value
 
     def cache_options(self) -> dict[str, Any]:
         """``open_source`` keyword options besides ``array``."""
         return {"n_heads": self.n_heads, "layers": self.layers, "heads": self.heads,
-                "batch": self.batch}
+                "batch": self.batch, "fill_missing": self.fill_missing_chunks}
 
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    """One universal set to compute (see ``streamattn.universal.Selection``)."""
+    """One universal set to compute (see ``streamattn.recipes.universal.Selection``)."""
 
     name: str
     eps: float | None = None
     variant: str = "plain"
     budget: int | None = None
     rtol: float = 1e-10
-    p: float = 2.0  # f(x) = |x|^p attention; p != 2: l_p Lewis weights (streamattn.lp)
+    p: float = 2.0  # f(x) = |x|^p attention; p != 2: l_p Lewis weights (streamattn.recipes.lp)
 
     def selection(self) -> Selection:
         return Selection(self.eps, self.variant, self.budget, self.rtol, self.p)
@@ -131,8 +137,25 @@ class RunConfig:
 
     def check(self) -> None:
         names = [s.name for s in self.select]
+        if not names and self.reduce is None:
+            raise ConfigError(
+                "select: is empty and there is no reduce: section; nothing would be computed. "
+                "List at least one selection (e.g. - name: plain, eps: 0.01)."
+            )
+        for i, name in enumerate(names):
+            if not isinstance(name, str) or not SELECTION_NAME.fullmatch(name) or ".." in name:
+                raise ConfigError(
+                    f"select[{i}].name {name!r}: a selection name becomes a group name in "
+                    "result.zarr; use letters, digits and . _ + - (no '/', no '..', not "
+                    "starting with '.')."
+                )
         if len(set(names)) != len(names):
             raise ConfigError(f"select: selection names must be unique, got {names}.")
+        if self.input.array is not None:
+            try:
+                check_array_name(self.input.array)
+            except InvalidInputError as exc:
+                raise ConfigError(f"input.array: {exc}") from exc
         for i, sel in enumerate(self.select):
             try:
                 sel.selection().check()

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from streamattn.errors import ConfigError
-from streamattn.outputs import atomic_dir
+from streamattn.io.outputs import atomic_dir
 
 
 @dataclass(frozen=True)

@@ -38,3 +38,7 @@ class OutputExistsError(StreamattnError):
 
 class OutputWriteError(StreamattnError):
     """An output or checkpoint that could not be written (disk full, permission denied)."""
+
+
+class OutputLockedError(StreamattnError):
+    """An output that another streamattn process is writing (its lock is held)."""

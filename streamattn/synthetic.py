@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from streamattn.errors import ConfigError
-from streamattn.outputs import atomic_dir
+from streamattn.io.outputs import atomic_dir
 
 
 @dataclass(frozen=True)
@@ -313,7 +313,7 @@ def generate_kv_store(
 ) -> Path:
     """A synthetic multi-layer, multi-head KV cache, written atomically.
 
-    Layout (what ``streamattn.kvcache.open_kv`` reads): a zarr group with arrays
+    Layout (what ``streamattn.sources.kvcache.open_kv`` reads): a zarr group with arrays
     ``keys/layer_{l}`` of shape ``(n, heads·d)`` (chunks ``(chunk_rows, heads·d)``),
     columns ``[h·d, (h+1)·d)`` holding head ``h``: the single-head store of
     ``head_spec(spec, l, h, heads)`` (``d = spec.d`` is d_head; each head has its own

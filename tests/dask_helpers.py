@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block
+from streamattn.sources import Block
 
 
 @dataclass(frozen=True)

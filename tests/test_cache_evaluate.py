@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import zarr
 
-from streamattn.cache_evaluate import COLUMNS, random_scores
-from streamattn.cli import main
+from streamattn.cli.main import main
 from streamattn.decoder_cache import DecoderSpec, write_decoder_cache
 from streamattn.engines import run_operators
-from streamattn.kvcache import open_kv
 from streamattn.masks import Mask, Segments
 from streamattn.operators.ground_truth import GroundTruth, GroundTruthSpec
+from streamattn.recipes.cache_evaluate import COLUMNS, random_scores
+from streamattn.sources import open_kv
 
 EPS = 0.02
 
@@ -224,7 +224,7 @@ def test_native_ground_truth_is_exact_across_segments_and_chunkings(
 
 
 def open_kv_like(k: np.ndarray, v: np.ndarray) -> Any:
-    from streamattn.source import KeySource
+    from streamattn.sources import KeySource
 
     return KeySource(k, values=v)
 
@@ -264,8 +264,8 @@ def test_each_pass_reads_each_layer_once_per_block_and_values_only_when_needed(
 ) -> None:
     import dataclasses
 
-    from streamattn.cache_evaluate import evaluate_cache, open_for_evaluate
-    from streamattn.evaluate import EvaluateConfig, load_evaluate_config
+    from streamattn.recipes.cache_evaluate import evaluate_cache, open_for_evaluate
+    from streamattn.recipes.evaluate import EvaluateConfig, load_evaluate_config
 
     store = write_decoder_cache(tmp_path / "kv.zarr", DecoderSpec(
         n=256, segment=64, layers=2, q_heads=4, kv_heads=2, head_dim=8, chunk_rows=32))

@@ -14,12 +14,13 @@ import pytest
 import zarr
 
 import streamattn as sa
-from streamattn.cache_outputs import load_cache_selection
-from streamattn.cli import main
+from streamattn.cli.main import main
 from streamattn.decoder_cache import DecoderSpec, write_decoder_cache
 from streamattn.errors import ConfigError
-from streamattn.key_scores import key_scores
-from streamattn.kvcache import MultiHeadResult, open_kv
+from streamattn.io.cache_outputs import load_cache_selection
+from streamattn.recipes.key_scores import key_scores
+from streamattn.results import MultiHeadResult
+from streamattn.sources import open_kv
 
 SPEC = DecoderSpec(n=400, segment=150, layers=3, q_heads=4, kv_heads=2, head_dim=8,
                    chunk_rows=64, layer_ids=(0, 7, 15), seed=1)

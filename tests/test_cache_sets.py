@@ -18,7 +18,7 @@ from streamattn.operators.cache_sets import (
     SetAttention,
     SetAttentionSpec,
 )
-from streamattn.source import Block
+from streamattn.sources import Block
 
 RNG = np.random.default_rng(7)
 N, D = 160, 5
@@ -28,7 +28,8 @@ V = RNG.standard_normal((N, 3))
 Q = RNG.standard_normal((5, D))
 LO = np.array([0, 10, 40, 100, 0], dtype=np.int64)
 HI = np.array([159, 60, 40, 159, 20], dtype=np.int64)
-W = RNG.standard_normal((D + 1, 4))
+W = RNG.standard_normal((D, 4))
+SHIFT = RNG.standard_normal(D)
 SCORES = np.vstack([RNG.random(N), np.round(RNG.random(N), 1)])  # the second has ties
 
 
@@ -75,6 +76,9 @@ def test_set_attention_equals_dense_softmax_over_each_set() -> None:
         for i in range(Q.shape[0]):
             idx = dense_members(spec, m, i)
             assert res["keys"][m, i] == idx.size
+            if idx.size == 0:  # an empty set: no mass, output 0
+                assert res["lse"][m, i] == -np.inf and not res["output"][m, i].any()
+                continue
             lg = K[idx] @ Q[i] / np.sqrt(D)
             np.testing.assert_allclose(res["lse"][m, i], np.log(np.exp(lg).sum()), rtol=1e-12)
             w = np.exp(lg - lg.max())
@@ -101,16 +105,16 @@ def test_query_top_keys_is_the_exact_masked_top_b_with_index_ties() -> None:
 def test_key_scores_are_the_norms_and_map_scores_of_every_key() -> None:
     norm = KeyScores(KeyScoresSpec(N)).update(Block(0, K[:50])).update(Block(50, K[50:]))
     np.testing.assert_allclose(norm.result(), (K * K).sum(axis=1), rtol=1e-12)
-    mapped = KeyScores(KeyScoresSpec(N, "map", W, True)).update(Block(0, K))
-    y = np.hstack([K, np.ones((N, 1))]) @ W
-    np.testing.assert_allclose(mapped.result(), (y * y).sum(axis=1), rtol=1e-12)
+    mapped = KeyScores(KeyScoresSpec(N, "map", W, SHIFT, 0.25)).update(Block(0, K))
+    y = (K - SHIFT) @ W
+    np.testing.assert_allclose(mapped.result(), (y * y).sum(axis=1) + 0.25, rtol=1e-12)
 
 
 @settings(max_examples=12, deadline=None)
 @given(data=st.data())
 def test_key_scores_laws(data: st.DataObject) -> None:
     def make(n: int = N) -> KeyScores:
-        return KeyScores(KeyScoresSpec(n, "map", W, True))
+        return KeyScores(KeyScoresSpec(n, "map", W, SHIFT, 0.5))
 
     check_operator_laws(make, K, lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12),
                         data, make_other_spec=lambda: make(N + 1))

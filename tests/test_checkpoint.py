@@ -17,13 +17,14 @@ import pytest
 import zarr
 
 import streamattn as sa
-import streamattn.checkpoint as ck
-from streamattn.checkpoint import Checkpointer, read_state_file, write_state_file
+import streamattn.io.checkpoint as ck
 from streamattn.cli import main
 from streamattn.errors import InvalidInputError, OutputWriteError, StateFormatError
+from streamattn.io.checkpoint import Checkpointer, read_state_file, write_state_file
 from streamattn.operators import LeverageSpec
-from streamattn.source import KeySource
-from streamattn.universal import load_universal_set
+from streamattn.operators.protocol import decode_state, encode_state
+from streamattn.recipes.universal import load_universal_set
+from streamattn.sources import KeySource
 
 N, D, ROWS = 3000, 8, 50  # 60 blocks
 
@@ -97,7 +98,7 @@ def test_kill_during_a_run_then_resume_is_bit_identical(tmp_path: Path) -> None:
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
         import sys, time
-        import streamattn.checkpoint as ck
+        import streamattn.io.checkpoint as ck
         step = ck.Checkpointer.step
         def slow(self, *a, **k):
             time.sleep(0.05)
@@ -167,7 +168,7 @@ def test_crash_in_the_second_pass_resumes_without_redoing_the_first(
 
 
 def test_kv_cache_resume_is_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from streamattn.kvcache import MultiHeadSource
+    from streamattn.sources.kvcache import MultiHeadSource
     from streamattn.synthetic import SyntheticSpec, generate_kv_store
 
     spec = SyntheticSpec(n=2000, d=6, rank=3, chunk_rows=100, outliers=3, compressor="none")
@@ -312,6 +313,7 @@ def test_store_changed_during_the_run_is_refused(
         if len(seen) == 6:  # another process appends rows mid-run
             arr = zarr.open_array(str(store), mode="r+")
             arr.resize((N + 10, D))
+            arr[N:] = 0.5
         return original(self, start, stop)
 
     monkeypatch.setattr(KeySource, "read", read)
@@ -342,7 +344,7 @@ def test_output_write_failure_keeps_previous_output_and_checkpoint(
         def full(*args: Any, **kwargs: Any) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        monkeypatch.setattr("streamattn.outputs.write_arrays", full)
+        monkeypatch.setattr("streamattn.io.outputs.write_arrays", full)
         assert main(["run", str(cfg), "--quiet"]) == 2
         assert "No space left on device" in capsys.readouterr().err
         assert snapshot(runs / "out") == before  # the previous output is untouched
@@ -424,7 +426,7 @@ def test_state_file_round_trip_and_time_trigger(tmp_path: Path) -> None:
     for k in state:
         np.testing.assert_array_equal(back[k], state[k])
         assert back[k].shape == state[k].shape
-    assert ck.decode_state(ck.encode_state(state))["b"].shape == ()
+    assert decode_state(encode_state(state))["b"].shape == ()
     # every_seconds: a checkpoint once the interval has passed (here: after every block)
     src = sa.open_keys(np.random.default_rng(0).standard_normal((400, 4)))
     op = sa.LeverageScores(LeverageSpec(0.1))

@@ -18,8 +18,8 @@ from conftest import svd_leverage
 
 from streamattn import universal_set
 from streamattn.cli import main
+from streamattn.recipes.universal import load_universal_set
 from streamattn.synthetic import SyntheticSpec, synthetic_rows
-from streamattn.universal import load_universal_set
 
 SMALL = {"n": 3000, "d": 8, "rank": 4, "outliers": 3, "chunk_rows": 500, "seed": 1}
 
@@ -307,7 +307,7 @@ def test_progress_bar_and_summary_without_quiet(npy_keys, tmp_path: Path, capsys
 def test_a_failed_overwrite_leaves_the_previous_output_intact(
     npy_keys, tmp_path: Path, monkeypatch, capsys
 ) -> None:  # type: ignore[no-untyped-def]
-    import streamattn.outputs
+    import streamattn.io.outputs
 
     path, _ = npy_keys
     out = tmp_path / "sel"
@@ -318,7 +318,7 @@ def test_a_failed_overwrite_leaves_the_previous_output_intact(
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(streamattn.outputs, "write_json_atomic", disk_full)
+    monkeypatch.setattr(streamattn.io.outputs, "write_json_atomic", disk_full)
     capsys.readouterr()
     assert main([*argv, "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import scipy.special
 
-from streamattn.columns import (
+from streamattn.errors import ConfigError, InvalidInputError
+from streamattn.recipes.columns import (
     bss_parameters,
     bss_sparsify,
     column_leverage_sample,
     sparsify_columns,
 )
-from streamattn.errors import ConfigError, InvalidInputError
 
 
 def wide(n: int = 12, d: int = 3000, seed: int = 0, r: float = 0.05) -> np.ndarray:

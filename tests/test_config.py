@@ -22,7 +22,7 @@ def test_default_yaml_is_exactly_the_embedded_default() -> None:
 
 def schemas() -> list[tuple[type, Callable[[Path], Any]]]:
     """Every config schema with its loader: `streamattn run` and `streamattn evaluate`."""
-    from streamattn.evaluate import EvaluateConfig, load_evaluate_config
+    from streamattn.recipes.evaluate import EvaluateConfig, load_evaluate_config
 
     return [(RunConfig, load_config), (EvaluateConfig, load_evaluate_config)]
 

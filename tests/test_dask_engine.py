@@ -33,8 +33,10 @@ from streamattn.engines import run_operators
 from streamattn.engines.dask_engine import build_graph
 from streamattn.errors import ConfigError, InvalidInputError, StreamattnError
 from streamattn.operators import LeverageScores, LeverageSpec
-from streamattn.source import KeySource, open_keys
-from streamattn.universal import Selection, UniversalSet, universal_sets
+from streamattn.recipes.selection import Selection
+from streamattn.recipes.universal import universal_sets
+from streamattn.results import UniversalSet
+from streamattn.sources import KeySource, open_keys
 
 N, D, DV, CHUNK = 6000, 8, 3, 500
 SELECTIONS = {
@@ -422,7 +424,7 @@ def test_cli_select_on_local_cluster(
     store: Path, tmp_path: Path, local_sets: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`streamattn select --engine dask --scheduler local-cluster`: same set, link printed."""
-    from streamattn.universal import load_universal_set
+    from streamattn.recipes.universal import load_universal_set
 
     out = tmp_path / "out"
     argv = [

@@ -12,16 +12,16 @@ import scipy.special
 import yaml
 
 from streamattn.cli import main
-from streamattn.embeddings import (
+from streamattn.engines import ENGINES
+from streamattn.errors import ConfigError, OutputExistsError
+from streamattn.operators.projection import METHODS, ProjectionMap
+from streamattn.recipes.embeddings import (
     ReduceConfig,
     load_reduced_embeddings,
     quality_report,
     reduce_embeddings,
 )
-from streamattn.engines import ENGINES
-from streamattn.errors import ConfigError, OutputExistsError
-from streamattn.operators.projection import METHODS, ProjectionMap
-from streamattn.source import KeySource
+from streamattn.sources import KeySource
 
 
 def keys(n: int = 1200, d: int = 24, seed: int = 0) -> np.ndarray:
@@ -195,9 +195,9 @@ class CountingArray:
 def test_run_with_select_and_reduce_shares_one_read(tmp_path: Path) -> None:
     import argparse
 
+    from streamattn.cli.run import run_select_and_reduce
     from streamattn.config import from_dict, load_config
-    from streamattn.embeddings import run_select_and_reduce
-    from streamattn.universal import load_universal_set, universal_set
+    from streamattn.recipes.universal import load_universal_set, universal_set
 
     x = keys(2000, 12).astype(np.float64)
     counting = CountingArray(x)

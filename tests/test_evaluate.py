@@ -14,7 +14,8 @@ from streamattn.cli import main
 from streamattn.config import EngineConfig, InputConfig, OutputConfig
 from streamattn.engines import ENGINES
 from streamattn.errors import ConfigError, InvalidInputError
-from streamattn.evaluate import (
+from streamattn.operators.ground_truth import GroundTruth, GroundTruthSpec
+from streamattn.recipes.evaluate import (
     AttentionConfig,
     EvaluateConfig,
     QueryConfig,
@@ -24,9 +25,8 @@ from streamattn.evaluate import (
     set_metrics,
     write_report,
 )
-from streamattn.operators.ground_truth import GroundTruth, GroundTruthSpec
-from streamattn.selectors import KeySet
-from streamattn.source import Block, open_keys
+from streamattn.recipes.selectors import KeySet
+from streamattn.sources import Block, open_keys
 from streamattn.synthetic import SyntheticSpec, generate_store, spec_record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_store_layout_with_queries_and_values(store: Path) -> None:
     share = np.exp(lw - np.logaddexp.reduce(lw, axis=1)[:, None])[:, : SMALL.sinks].sum(axis=1)
     assert np.median(share) > 10 * SMALL.sinks / SMALL.n  # far above a uniform share
     with pytest.raises(InvalidInputError, match="query_positions"):
-        from streamattn.source import KeySource
+        from streamattn.sources import KeySource
 
         KeySource(np.zeros((5, 2)), queries=np.zeros((3, 2)), query_positions=np.array([0, 9, 1]))
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from laws import blocks_of, fold, fold_tree
 from streamattn.errors import ConfigError
 from streamattn.operators.frequent_directions import FDSketch, FDSpec, FrequentDirections
-from streamattn.source import Block
+from streamattn.sources import Block
+from streamattn.testing.laws import blocks_of, fold, fold_tree
 
 
 def decaying(n: int, d: int, seed: int = 0) -> np.ndarray:

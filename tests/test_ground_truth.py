@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from laws import blocks_of, fold, fold_tree
 from streamattn.errors import ConfigError, InvalidInputError
 from streamattn.operators.ground_truth import (
     GroundTruth,
@@ -15,7 +14,8 @@ from streamattn.operators.ground_truth import (
     RestrictedAttention,
     RestrictedAttentionSpec,
 )
-from streamattn.source import Block
+from streamattn.sources import Block
+from streamattn.testing.laws import blocks_of, fold, fold_tree
 
 N, D, S, DV = 240, 5, 6, 3
 

@@ -11,13 +11,14 @@ import pytest
 import zarr
 
 import streamattn as sa
-from streamattn.cache_outputs import load_cache_selection
-from streamattn.cli import main
+from streamattn.cli.main import main
 from streamattn.errors import ConfigError, InvalidInputError
-from streamattn.kvcache import MultiHead, MultiHeadResult, MultiHeadSource, open_kv
+from streamattn.io.cache_outputs import load_cache_selection
 from streamattn.operators import LeverageScores, LeverageSpec
+from streamattn.operators.multihead import MultiHead
+from streamattn.results import MultiHeadResult, UniversalSet
+from streamattn.sources import MultiHeadSource, open_kv
 from streamattn.synthetic import SyntheticSpec, generate_kv_store, head_spec, synthetic_rows
-from streamattn.universal import UniversalSet
 
 LAYERS, HEADS, N, D = 2, 3, 600, 6
 

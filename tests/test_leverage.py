@@ -15,10 +15,10 @@ from conftest import svd_leverage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from laws import blocks_of, fold
 from streamattn.operators import LeverageScores, LeverageSpec, TopScores, TopScoresSpec
 from streamattn.operators.protocol import Operator
-from streamattn.source import Block
+from streamattn.sources import Block
+from streamattn.testing.laws import blocks_of, fold
 
 #: Score tolerance on well-conditioned data (scores lie in [0, 1]).
 SCORE_ATOL = 1e-10
@@ -128,12 +128,16 @@ def test_affine_equals_inverse_n_plus_centred_leverage() -> None:
     np.testing.assert_allclose(res["scores"].sum(), 5.0, rtol=1e-10)
 
 
-def test_affine_is_shift_invariant_and_plain_is_not() -> None:
+@pytest.mark.parametrize("ratio", [10.0, 200.0, 1e4, 1e6])
+def test_affine_is_shift_invariant_and_plain_is_not(ratio: float) -> None:
     x = planted_keys(n=200, d=4, seed=9, offset=0.0)
-    shift = np.array([40.0, -25.0, 10.0, 5.0])
+    direction = np.array([40.0, -25.0, 10.0, 5.0])
+    shift = direction * ratio * np.linalg.norm(x, axis=1).mean() / np.linalg.norm(direction)
     a0 = run(x, 1e-6, True, [77])["scores"]
     a1 = run(x + shift, 1e-6, True, [77])["scores"]
+    # centring rounds at u * |shift| / |centred key|: ~1e-10 relative at ratio 1e6
     np.testing.assert_allclose(a0, a1, rtol=1e-7)
+    np.testing.assert_allclose(a0.sum(), 5.0, rtol=1e-10)  # = rank of [K, 1], any shift
     p0 = run(x, 1e-6, False, [77])["scores"]
     p1 = run(x + shift, 1e-6, False, [77])["scores"]
     assert np.max(np.abs(p0 - p1)) > 1e-2

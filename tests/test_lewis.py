@@ -14,8 +14,8 @@ import streamattn as sa
 from streamattn.cli import main
 from streamattn.engines import ENGINES
 from streamattn.errors import ConfigError
-from streamattn.lp import LewisConvergenceError, lp_universal_set
-from streamattn.universal import load_universal_set
+from streamattn.recipes.lp import LewisConvergenceError, lp_universal_set
+from streamattn.recipes.universal import load_universal_set
 
 P_VALUES = [0.5, 1.0, 1.5, 3.0, 5.0]
 

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from laws import check_operator_laws
 from streamattn.operators import LeverageScores, LeverageSpec, TopScores, TopScoresSpec
 from streamattn.operators.frequent_directions import FDSpec, FrequentDirections
 from streamattn.operators.lewis import LewisPass, LewisPassSpec
-from streamattn.ridge import RidgeFD, RidgeFDSpec, SketchedScores, SketchedScoresSpec
+from streamattn.operators.ridge import RidgeFD, RidgeFDSpec, SketchedScores, SketchedScoresSpec
+from streamattn.testing.laws import check_operator_laws
 
 
 def keys(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -205,7 +205,7 @@ def test_restricted_attention_laws(data: st.DataObject, causal: bool) -> None:
 @settings(max_examples=15, deadline=None)
 @given(data=st.data())
 def test_multi_head_laws(data: st.DataObject) -> None:
-    from streamattn.kvcache import MultiHead
+    from streamattn.operators.multihead import MultiHead
 
     x = np.stack([keys(200, 5, seed=s) for s in range(4)], axis=1).reshape(200, 2, 2, 5)
 

@@ -8,7 +8,6 @@ import scipy.linalg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from laws import blocks_of
 from streamattn.errors import ConfigError
 from streamattn.operators.frequent_directions import FDSpec, FrequentDirections
 from streamattn.operators.projection import (
@@ -25,7 +24,8 @@ from streamattn.operators.projection import (
     keyed_uniform,
     tiled_matmul,
 )
-from streamattn.source import Block
+from streamattn.sources import Block
+from streamattn.testing.laws import blocks_of
 
 
 def rows(n: int, d: int, seed: int = 0) -> np.ndarray:

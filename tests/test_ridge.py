@@ -9,18 +9,13 @@ import numpy as np
 import pytest
 import zarr
 
-from laws import blocks_of, fold, fold_tree
 from streamattn.engines import ENGINES
 from streamattn.errors import ConfigError
 from streamattn.operators.frequent_directions import FDSpec, FrequentDirections
-from streamattn.ridge import (
-    RidgeFD,
-    RidgeFDSpec,
-    RidgeMap,
-    jl_dimension,
-    ridge_universal_set,
-)
-from streamattn.source import Block
+from streamattn.operators.ridge import RidgeFD, RidgeFDSpec, RidgeMap, jl_dimension
+from streamattn.recipes.ridge import ridge_universal_set
+from streamattn.sources import Block
+from streamattn.testing.laws import blocks_of, fold, fold_tree
 
 
 def keys(n: int = 1500, d: int = 24, seed: int = 0) -> np.ndarray:

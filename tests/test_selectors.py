@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from streamattn.errors import ConfigError
-from streamattn.evaluate import set_metrics
 from streamattn.operators.ground_truth import GroundTruth, GroundTruthSpec
-from streamattn.selectors import (
+from streamattn.recipes.evaluate import set_metrics
+from streamattn.recipes.selectors import (
     KeySet,
     hybrid,
     largest_norm,
@@ -18,7 +18,7 @@ from streamattn.selectors import (
     uniform_random,
     universal_threshold,
 )
-from streamattn.source import Block
+from streamattn.sources import Block
 
 N, D = 500, 6
 BUDGETS = [1, 5, 16, 64]

@@ -13,7 +13,7 @@ import pytest
 import streamattn as sa
 from streamattn.cli import main
 from streamattn.errors import ConfigError, InvalidInputError
-from streamattn.sliding_window import SlidingWindow
+from streamattn.recipes.sliding_window import SlidingWindow
 
 
 def stream(n: int, d: int = 5, seed: int = 0) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Softmax: what a norm bound guarantees, and why without one no universal set exists.
 
-Guarantee (``streamattn.lp.softmax_entry_bound``): if ‖q‖ ≤ Bq and ‖k_j − c‖ ≤ Bk for
+Guarantee (``streamattn.recipes.lp.softmax_entry_bound``): if ‖q‖ ≤ Bq and ‖k_j − c‖ ≤ Bk for
 every key (c any common offset), every softmax entry is ≤ e^{2·s·Bq·Bk}/n.
 
 Counterexample without a bound on the query norm: n keys equally spaced on a circle.
@@ -18,7 +18,7 @@ from scipy.special import logsumexp, softmax
 
 import streamattn as sa
 from streamattn.errors import ConfigError
-from streamattn.lp import softmax_entry_bound
+from streamattn.recipes.lp import softmax_entry_bound
 
 
 def circle(n: int, radius: float = 1.0) -> np.ndarray:

@@ -10,7 +10,7 @@ from streamattn.engines.dask_engine import DaskOptions, dask_session, run_dask
 from streamattn.engines.local import run_local
 from streamattn.errors import ConfigError
 from streamattn.operators.protocol import Operator
-from streamattn.source import KeySource
+from streamattn.sources import KeySource
 
 ENGINES = ("local", "dask")
 
@@ -28,7 +28,7 @@ def run_operators(
 ) -> list[Operator]:
     """One pass of ``source`` through ``operators`` on the chosen engine.
 
-    ``checkpoint`` (a ``streamattn.checkpoint.Checkpointer``): resume the pass from its
+    ``checkpoint`` (a ``streamattn.io.checkpoint.Checkpointer``): resume the pass from its
     last checkpoint and write new ones as it goes.
     """
     if engine == "local":
@@ -45,7 +45,7 @@ def run_operators(
             checkpoint=checkpoint,
         )
     if checkpoint is not None:
-        from streamattn.checkpoint import run_segmented
+        from streamattn.io.checkpoint import run_segmented
 
         return run_segmented(
             source,

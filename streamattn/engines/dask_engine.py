@@ -56,7 +56,7 @@ import numpy as np
 import streamattn
 from streamattn.errors import ConfigError, InvalidInputError, StreamattnError
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block, KeySource, open_keys
+from streamattn.sources import Block, KeySource, open_keys
 
 SCHEDULERS = ("threads", "local-cluster")
 DEFAULT_SPLIT_EVERY = 8
@@ -173,13 +173,14 @@ class _StoreRef:
     dtype: str
     label: str
     run: str  # a per-run token: each run reopens the store (fresh metadata)
+    fill_missing: bool = False  # read missing chunk files as the fill value (opt-in)
 
 
 @functools.lru_cache(maxsize=8)
 def _open_store(ref: _StoreRef) -> KeySource:
     """Open (once per process and run) the store a task reads, checking it is the same."""
     try:
-        src = open_keys(ref.path, array=ref.array)
+        src = open_keys(ref.path, array=ref.array, fill_missing=ref.fill_missing)
     except StreamattnError as exc:
         raise InvalidInputError(
             f"worker {socket.gethostname()} cannot read the store {ref.label}: {exc} "
@@ -314,7 +315,7 @@ def _worker_probe(ref: _StoreRef | None) -> dict[str, Any]:
     info: dict[str, Any] = {"streamattn": streamattn.__version__, "host": socket.gethostname()}
     if ref is not None:
         try:
-            src = open_keys(ref.path, array=ref.array)
+            src = open_keys(ref.path, array=ref.array, fill_missing=ref.fill_missing)
             info["store"] = [src.n, src.d, str(src.dtype)]
         except Exception as exc:
             info["store_error"] = f"{type(exc).__name__}: {exc}"
@@ -404,6 +405,7 @@ def build_graph(
             str(source.dtype),
             source.label,
             token,
+            bool(getattr(source, "fill_missing", False)),
         )
         for i, group in enumerate(groups_of_blocks):
             dsk[(leaf, i)] = (_leaf_store, payload_key, ref, group, read_attempts)

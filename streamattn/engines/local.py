@@ -12,7 +12,7 @@ from typing import Any
 
 from streamattn.operators.protocol import Operator
 from streamattn.progress import progress_bar
-from streamattn.source import KeySource
+from streamattn.sources import KeySource
 
 
 def run_local(
@@ -29,7 +29,7 @@ def run_local(
 ) -> list[Operator]:
     """Fold rows ``[start, stop)`` of ``source`` into each operator, in order, in place.
 
-    With a ``checkpoint`` (``streamattn.checkpoint.Checkpointer``) the pass starts from
+    With a ``checkpoint`` (``streamattn.io.checkpoint.Checkpointer``) the pass starts from
     the saved states and position when there are any, offers a checkpoint after every
     block, and records the final states: same blocks, same operations, same result.
     """
@@ -38,9 +38,10 @@ def run_local(
     if checkpoint is not None:
         chunk_rows = chunk_rows if chunk_rows is not None else source.default_chunk_rows()
         start = checkpoint.begin(source, ops, start=start, stop=stop, chunk_rows=chunk_rows)
+    folded = ops if checkpoint is None else [*ops, checkpoint.reads]  # + read checksums
     with progress_bar(stop - start, description, enabled=progress) as bar:
         for block in source.blocks(chunk_rows, start=start, stop=stop, prefetch=prefetch):
-            for op in ops:
+            for op in folded:
                 op.update(block)
             bar.update(block.rows.shape[0])
             if checkpoint is not None:

@@ -2,8 +2,9 @@
 keys, and attention restricted to per-query key sets (DESIGN 1.4, 2.5).
 
 - ``KeyScores``: the query-free score of *every* key — ``‖k‖²`` (``kind="norm"``) or
-  ``‖k̃ W‖²`` for a fixed scoring map W (``kind="map"``: leverage with the final factor
-  of a ``LeverageScores`` pass). Memory O(n): the output is one float per key.
+  ``‖(k − μ) W‖² + c`` for a fixed scoring map (``kind="map"``: leverage with the final
+  factor of a ``LeverageScores`` pass, ``ScoringMap.w`` / ``.shift`` / ``.offset``).
+  Memory O(n): the output is one float per key.
 - ``QueryTopKeys``: per query the exact top-B keys by its own log-weight ℓ_ij under its
   mask (ties: smaller index) — the query-aware oracle set. Memory O(s · B).
 - ``SetAttention``: for M key sets per query, S_{m,i}, the log-normaliser
@@ -40,7 +41,7 @@ from streamattn.operators.ground_truth import (
 )
 from streamattn.operators.leverage import map_scores
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block
+from streamattn.sources import Block
 
 #: ``SetAttentionSpec.rank_src`` codes besides a score-array index.
 NO_RANKED, ORACLE_RANKED = -1, -2
@@ -49,12 +50,13 @@ NO_RANKED, ORACLE_RANKED = -1, -2
 # ---------------------------------------------------------------------------- key scores
 @dataclass(frozen=True)
 class KeyScoresSpec:
-    """``kind`` ``"norm"`` (‖k‖²) or ``"map"`` (‖k̃ W‖², ``w`` (d[+1]) × r, ``affine``)."""
+    """``kind`` ``"norm"`` (‖k‖²) or ``"map"`` (‖(k − shift) W‖² + offset, ``w`` d × r)."""
 
     n: int
     kind: str = "norm"
     w: np.ndarray | None = None
-    affine: bool = False
+    shift: np.ndarray | None = None
+    offset: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("norm", "map") or (self.kind == "map") != (self.w is not None):
@@ -80,7 +82,7 @@ class KeyScores(Operator):
             s = np.einsum("ij,ij->i", x, x)
         else:
             assert self.spec.w is not None
-            s = map_scores(block.rows, self.spec.w, self.spec.affine)
+            s = map_scores(block.rows, self.spec.w, self.spec.shift, self.spec.offset)
         self.idx = np.concatenate([self.idx, np.arange(block.start, block.stop)])
         self.scores = np.concatenate([self.scores, s])
 

@@ -20,7 +20,7 @@ Everything is float64.
 Examples
 --------
 >>> import numpy as np
->>> from streamattn.source import Block
+>>> from streamattn.sources import Block
 >>> k = np.random.default_rng(0).standard_normal((500, 20))
 >>> fd = FrequentDirections(FDSpec(ell=8)).update(Block(0, k))
 >>> r = fd.result()
@@ -39,7 +39,7 @@ import numpy as np
 
 from streamattn.errors import ConfigError
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block
+from streamattn.sources import Block
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ import numpy as np
 
 from streamattn.errors import ConfigError, InvalidInputError
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block
+from streamattn.sources import Block
 
 KINDS = ("softmax", "power")
 MODES = ("global", "causal")
@@ -235,7 +235,7 @@ class GroundTruth(Operator):
     Examples
     --------
     >>> import numpy as np
-    >>> from streamattn.source import Block
+    >>> from streamattn.sources import Block
     >>> k = 0.1 * np.random.default_rng(0).standard_normal((1000, 8))
     >>> k[5, 0] = k[700, 1] = 10.0
     >>> q = 3.0 * np.eye(8)[:2]                        # two queries that like keys 5, 700

@@ -48,7 +48,7 @@ from scipy.linalg import blas, lapack
 
 from streamattn.blas import single_blas_thread
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block
+from streamattn.sources import Block
 
 DEFAULT_RTOL = 1e-10
 #: Pruning keeps directions down to this fraction of the rank tolerance (see above).
@@ -85,9 +85,12 @@ def stack_qr(*parts: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ScoringMap:
-    """W with τ(k) = ‖k W‖²: the pseudo-inverse of R on its numerical range.
+    """W with τ(k) = ‖(k − shift) W‖² + offset: the pseudo-inverse of R on its range.
 
-    From R = U Σ Vᵀ we get KᵀK = V Σ² Vᵀ, so τ(k) = ‖Σ_r⁻¹ V_rᵀ k‖², W = V_r Σ_r⁻¹.
+    From R = U Σ Vᵀ we get KᵀK = V Σ² Vᵀ, so τ(k) = ‖Σ_r⁻¹ V_rᵀ k‖², W = V_r Σ_r⁻¹
+    (plain: no shift, offset 0). The affine map (:meth:`from_centred`) has W from the
+    centred factor R_c, shift = μ and offset = 1/n; its ``rank`` is rank(R_c) + 1, the
+    rank of [K, 1] (Σ_j τ̃_j = rank), and the σ fields describe R_c.
     """
 
     w: np.ndarray
@@ -95,6 +98,8 @@ class ScoringMap:
     sigma_max: float
     sigma_min_kept: float
     abs_tol: float
+    shift: np.ndarray | None = None
+    offset: float = 0.0
 
     @classmethod
     def from_factor(cls, r: np.ndarray, rtol: float, d: int) -> ScoringMap:
@@ -106,8 +111,19 @@ class ScoringMap:
         w = vt[:rank].T / s[:rank]
         return cls(w, rank, float(s[0]), float(s[rank - 1]) if rank else 0.0, float(tol))
 
+    @classmethod
+    def from_centred(cls, factor: Any, rtol: float) -> ScoringMap:
+        """The affine map from a ``CentredFactorResult`` (n, μ, R_c): rank on R_c only."""
+        c = cls.from_factor(factor.r_centred, rtol, factor.r_centred.shape[1])
+        n = int(factor.n)
+        return cls(c.w, c.rank + (1 if n else 0), c.sigma_max, c.sigma_min_kept, c.abs_tol,
+                   np.asarray(factor.mean, dtype=np.float64), 1.0 / n if n else 0.0)
+
     def scores(self, x: np.ndarray) -> np.ndarray:
-        """τ for each row of ``x`` (already augmented, float64)."""
+        """τ for each row of ``x`` (float64; raw keys for a centred map)."""
+        if self.shift is not None:
+            y = (x - self.shift) @ self.w
+            return np.einsum("ij,ij->i", y, y) + self.offset
         y = x @ self.w
         return np.einsum("ij,ij->i", y, y)
 
@@ -131,7 +147,7 @@ def _split_rows(m: int) -> list[tuple[int, int]]:
 
 
 def _gram_pass(
-    rows: np.ndarray, lo: int, hi: int, rinv: np.ndarray, affine: bool, bounds: np.ndarray
+    rows: np.ndarray, lo: int, hi: int, rinv: np.ndarray, bounds: np.ndarray
 ) -> np.ndarray:
     """Σ yᵀy over rows [lo, hi) with y = x R⁻¹ (upper triangle, F order); fills bounds."""
     d = rows.shape[1]
@@ -146,19 +162,20 @@ def _gram_pass(
         xb, yb = buf[:k], y[:k]
         np.copyto(xb, rows[a : a + k], casting="safe")
         np.matmul(xb, top, out=yb)
-        if affine:
-            yb += rinv[d]
         bounds[a : a + k] = np.einsum("ij,ij->i", yb, yb)
         # SYRK of the F-ordered view yᵀ accumulates YᵀY into the upper triangle in place.
         gram = blas.dsyrk(1.0, yb.T, beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
     return gram
 
 
-def map_scores(rows: np.ndarray, w: np.ndarray, affine: bool) -> np.ndarray:
-    """‖x̃ W‖² for each row (x̃ = (x, 1) when affine), in float64 pieces.
+def map_scores(
+    rows: np.ndarray, w: np.ndarray, shift: np.ndarray | None = None, offset: float = 0.0
+) -> np.ndarray:
+    """‖(x − shift) W‖² + offset for each row, in float64 pieces.
 
-    Same value as ``ScoringMap.scores(augment(rows, affine))`` without the float64 and
-    augmented copies of the whole block: x̃ W = x W[:d] + W[d].
+    Same value as ``ScoringMap.scores`` without a float64 copy of the whole block. The
+    shift is subtracted before the product (for a common offset ≫ the centred scale,
+    x W − shift W would cancel catastrophically).
     """
     m, d = rows.shape
     out = np.empty(m)
@@ -172,10 +189,12 @@ def map_scores(rows: np.ndarray, w: np.ndarray, affine: bool) -> np.ndarray:
         k = min(piece, m - a)
         xb, yb = buf[:k], y[:k]
         np.copyto(xb, rows[a : a + k], casting="safe")
+        if shift is not None:
+            xb -= shift
         np.matmul(xb, top, out=yb)
-        if affine:
-            yb += w[d]
         out[a : a + k] = np.einsum("ij,ij->i", yb, yb)
+    if offset:
+        out += offset
     return out
 
 
@@ -193,7 +212,7 @@ class FactorUpdate:
     rel_err: float
 
 
-def fast_factor_update(r: np.ndarray, rows: np.ndarray, affine: bool) -> FactorUpdate | None:
+def fast_factor_update(r: np.ndarray, rows: np.ndarray) -> FactorUpdate | None:
     """R' with R'ᵀR' = RᵀR + XᵀX by a preconditioned Cholesky step, or None.
 
     With Y = X R⁻¹ (float64), [R; X] = [I; Y] R, so R' = C R with CᵀC = I + YᵀY. The
@@ -221,10 +240,10 @@ def fast_factor_update(r: np.ndarray, rows: np.ndarray, affine: bool) -> FactorU
     bounds = np.empty(m)
     spans = _split_rows(m)
     if len(spans) == 1:
-        grams = [_gram_pass(rows, 0, m, rinv, affine, bounds)]
+        grams = [_gram_pass(rows, 0, m, rinv, bounds)]
     else:
         grams = list(
-            _pool().map(lambda ab: _gram_pass(rows, ab[0], ab[1], rinv, affine, bounds), spans)
+            _pool().map(lambda ab: _gram_pass(rows, ab[0], ab[1], rinv, bounds), spans)
         )
     gram = grams[0]
     for g in grams[1:]:
@@ -255,6 +274,7 @@ class LeverageScores(Operator):
     """
 
     family = "leverage-scores"
+    format_version = 2  # 2: the affine factor is the centred one (R of [1, K])
     Spec = LeverageSpec
     needs_values = True  # carries value rows of candidates when the store has them
 
@@ -275,6 +295,8 @@ class LeverageScores(Operator):
         The cut is (√threshold − δ)², δ = ‖σ_dropped‖ / (rtol · σ_max) (module docstring);
         it is the threshold itself when no direction is dropped.
         """
+        if self.spec.affine:
+            return self._centred_pruning_scores(rows)
         rtol = self.spec.rtol
         fine = ScoringMap.from_factor(self.r, rtol * PRUNE_RTOL_FACTOR, self.r.shape[1])
         cut = self.spec.threshold
@@ -282,7 +304,32 @@ class LeverageScores(Operator):
             dropped = np.linalg.svd(self.r, compute_uv=False)[fine.rank :]
             slack = float(np.linalg.norm(dropped)) / (rtol * fine.sigma_max)
             cut = max(0.0, np.sqrt(cut) - slack) ** 2 if slack > 0 else cut
-        return fine.scores(augment(rows, self.spec.affine)), cut
+        return fine.scores(augment(rows, False)), cut
+
+    def _centred(self) -> Any:
+        from streamattn.operators.projection import centred_factor_result
+
+        return centred_factor_result(self.r, self.n_rows)
+
+    def _centred_pruning_scores(self, rows: np.ndarray) -> tuple[np.ndarray, float]:
+        """Affine: centred scores c on the fine range of R_c and the cut on c.
+
+        A row is kept while 1/n + (√c + δ)² ≥ threshold (module docstring), i.e. while
+        c ≥ (√(threshold − 1/n) − δ)²; everything is kept while 1/n ≥ threshold.
+        """
+        rtol = self.spec.rtol
+        cf = self._centred()
+        rc = cf.r_centred
+        fine = ScoringMap.from_factor(rc, rtol * PRUNE_RTOL_FACTOR, rc.shape[1])
+        need = self.spec.threshold - 1.0 / max(1, cf.n)
+        if need <= 0:
+            return np.ones(rows.shape[0]), 0.0
+        slack = 0.0
+        if fine.sigma_max > 0 and fine.rank < min(rc.shape):
+            dropped = np.linalg.svd(rc, compute_uv=False)[fine.rank :]
+            slack = float(np.linalg.norm(dropped)) / (rtol * fine.sigma_max)
+        cut = max(0.0, np.sqrt(need) - slack) ** 2 if slack > 0 else need
+        return fine.scores(np.asarray(rows, dtype=np.float64) - cf.mean), cut
 
     def _prune(self, idx: np.ndarray, rows: np.ndarray, values: np.ndarray | None) -> None:
         scores, cut = self._pruning_scores(rows)
@@ -309,7 +356,6 @@ class LeverageScores(Operator):
 
     def _fold(self, block: Block) -> None:
         x = block.rows
-        affine = self.spec.affine
         if self.r.size == 0 and self.idx.size == 0:
             self.r = np.zeros((0, self._dim(x.shape[1])))
             self.rows = np.zeros((0, x.shape[1]))
@@ -318,14 +364,19 @@ class LeverageScores(Operator):
                 self.values = np.zeros((0, block.values.shape[1]))
         m = x.shape[0]
         head = 0
-        if self.r.shape[0] < self.r.shape[1]:  # seed the factor by Householder QR
+        if self.spec.affine:  # the centred factor: Householder TSQR of [1, X] (module doc)
+            from streamattn.operators.projection import centred_factor_update
+
+            self.r = centred_factor_update(self.r, x)
+            head = m
+        elif self.r.shape[0] < self.r.shape[1]:  # seed the factor by Householder QR
             head = min(m, SEED_ROWS_PER_DIM * self.r.shape[1])
-            self.r = stack_qr(self.r, augment(x[:head], affine))
+            self.r = stack_qr(self.r, augment(x[:head], False))
         admitted = np.arange(head)
         if head < m:
-            step = fast_factor_update(self.r, x[head:], affine)
+            step = fast_factor_update(self.r, x[head:])
             if step is None:
-                self.r = stack_qr(self.r, augment(x[head:], affine))
+                self.r = stack_qr(self.r, augment(x[head:], False))
                 admitted = np.arange(m)
             else:
                 self.r = step.r
@@ -370,12 +421,14 @@ class LeverageScores(Operator):
         self.values = np.array(state["values"], dtype=np.float64) if "values" in state else None
 
     def scoring_map(self) -> ScoringMap:
+        if self.spec.affine:
+            return ScoringMap.from_centred(self._centred(), self.spec.rtol)
         return ScoringMap.from_factor(self.r, self.spec.rtol, self.r.shape[1])
 
     def result(self) -> dict[str, Any]:
         """Held rows whose exact final score is ≥ threshold, their scores, and the map."""
         smap = self.scoring_map()
-        scores = smap.scores(augment(self.rows, self.spec.affine)) if self.idx.size else np.zeros(0)
+        scores = smap.scores(augment(self.rows, False)) if self.idx.size else np.zeros(0)
         keep = scores >= self.spec.threshold
         return {
             "indices": self.idx[keep],
@@ -394,11 +447,15 @@ class LeverageScores(Operator):
 
 @dataclass(frozen=True)
 class TopScoresSpec:
-    """Keep the ``budget`` rows with the largest ‖k W‖² (ties: smaller index first)."""
+    """Keep the ``budget`` rows with the largest ‖(k − shift) W‖² + offset (ties: smaller
+    index first). ``affine`` maps come with their centring ``shift`` (μ) and ``offset``
+    (1/n): pass ``ScoringMap.shift`` / ``.offset``."""
 
     budget: int
     w: np.ndarray
     affine: bool = False
+    shift: np.ndarray | None = None
+    offset: float = 0.0
 
 
 class TopScores(Operator):
@@ -413,6 +470,13 @@ class TopScores(Operator):
 
     def __init__(self, spec: TopScoresSpec) -> None:
         super().__init__(spec)
+        if spec.affine and spec.shift is None:
+            from streamattn.errors import ConfigError
+
+            raise ConfigError(
+                "an affine TopScores map needs its centring shift (ScoringMap.shift, the "
+                "mean key) and offset (1/n)."
+            )
         self.idx = np.zeros(0, dtype=np.int64)
         self.scores = np.zeros(0)
         self.rows = np.zeros((0, 0))
@@ -432,7 +496,7 @@ class TopScores(Operator):
             if block.values is not None:
                 self.values = np.zeros((0, block.values.shape[1]))
         with single_blas_thread():
-            s = map_scores(block.rows, self.spec.w, self.spec.affine)
+            s = map_scores(block.rows, self.spec.w, self.spec.shift, self.spec.offset)
         # Only rows that can enter the top-B are copied.
         if s.size > self.spec.budget:
             cut = np.partition(s, s.size - self.spec.budget)[s.size - self.spec.budget]
@@ -488,4 +552,5 @@ class TopScores(Operator):
         }
 
     def nbytes_bound(self, d: int, d_values: int = 0) -> int:
-        return 8 * self.spec.budget * (d + d_values + 2) + self.spec.w.nbytes
+        shift = 0 if self.spec.shift is None else self.spec.shift.nbytes
+        return 8 * self.spec.budget * (d + d_values + 2) + self.spec.w.nbytes + shift

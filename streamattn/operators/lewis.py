@@ -37,7 +37,7 @@ gives the map for the next pass. So an iteration costs one read of the keys plus
 and one write of n weights; memory is O(d² + candidates), never O(n). Writes are
 idempotent (a recomputed block writes the same numbers) and go to disjoint rows; the
 engine's blocks should align with the weight arrays' chunks (the orchestration in
-:mod:`streamattn.lp` creates them so) when several workers write at once.
+:mod:`streamattn.recipes.lp` creates them so) when several workers write at once.
 
 Candidate rows with w_{k+1} ≥ ``collect`` are kept (with their rows) while there are at
 most ``cap`` of them; past that the pass only records that it overflowed (a flag that is
@@ -59,7 +59,7 @@ from streamattn.operators.leverage import (
     stack_qr,
 )
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block
+from streamattn.sources import Block
 
 
 def damping(p: float) -> float:
@@ -176,7 +176,7 @@ class LewisPass(Operator):
         xs = x * reweight_scale(w_new, spec.p)[:, None]
         # The leverage operator's preconditioned Cholesky update when it is as accurate as
         # Householder (well-conditioned factor, moderate growth), else TSQR.
-        fast = fast_factor_update(self.r, xs, False)
+        fast = fast_factor_update(self.r, xs)
         self.r = fast.r if fast is not None else stack_qr(self.r, xs)
         self._fold_stats(
             np.array([w_new.sum(), change.max(initial=0.0), w_new.max(initial=0.0)]),

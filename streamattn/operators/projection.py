@@ -55,7 +55,7 @@ import scipy.sparse
 from streamattn.errors import ConfigError
 from streamattn.operators.leverage import stack_qr
 from streamattn.operators.protocol import Operator, State
-from streamattn.source import Block
+from streamattn.sources import Block
 
 OBLIVIOUS_METHODS = ("gaussian", "sparse-sign", "srht")
 DATA_AWARE_METHODS = ("pca", "frequent-directions")
@@ -490,6 +490,22 @@ class CentredFactorResult:
         return v * np.where(flip == 0, 1.0, flip), s**2
 
 
+def centred_factor_update(r: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The TSQR factor of [1, K] after appending ``rows`` (R of [R; 1, X], float64)."""
+    x = np.asarray(rows, dtype=np.float64)
+    aug = np.hstack([np.ones((x.shape[0], 1)), x])
+    return stack_qr(aug) if r.size == 0 else stack_qr(r, aug)
+
+
+def centred_factor_result(r: np.ndarray, n: int) -> CentredFactorResult:
+    """n, μ and R_c read off the factor R of [1, K] (first row (r₀₀, r₀₀ μᵀ))."""
+    d = r.shape[1] - 1
+    full = np.zeros((d + 1, d + 1))
+    full[: r.shape[0]] = r[: d + 1]
+    mean = full[0, 1:] / full[0, 0] if n else np.zeros(d)
+    return CentredFactorResult(n, mean, full[1:, 1:])
+
+
 class CentredFactor(Operator):
     """One-pass TSQR R factor of [1, K] (float64): the mean and the centred factor.
 
@@ -506,9 +522,7 @@ class CentredFactor(Operator):
         self.r = np.zeros((0, 0))
 
     def _update(self, block: Block) -> None:
-        x = np.asarray(block.rows, dtype=np.float64)
-        aug = np.hstack([np.ones((x.shape[0], 1)), x])
-        self.r = stack_qr(aug) if self.r.size == 0 else stack_qr(self.r, aug)
+        self.r = centred_factor_update(self.r, block.rows)
 
     def _merge(self, other: CentredFactor) -> None:
         self.r = stack_qr(self.r, other.r)
@@ -520,11 +534,7 @@ class CentredFactor(Operator):
         self.r = np.array(state["r"], dtype=np.float64)
 
     def result(self) -> CentredFactorResult:
-        d = self.r.shape[1] - 1
-        r = np.zeros((d + 1, d + 1))
-        r[: self.r.shape[0]] = self.r
-        mean = r[0, 1:] / r[0, 0]
-        return CentredFactorResult(self.n_rows, mean, r[1:, 1:])
+        return centred_factor_result(self.r, self.n_rows)
 
     def nbytes_bound(self, d: int) -> int:
         return 8 * 2 * (d + 1) ** 2

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 
 from streamattn.errors import IncompatibleMergeError, StateFormatError
-from streamattn.source import Block
+from streamattn.sources import Block
 
 State = dict[str, np.ndarray]
 
@@ -113,6 +113,33 @@ def spec_from_state(spec_cls: type, state: State) -> Any:
         return spec_cls(**kwargs)
     except TypeError as exc:
         raise StateFormatError(f"state spec does not fit {spec_cls.__name__}: {exc}") from exc
+
+
+def encode_state(state: State) -> np.ndarray:
+    """Deterministic uint8 encoding of a flat state (same arrays -> same bytes)."""
+    header: list[list[Any]] = []
+    parts: list[bytes] = []
+    for key in sorted(state):
+        arr = np.asarray(state[key])  # tobytes() is C order; keeps 0-d shapes
+        raw = arr.tobytes()
+        header.append([key, arr.dtype.str, list(arr.shape), len(raw)])
+        parts.append(raw)
+    head = json.dumps(header).encode()
+    blob = len(head).to_bytes(8, "little") + head + b"".join(parts)
+    return np.frombuffer(blob, dtype=np.uint8).copy()
+
+
+def decode_state(blob: np.ndarray) -> State:
+    """Inverse of :func:`encode_state`."""
+    raw = np.asarray(blob, dtype=np.uint8).tobytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size].decode())
+    out: State = {}
+    pos = 8 + size
+    for key, dtype, shape, nbytes in header:
+        out[key] = np.frombuffer(raw[pos : pos + nbytes], dtype=dtype).reshape(tuple(shape))
+        pos += nbytes
+    return out
 
 
 def specs_equal(a: Any, b: Any) -> bool:

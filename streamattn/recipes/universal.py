@@ -14,8 +14,6 @@ coverage must be measured, not claimed.
 
 from __future__ import annotations
 
-import platform
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,120 +28,27 @@ from streamattn.operators.leverage import (
     TopScores,
     TopScoresSpec,
 )
-from streamattn.source import KeySource, open_keys
+from streamattn.operators.multihead import MultiHead
+from streamattn.recipes.lp import lp_universal_set
+from streamattn.recipes.selection import (
+    BUDGET_NOTE,
+    GUARANTEE,
+    SOFTMAX_NOTE,
+    Selection,
+)
+from streamattn.results import MultiHeadResult, UniversalSet, versions
+from streamattn.sources import KeySource, MultiHeadSource, open_keys
 
-VARIANTS = ("plain", "affine")
-#: In budget mode the first pass keeps candidates with score ≥ dim / (BUDGET_SLACK · B),
-#: so at most BUDGET_SLACK · B candidates are held.
-BUDGET_SLACK = 4
-
-GUARANTEE = {
-    "plain": (
-        "For f(x) = x^2 attention, A_qj = (q.k_j)^2 / sum_l (q.k_l)^2 <= tau_j for every "
-        "query q, so every key that any query weights >= eps is in U, and |U| <= rank/eps."
-    ),
-    "affine": (
-        "For f(x) = (x + c)^2 attention with any query q and any common offset c, the share "
-        "of key j is <= tau~_j = 1/n + centred leverage, so every key that any such query "
-        "weights >= eps is in U, and |U| <= (rank of [K, 1])/eps."
-    ),
+#: How the factor behind each variant's scores is computed (certificate field).
+FACTORISATION = {
+    "plain": "float64 QR-type factor: Householder QR, then preconditioned Cholesky updates "
+    "R <- chol(I + Y^T Y) R, Y = X R^-1 (cond(R) <= 1e8, growth <= 1e4, else Householder); "
+    "pseudo-inverse on the numerical range",
+    "affine": "float64 Householder TSQR of [1, K]: the mean and the centred factor R_c "
+    "(R_c^T R_c = scatter); scores 1/n + |(k - mu) R_c^+|^2, numerical rank, sigma_max and "
+    "rank_abs_tol of R_c (independent of a common key offset); numerical_rank counts the "
+    "constant direction too",
 }
-SOFTMAX_NOTE = (
-    "No worst-case universal set exists for softmax attention; for softmax this selection "
-    "is a heuristic. Measure its coverage (recall, attention mass) on real queries."
-)
-BUDGET_NOTE = (
-    "Budget mode returns the top-B keys by leverage (exact, ties by index). It carries the "
-    "threshold guarantee only for eps >= the B-th score, reported as eps_equivalent."
-)
-
-
-@dataclass
-class UniversalSet:
-    """A selected key set with its scores, rows and certificate.
-
-    Attributes
-    ----------
-    indices : sorted int64 row indices of the selected keys
-    scores : float64 leverage scores of those keys (affine: 1/n + centred leverage)
-    rows : the selected key rows, in the store's dtype
-    values : the matching value rows when the store has values, else None
-    certificate : eps, n, d, rank and tolerance, sum of scores, variant, chunking,
-        passes, size bound, guarantee text and versions
-    """
-
-    indices: np.ndarray
-    scores: np.ndarray
-    rows: np.ndarray
-    values: np.ndarray | None
-    certificate: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_candidates(
-        cls,
-        res: dict[str, Any],
-        keep: np.ndarray,
-        scores: np.ndarray,
-        dtype: Any,
-        certificate: dict[str, Any],
-    ) -> UniversalSet:
-        """The rows ``keep`` of an operator result (indices, rows, values) with ``scores``."""
-        values = res["values"]
-        return cls(
-            res["indices"][keep],
-            scores,
-            res["rows"][keep].astype(dtype),
-            None if values is None else values[keep],
-            certificate,
-        )
-
-    def __len__(self) -> int:
-        return int(self.indices.size)
-
-    def __contains__(self, j: object) -> bool:
-        if not isinstance(j, (int, np.integer)):
-            return False
-        pos = np.searchsorted(self.indices, j)
-        return bool(pos < self.indices.size and self.indices[pos] == j)
-
-
-def versions() -> dict[str, str]:
-    import scipy
-
-    import streamattn
-
-    out = {
-        "streamattn": streamattn.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "python": platform.python_version(),
-    }
-    try:
-        import zarr
-
-        out["zarr"] = zarr.__version__
-    except ImportError:  # pragma: no cover - zarr is a dependency
-        pass
-    return out
-
-
-def check_selection(
-    eps: float | None, variant: str, budget: int | None, n: int | None = None
-) -> None:
-    """Validate selection settings; raise ConfigError naming the bad one."""
-    if variant not in VARIANTS:
-        raise ConfigError(f"variant must be one of {list(VARIANTS)}, got {variant!r}.")
-    if eps is None and budget is None:
-        raise ConfigError("give eps (threshold mode) or budget (top-B mode).")
-    if eps is not None:
-        real = isinstance(eps, (int, float, np.integer, np.floating)) and not isinstance(eps, bool)
-        if not real or not 0 < eps <= 1:
-            raise ConfigError(f"eps must be in (0, 1], got {eps!r}.")
-    if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
-            raise ConfigError(f"budget must be an integer >= 1, got {budget!r}.")
-        if n is not None and budget > n:
-            raise ConfigError(f"budget {budget} is larger than the number of keys n = {n}.")
 
 
 def _certificate(
@@ -179,9 +84,7 @@ def _certificate(
         "pruning_threshold": threshold,
         "chunk_rows": chunk_rows,
         "passes": passes,
-        "factorisation": "float64 QR-type factor: Householder QR, then preconditioned "
-        "Cholesky updates R <- chol(I + Y^T Y) R, Y = X R^-1 (cond(R) <= 1e8, growth <= 1e4, "
-        "else Householder); pseudo-inverse on the numerical range",
+        "factorisation": FACTORISATION[variant],
         "guarantee": GUARANTEE[variant],
         "softmax": SOFTMAX_NOTE,
         "source": source.describe(),
@@ -195,34 +98,6 @@ def _certificate(
         cert["budget_note"] = BUDGET_NOTE
         cert["eps_equivalent"] = float(scores.min()) if scores.size else None
     return cert
-
-
-@dataclass(frozen=True)
-class Selection:
-    """One universal-set request: threshold ``eps``, top-``budget``, or both (top-B of U_eps)."""
-
-    eps: float | None = None
-    variant: str = "plain"
-    budget: int | None = None
-    rtol: float = DEFAULT_RTOL
-    p: float = 2.0  # f(x) = |x|^p; p != 2 is computed by streamattn.lp (Lewis weights)
-
-    def check(self, n: int | None = None) -> None:
-        check_selection(self.eps, self.variant, self.budget, n)
-        if self.p != 2:
-            from streamattn.lp import check_lp_selection
-
-            check_lp_selection(self)
-        if not (isinstance(self.rtol, float) and 0 < self.rtol < 1):
-            raise ConfigError(f"rtol must be a float in (0, 1), got {self.rtol!r}.")
-
-    def pruning_threshold(self, d: int) -> float:
-        """Pass-1 threshold: eps, raised in budget mode so <= BUDGET_SLACK·B rows are held."""
-        floor = 0.0 if self.eps is None else float(self.eps)
-        if self.budget is None:
-            return floor
-        dim = d + 1 if self.variant == "affine" else d
-        return max(floor, min(1.0, dim / (BUDGET_SLACK * self.budget)))
 
 
 def universal_sets(
@@ -247,20 +122,18 @@ def universal_sets(
     from the first pass share one more pass with their final scoring maps. Both passes
     run on the same engine session (e.g. one Dask cluster, started once).
 
-    A KV cache (``streamattn.kvcache.MultiHeadSource``, a 4-D or per-layer store) gives
+    A KV cache (``streamattn.sources.kvcache.MultiHeadSource``, a 4-D or per-layer store) gives
     one ``MultiHeadResult`` per selection, indexable as ``result[layer, head]``, from the
-    same passes. ``checkpoint`` (a ``streamattn.checkpoint.Checkpointer``) makes the passes
+    same passes. ``checkpoint`` (a ``streamattn.io.checkpoint.Checkpointer``) makes the passes
     resumable.
     """
     src = open_keys(source, array=array)
     for sel in selections:
         sel.check(src.n)
     if any(sel.p != 2 for sel in selections):
-        from streamattn.lp import lp_universal_sets
-
-        return lp_universal_sets(src, selections, chunk_rows=chunk_rows, engine=engine,
-                                 progress=progress, checkpoint=checkpoint, also=also,
-                                 **engine_options)
+        return _mixed_universal_sets(src, selections, chunk_rows=chunk_rows, engine=engine,
+                                     progress=progress, checkpoint=checkpoint, also=also,
+                                     **engine_options)
     with engine_session(engine, progress=progress, **engine_options) as options:
         return _universal_sets(
             src,
@@ -290,8 +163,6 @@ def _universal_sets(
     run = dict(engine=engine, chunk_rows=rows_per_block, progress=progress, **engine_options)
     run["checkpoint"] = checkpoint
     if not isinstance(src, KeySource):  # a whole KV cache: every head in the same passes
-        from streamattn.kvcache import multihead_universal_sets
-
         return multihead_universal_sets(src, selections, **run)
     thresholds = [sel.pruning_threshold(src.d) for sel in selections]
     ops = [
@@ -299,14 +170,16 @@ def _universal_sets(
         for sel, t in zip(selections, thresholds, strict=True)
     ]
     ops = run_operators(src, [*ops, *(also or [])], description="leverage", **run)
-    if also:  # operators sharing the first read (streamattn.embeddings)
+    if also:  # operators sharing the first read (streamattn.recipes.embeddings)
         also[:], ops = ops[len(selections) :], ops[: len(selections)]
     firsts = [op.result() for op in ops]
     second: dict[int, TopScores] = {}
     for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True)):
         if needs_second_pass(sel, t, res):
-            w = res["scoring_map"].w
-            second[i] = TopScores(TopScoresSpec(sel.budget, w, sel.variant == "affine"))
+            smap = res["scoring_map"]
+            second[i] = TopScores(TopScoresSpec(
+                sel.budget, smap.w, sel.variant == "affine", smap.shift, smap.offset
+            ))
     if second:
         run_operators(src, list(second.values()), description="top-B", **run)
     return [
@@ -321,6 +194,122 @@ def _universal_sets(
         )
         for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True))
     ]
+
+
+def _mixed_universal_sets(
+    source: KeySource,
+    selections: list[Selection],
+    *,
+    chunk_rows: int | None = None,
+    engine: str = "local",
+    progress: bool = False,
+    checkpoint: Any = None,
+    also: list[Any] | None = None,
+    **engine_options: Any,
+) -> list[Any]:
+    """``universal_sets`` for a list that holds p != 2 selections (one engine session).
+
+    The p = 2 selections still share their one exact pass (with ``also`` operators and
+    ``checkpoint``, as in ``universal_sets``); each p != 2 selection runs its own Lewis
+    iteration (its weights differ from pass to pass). The Lewis passes are not
+    checkpointed: a resumed run recomputes them. Single-head key stores only.
+    """
+    if not isinstance(source, KeySource):
+        raise ConfigError(
+            "p != 2 universal sets take a single-head key store; select per head (or use "
+            "p = 2) for a multi-head KV cache."
+        )
+    out: list[Any] = [None] * len(selections)
+    with engine_session(engine, progress=progress, **engine_options) as opts:
+        two = [i for i, sel in enumerate(selections) if sel.p == 2]
+        if two:
+            sets = universal_sets(source, [selections[i] for i in two], chunk_rows=chunk_rows,
+                                  engine=engine, progress=progress, checkpoint=checkpoint,
+                                  also=also, **opts)
+            for i, uset in zip(two, sets, strict=True):
+                out[i] = uset
+        elif also:  # operators that were to share the first read get their own pass
+            also[:] = run_operators(source, also, engine=engine, chunk_rows=chunk_rows,
+                                    progress=progress, description="pass", **opts)
+        for i, sel in enumerate(selections):
+            if sel.p != 2:
+                out[i] = lp_universal_set(
+                    source, sel.eps, p=sel.p, variant=sel.variant, rtol=sel.rtol,
+                    chunk_rows=chunk_rows, engine=engine, progress=progress, **opts
+                )
+    return out
+
+
+def multihead_universal_sets(
+    source: MultiHeadSource,
+    selections: list[Any],
+    *,
+    chunk_rows: int,
+    checkpoint: Any = None,
+    **run: Any,
+) -> list[MultiHeadResult]:
+    """Universal sets of every (layer, head) of a cache, in the passes of one head.
+
+    Pass 1 folds each block into one ``LeverageScores`` per (selection, layer, head);
+    budget selections for which some head cannot certify its top-B from pass 1 get one
+    shared second pass (``TopScores`` per head; heads already certified keep their pass-1
+    answer, so every head's set is the one a single-head run would give). Each head's
+    result is ``universal.finish_selection`` of its own pass results.
+    """
+    run = dict(run, chunk_rows=chunk_rows, checkpoint=checkpoint)
+    if run.get("engine", "local") != "local" and (
+        source.path is None or source.declared or source.subset
+    ):
+        raise ConfigError(
+            f"{source.label}: the {run['engine']} engine's workers open a KV cache by path "
+            "and read all of it with its head layout from disk (a 4-D array or "
+            "keys/layer_{l} arrays with an n_heads attribute); an in-memory cache, a 2-D "
+            "array split by a declared n_heads, or a layers/heads subset runs on engine: "
+            "local."
+        )
+    grid = [(layer, h) for layer in range(source.layers) for h in range(source.heads)]
+    thresholds = [sel.pruning_threshold(source.d) for sel in selections]
+    ops = [
+        MultiHead.of(
+            [
+                [LeverageScores(LeverageSpec(t, sel.variant == "affine", sel.rtol))
+                 for _ in range(source.heads)]
+                for _ in range(source.layers)
+            ]
+        )
+        for sel, t in zip(selections, thresholds, strict=True)
+    ]
+    run_operators(source, ops, description="leverage", **run)
+    firsts = [op.result() for op in ops]
+    second: dict[int, MultiHead] = {}
+    for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True)):
+        if any(needs_second_pass(sel, t, res[lay][h]) for lay, h in grid):
+            second[i] = MultiHead.of(
+                [
+                    [TopScores(TopScoresSpec(sel.budget, head["scoring_map"].w,
+                                             sel.variant == "affine",
+                                             head["scoring_map"].shift,
+                                             head["scoring_map"].offset))
+                     for head in row]
+                    for row in res
+                ]
+            )
+    if second:
+        run_operators(source, list(second.values()), description="top-B", **run)
+    out = []
+    for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True)):
+        items = [[None] * source.heads for _ in range(source.layers)]
+        for lay, h in grid:
+            first = res[lay][h]
+            top = None
+            if i in second and needs_second_pass(sel, t, first):
+                top = second[i].ops[lay][h].result()
+            items[lay][h] = finish_selection(
+                source.head(lay, h), sel, t, first, top,
+                chunk_rows=chunk_rows, engine=run.get("engine", "local"),
+            )
+        out.append(MultiHeadResult(items, source.layer_ids, source.head_ids))
+    return out
 
 
 def needs_second_pass(sel: Selection, threshold: float, first: dict[str, Any]) -> bool:
@@ -415,7 +404,7 @@ def universal_set(
         ``"local"`` (one sequential pass); other engines plug in through ``run_operators``.
     p
         Attention f(x) = |x|^p. p = 2: leverage scores (above). p != 2 (threshold mode):
-        ℓp Lewis weights, one pass per fixed-point iteration (see ``streamattn.lp``).
+        ℓp Lewis weights, one pass per fixed-point iteration (see ``streamattn.recipes.lp``).
 
     Returns
     -------
@@ -456,7 +445,7 @@ def save_universal_sets(
 
     Each set's group holds ``indices``, ``scores``, ``rows`` (and ``values``) with its
     certificate in the attributes. ``extra(tmp)``, if given, adds files (e.g. the saved
-    operator states of ``streamattn.update``). The whole directory appears atomically; on
+    operator states of ``streamattn.io.update``). The whole directory appears atomically; on
     a write error (disk full, permission denied) an existing ``OUT`` stays as it was.
     """
     try:
@@ -477,7 +466,7 @@ def _save_universal_sets(
 ) -> None:
     import zarr
 
-    from streamattn.outputs import atomic_dir, write_arrays, write_json_atomic
+    from streamattn.io.outputs import atomic_dir, write_arrays, write_json_atomic
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         root = zarr.open_group(str(tmp / "result.zarr"), mode="w")
@@ -527,14 +516,14 @@ def load_universal_set(out: Any, name: str) -> UniversalSet:
 
 
 def _stacked_head(out: Any, name: str) -> UniversalSet | None:
-    """One head of a stacked cache selection (``streamattn.cache_outputs``), if present."""
+    """One head of a stacked cache selection (``streamattn.io.cache_outputs``), if present."""
     import re
 
     m = re.fullmatch(r"(.+)/layer_(\d+)/head_(\d+)", name)
     if m is None:
         return None
-    from streamattn.cache_outputs import load_cache_selection
     from streamattn.errors import InvalidInputError
+    from streamattn.io.cache_outputs import load_cache_selection
 
     try:
         res = load_cache_selection(out, m.group(1))

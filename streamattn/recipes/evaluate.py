@@ -3,7 +3,7 @@
 For a query batch (the store's ``queries`` array, or seeded random directions), each
 attention kind (softmax, |x|^p) and mode (global, causal), a ``GroundTruth`` pass gives
 the exact normalisers L_i, heavy entries H_i = {j : A_ij ≥ ε} and outputs o_i; every
-selector (``streamattn.selectors``) proposes a set S_i per budget; one
+selector (``streamattn.recipes.selectors``) proposes a set S_i per budget; one
 ``RestrictedAttention`` pass gives log Σ_{j∈S_i} exp(ℓ_ij) and the output o_S,i
 renormalised over S_i. Per query and set:
 
@@ -27,7 +27,6 @@ carries no guarantee there; softmax has no guarantee at all — this report meas
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import time
@@ -37,19 +36,16 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.cache_evaluate import CACHE_SELECTORS, check_budgets
 from streamattn.config import (
     EngineConfig,
     InputConfig,
     OutputConfig,
     load_yaml_config,
-    to_dict,
 )
 from streamattn.engines import engine_session, run_operators
 from streamattn.errors import ConfigError
-from streamattn.kvcache import is_multihead
+from streamattn.io.outputs import atomic_dir, write_json_atomic
 from streamattn.masks import Mask
-from streamattn.memory import peak_rss_bytes
 from streamattn.operators.ground_truth import (
     KINDS,
     MODES,
@@ -60,8 +56,9 @@ from streamattn.operators.ground_truth import (
     RestrictedAttention,
     RestrictedAttentionSpec,
 )
-from streamattn.outputs import atomic_dir, check_writable, write_json_atomic
-from streamattn.selectors import (
+from streamattn.recipes.cache_evaluate import CACHE_SELECTORS, check_budgets
+from streamattn.recipes.selection import Selection
+from streamattn.recipes.selectors import (
     SELECTORS,
     KeySet,
     hybrid,
@@ -72,9 +69,9 @@ from streamattn.selectors import (
     sinks_window,
     uniform_random,
 )
-from streamattn.source import KeySource, open_keys
+from streamattn.recipes.universal import universal_sets
+from streamattn.sources import KeySource, open_keys
 from streamattn.synthetic import SyntheticSpec, ensure_store
-from streamattn.universal import Selection, universal_sets
 
 METRICS = ("recall", "mass", "error", "keys")
 
@@ -512,53 +509,3 @@ def prepare_source(cfg: EvaluateConfig) -> tuple[KeySource, bool]:
     if cfg.input.generate is not None:
         _, made = ensure_store(cfg.input.path, cfg.input.generate)
     return open_keys(cfg.input.path, array=cfg.input.array), made
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    """``streamattn evaluate [CONFIG]``: measure selectors against exact ground truth."""
-    cfg = load_evaluate_config(args.config)
-    if args.engine:
-        cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, kind=args.engine))
-        cfg.engine.check()
-    out = Path(args.out or cfg.output.dir)
-    overwrite = cfg.output.overwrite or args.overwrite
-    check_writable(out, overwrite)
-    if cfg.input.generate is None and is_multihead(cfg.input.path, cfg.input.array):
-        from streamattn.cache_evaluate import run_cache_evaluate
-
-        return run_cache_evaluate(cfg, out, overwrite=overwrite, quiet=args.quiet)
-    src, made = prepare_source(cfg)
-    quiet = args.quiet
-    if not quiet:
-        print(f"streamattn: {'generated' if made else 'using'} store {src.label}: "
-              f"n = {src.n}, d = {src.d}")
-    report = evaluate(src, cfg, progress=cfg.progress and not quiet)
-    report["config"] = to_dict(cfg)
-    report["peak_rss_bytes"] = peak_rss_bytes()
-    write_report(report, out, overwrite=overwrite)
-    if not quiet:
-        print(f"streamattn: evaluated {report['queries']} queries in {report['seconds']:.1f} s "
-              f"-> {out}/report.md")
-        for key, res in report["results"].items():
-            best = max(
-                (r for r in res["rows"] if r["budget"] == max(cfg.selectors.budgets)),
-                key=lambda r: r["mass"]["mean"] or 0.0,
-                default=None,
-            )
-            if best is not None:
-                print(f"  {key}: best mass at B = {best['budget']}: {best['selector']} "
-                      f"(mass {_fmt(best['mass']['mean'])}, recall {_fmt(best['recall']['mean'])})")
-    return 0
-
-
-def add_evaluate_parser(sub: Any) -> None:
-    """Register ``streamattn evaluate`` on the CLI's subparsers."""
-    p = sub.add_parser(
-        "evaluate", help="coverage of key selectors against exact attention ground truth"
-    )
-    p.add_argument("config", nargs="?", help="YAML config; none = evaluate the default store")
-    p.add_argument("--out", help="output directory (default: output.dir of the config)")
-    p.add_argument("--engine", help="engine (default: engine.kind of the config)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.set_defaults(func=cmd_evaluate)

@@ -1,7 +1,7 @@
 """Appended tokens: fold rows added to a store since a run into its saved result.
 
 A run's output keeps the final operator states of its one-pass universal sets in
-``OUT/state.npz`` (checksummed, see :mod:`streamattn.checkpoint`), with the row count,
+``OUT/state.npz`` (checksummed, see :mod:`streamattn.io.checkpoint`), with the row count,
 block size, store fingerprint and the selections. ``streamattn update OUT --input STORE``
 reads that state, checks that the store only grew (same width, dtype and head layout,
 at least as many rows), folds rows ``[n_old, n_new)`` into the saved states and rewrites
@@ -17,13 +17,16 @@ threshold) and scores equal to ~1e-12 relative.
 Budget mode is honest about its cost: when the top-B cannot be certified from the
 one-pass state, the second pass (top-B by the final scoring map) needs every row again,
 so it rereads the whole store; the report says so (``update.second_pass_reread_rows``).
-The store is assumed append-only: rows before ``n_old`` rewritten in place are not
-detected (only the shape is checked).
+The store must only have grown: ``state.npz`` also records the CRC-32 of every block
+folded into it and the stamps of the store's files (``streamattn.io.readlog``), and the
+update first verifies that rows ``[0, n_old)`` are unchanged — re-reading only blocks
+whose files were written since (for an appended store, the last partial chunk) — so a
+store rewritten in place, or another store of the same width, is refused with the first
+changed block's rows. The output is locked for the whole update (``streamattn.io.safety``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -31,15 +34,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from streamattn.checkpoint import (
+from streamattn.errors import InvalidInputError, StateFormatError
+from streamattn.io.checkpoint import (
     Checkpointer,
-    Record,
     pack_operators,
     read_state_file,
+    split_reads,
     unpack_operators,
     write_state_file,
 )
-from streamattn.errors import InvalidInputError, StateFormatError
+from streamattn.io.readlog import stamps_to_json, verify_read
+from streamattn.io.safety import output_lock, refuse_overlap
 
 STATE_FILE = "state.npz"
 
@@ -59,7 +64,10 @@ def state_writer(
         return None
     rec = checkpoint.finals[0]
     meta = {
-        "n_ops": len(rec.ops),
+        "format": 2,
+        "reads": rec.reads is not None,
+        "stamps": stamps_to_json(rec.stamps),
+        "n_ops": len(rec.ops) + (rec.reads is not None),
         "position": rec.position,
         "chunk_rows": rec.chunk_rows,
         "fingerprint": rec.fingerprint,
@@ -71,8 +79,10 @@ def state_writer(
     if len(rec.ops) != len(named):
         return None  # a run whose pass 1 is not one operator per selection (e.g. l_p sets)
 
+    ops = [*rec.ops, rec.reads] if rec.reads is not None else rec.ops
+
     def write(tmp: Path) -> None:
-        write_state_file(tmp / STATE_FILE, pack_operators(rec.ops, meta))
+        write_state_file(tmp / STATE_FILE, pack_operators(ops, meta))
 
     return write
 
@@ -107,12 +117,23 @@ def update_output(
     Returns ``{"sets": {name: UniversalSet}, "report": {...}}``; ``sets`` is empty when no
     rows were appended (then nothing is rewritten).
     """
-    from streamattn.kvcache import flatten_results, open_source
-    from streamattn.universal import Selection, save_universal_sets, universal_sets
+    with output_lock(out):
+        return _update_output(out, store, progress=progress, engine=engine, **engine_options)
+
+
+def _update_output(
+    out: str | Path, store: Any, *, progress: bool, engine: str, **engine_options: Any
+) -> dict[str, Any]:
+    from streamattn.recipes.selection import Selection
+    from streamattn.recipes.universal import save_universal_sets, universal_sets
+    from streamattn.results import flatten_results
+    from streamattn.sources import open_source
 
     meta, ops = load_state(out)
-    source = open_source(store, array=meta["array"], n_heads=meta.get("n_heads"))
-    saved = Record(ops, int(meta["position"]), int(meta["chunk_rows"]), meta["fingerprint"])
+    source = open_source(store, array=meta["array"],
+                         n_heads=meta.get("n_heads", meta.get("heads")))
+    refuse_overlap(out)
+    saved = split_reads(meta, ops, Path(out) / STATE_FILE)
     n_old, n_new = saved.position, source.n
     if n_new < n_old:
         raise InvalidInputError(
@@ -120,7 +141,9 @@ def update_output(
             f"{out}; rows were removed or the store was replaced. Run from scratch instead."
         )
     report: dict[str, Any] = {"update": {"rows_before": n_old, "rows_after": n_new}}
-    if n_new == n_old:
+    if n_new == n_old:  # nothing to fold, but say "up to date" only for the same rows
+        if saved.reads is not None:
+            verify_read(source, saved.reads, saved.stamps, f"{Path(out) / STATE_FILE}")
         return {"sets": {}, "report": report}
     named = {name: Selection(**fields) for name, fields in meta["selections"]}
     ckpt = Checkpointer(None, initial={0: saved})
@@ -159,40 +182,4 @@ def update_output(
     return {"sets": sets, "report": report}
 
 
-def cmd_update(args: argparse.Namespace) -> int:
-    from streamattn.cli import _engine_from_args, _say, _summary_lines
-    from streamattn.config import EngineConfig
-
-    engine = _engine_from_args(EngineConfig(), args)
-    done = update_output(args.out, args.input, progress=not args.quiet, engine=engine.kind,
-                         **engine.options())
-    info = done["report"]["update"]
-    if not done["sets"]:
-        _say(args, f"streamattn: {args.input} still has {info['rows_after']} rows; "
-             f"{args.out} is up to date.")
-        return 0
-    _say(
-        args,
-        f"streamattn: folded rows [{info['rows_before']}, {info['rows_after']}) into "
-        f"{args.out} ({info['note']}).",
-    )
-    for name, uset in done["sets"].items():
-        _say(args, *_summary_lines(name, uset))
-    return 0
-
-
-def add_update_parser(sub: Any) -> None:
-    """Register ``streamattn update OUT --input STORE``."""
-    p = sub.add_parser(
-        "update", help="fold rows appended to a store into a saved result (no reread)"
-    )
-    p.add_argument("out", help="output directory of an earlier run/select (has state.npz)")
-    p.add_argument("--input", required=True, help="the store, grown since that run")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    from streamattn.cli import _add_engine_flags
-
-    _add_engine_flags(p)
-    p.set_defaults(func=cmd_update)
-
-
-__all__ = ["STATE_FILE", "add_update_parser", "load_state", "state_writer", "update_output"]
+__all__ = ["STATE_FILE", "load_state", "state_writer", "update_output"]

@@ -51,7 +51,7 @@ import scipy.special
 
 from streamattn.errors import ConfigError, InvalidInputError, StreamattnError
 from streamattn.operators.projection import keyed_uniform
-from streamattn.source import KeySource, open_keys
+from streamattn.sources import KeySource, open_keys
 
 DEFAULT_RTOL = 1e-12
 #: Bytes of one column block (n × cols float64) when ``cols_per_block`` is not given.

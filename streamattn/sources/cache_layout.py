@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from streamattn.errors import ConfigError, InvalidInputError
-from streamattn.source import _check_float_array
+from streamattn.sources.keys import _check_float_array
 
 LAYER_NAME = re.compile(r"^layer_(\d+)$")
 
@@ -201,6 +201,11 @@ class Part:
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(self.arrays[0].dtype)
+
+    @property
+    def row_axis(self) -> int:
+        """The axis of each array holding the key rows."""
+        return {"lhnd": 2, "hnd": 1, "layer-hnd": 1}.get(self.layout, 0)
 
     @property
     def full(self) -> bool:

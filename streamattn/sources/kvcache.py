@@ -20,27 +20,25 @@ columns are read); values are read only with ``values=True``.
 :class:`MultiHeadSource` yields ``Block(start, rows)`` with ``rows`` of shape
 ``(r, layers, heads, d)``: each block of rows is read once — one read of the 4-D/2-D
 array, or one read per layer array — and that one read serves every head's operator.
-:class:`MultiHead` wraps one operator per (layer, head) into a single operator, so the
-engines, checkpoints and the Dask engine handle a whole cache without knowing about
-heads. Its update runs a Python loop over the ``layers × heads`` head operators *per
-block* (never per row); each head's work is block-level BLAS/LAPACK on a contiguous
-``r × d`` slice, so for the usual 64k-row blocks the loop costs microseconds against
-milliseconds of QR per head. Memory is bounded by ``layers × heads`` times the
-single-head bound of the wrapped operator (``MultiHead.nbytes_bound``), still
-independent of n.
+:class:`streamattn.operators.multihead.MultiHead` wraps one operator per (layer, head)
+into a single operator, so the engines, checkpoints and the Dask engine handle a whole
+cache without knowing about heads.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from streamattn.cache_layout import (
+from streamattn.errors import ConfigError, InvalidInputError
+from streamattn.io.safety import register_input
+from streamattn.masks import Segments
+from streamattn.sources.cache_layout import (
     Part,
     part_of_array,
     part_of_layer_arrays,
@@ -48,11 +46,8 @@ from streamattn.cache_layout import (
     transformers_entries,
     zarr_layer_arrays,
 )
-from streamattn.checkpoint import decode_state, encode_state
-from streamattn.errors import ConfigError, InvalidInputError
-from streamattn.masks import Segments
-from streamattn.operators.protocol import Operator, RowRanges, State, spec_to_state
-from streamattn.source import (
+from streamattn.sources.chunkfiles import ChunkFiles, missing_chunk_message
+from streamattn.sources.keys import (
     DEFAULT_BLOCK_ROWS,
     TARGET_BLOCK_BYTES,
     Block,
@@ -113,6 +108,7 @@ class MultiHeadSource(BlockStream):
         segments: Segments | None = None,
         queries: Part | None = None,
         reopen: dict[str, Any] | None = None,
+        fill_missing: bool = False,
     ) -> None:
         if keys.n == 0:
             raise InvalidInputError(f"{label}: the cache has n = 0 rows; nothing to do.")
@@ -158,6 +154,31 @@ class MultiHeadSource(BlockStream):
         self.dtype = keys.dtype
         self.storage_chunk_rows = _chunk_rows_of(keys.arrays[0]) if keys.layout == "layers" \
             else None
+        self.fill_missing = bool(fill_missing)
+        self._files = [
+            (files, what)
+            for part, what in ((keys, "key"), (values, "value"))
+            if part is not None
+            for files in (ChunkFiles.of(a, part.row_axis) for a in part.arrays)
+            if files is not None
+        ]
+        if not self.fill_missing:
+            self._check_chunks(0, self.n)
+
+    def _check_chunks(self, start: int, stop: int) -> None:
+        """Every chunk file holding rows ``[start, stop)`` exists (zarr on local disk)."""
+        for files, what in self._files:
+            found = files.first_missing(start, stop)
+            if found is not None:
+                raise InvalidInputError(missing_chunk_message(self.label, what, found))
+
+    def row_files(self, start: int, stop: int) -> list[str] | None:
+        """The files holding rows ``[start, stop)`` (None: not files on local disk)."""
+        if self._files:
+            return [str(f) for files, _ in self._files for f in files.files(start, stop)]
+        if self.path is not None and Path(self.path).is_file():
+            return [self.path]
+        return None
 
     @property
     def values_dim(self) -> int:
@@ -220,6 +241,8 @@ class MultiHeadSource(BlockStream):
                 f"{self.label}: could not read {what} rows [{start}, {stop}): "
                 f"{type(exc).__name__}: {exc}. The chunk holding these rows may be corrupt."
             ) from exc
+        if not self.fill_missing:
+            self._check_chunks(start, stop)
         bad = ~np.isfinite(rows)
         if bad.any():
             r, layer, head = np.argwhere(bad.any(axis=3))[0]
@@ -324,6 +347,7 @@ def open_kv(
     values: bool = False,
     batch: int | None = None,
     array: str | None = None,
+    fill_missing: bool = False,
 ) -> MultiHeadSource:
     """Open a KV cache read-only, as it comes (layout: docs/real-caches.md).
 
@@ -351,6 +375,8 @@ def open_kv(
         the batch axis is longer than 1.
     array
         The key entry of a zarr group (default ``"keys"``).
+    fill_missing
+        Read missing zarr chunk files as the fill value instead of refusing the store.
 
     Examples
     --------
@@ -396,18 +422,24 @@ def open_kv(
     label = str(path)
     if not path.exists():
         raise InvalidInputError(f"{label}: no such file or directory.")
+    register_input(path)  # outputs must never be written into, over or around it
     if path.is_file():
         if path.suffix != ".npy":
             raise InvalidInputError(f"{label}: expected a .npy file or a zarr directory.")
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:  # truncated, object dtype (needs pickle), not an .npy
+            raise InvalidInputError(f"{label}: cannot read as .npy: {exc}") from exc
         part = part_of_array(arr, n_heads=n_heads, batch=batch, label=label, **pick)
         return MultiHeadSource(part, label=label, path=label, reopen=reopen)
     import zarr
 
+    fill = {"fill_missing": fill_missing}
+    reopen["fill_missing"] = fill_missing
     node = _zarr_node(path)
     if isinstance(node, zarr.Array):
         part = part_of_array(node, n_heads=n_heads, batch=batch, label=label, **pick)
-        return MultiHeadSource(part, label=label, path=label, reopen=reopen)
+        return MultiHeadSource(part, label=label, path=label, reopen=reopen, **fill)
     name = array or "keys"
     if name not in node:
         raise InvalidInputError(f"{label}: zarr group has no {name!r} entry.")
@@ -415,8 +447,9 @@ def open_kv(
     where = f"{label}[{name}]"
     if isinstance(entry, zarr.Array):
         part = part_of_array(entry, n_heads=n_heads, batch=batch, label=where, **pick)
-        return MultiHeadSource(part, label=where, path=label, array_name=name, reopen=reopen)
-    legacy = dict(entry.attrs).get("heads", dict(node.attrs).get("heads"))
+        return MultiHeadSource(part, label=where, path=label, array_name=name, reopen=reopen,
+                               **fill)
+    legacy = _declared_heads(entry, node, where)
 
     def layered(group: Any, what: str, count: int | None, chosen: Any) -> Part:
         arrays, attrs, names = zarr_layer_arrays(group, f"{label}[{what}]")
@@ -437,298 +470,18 @@ def open_kv(
     return MultiHeadSource(
         keys, values=vals, label=where, path=label, array_name=name,
         model=model if isinstance(model, dict) else None,
-        segments=_read_tokens(node, keys.n, label), queries=qs, reopen=reopen,
+        segments=_read_tokens(node, keys.n, label), queries=qs, reopen=reopen, **fill,
     )
 
 
-def open_source(
-    path_or_array: Any,
-    *,
-    array: str | None = None,
-    n_heads: int | None = None,
-    layers: Sequence[int] | None = None,
-    heads: Sequence[int] | None = None,
-    batch: int | None = None,
-) -> KeySource | MultiHeadSource:
-    """``open_kv`` when a cache option is given or the input is a cache, else ``open_keys``."""
-    from streamattn.source import open_keys
-
-    opts = {"n_heads": n_heads, "layers": layers, "heads": heads, "batch": batch}
-    if any(v is not None for v in opts.values()) or is_multihead(path_or_array, array):
-        return open_kv(path_or_array, array=array, **opts)
-    return open_keys(path_or_array, array=array)
-
-# ---------------------------------------------------------------------------- operator
-@dataclass(frozen=True)
-class MultiHeadSpec:
-    """``layers × heads`` inner operators; ``inner`` encodes their specs (any family)."""
-
-    layers: int
-    heads: int
-    inner: np.ndarray
-
-
-def _empty_state(op: Operator) -> State:
-    return {
-        "family": np.array(op.family),
-        "format_version": np.array(op.format_version, dtype=np.int64),
-        "covered": RowRanges().to_array(),
-        **spec_to_state(op.spec),
-    }
-
-
-def _split_prefixed(state: State) -> dict[tuple[int, int], State]:
-    out: dict[tuple[int, int], State] = {}
-    for key, value in state.items():
-        head, _, rest = key.partition("|")
-        layer, h = head.split(".")
-        out.setdefault((int(layer), int(h)), {})[rest] = value
-    return out
-
-
-class MultiHead(Operator):
-    """One operator per (layer, head), fed from one read of each block.
-
-    ``update`` takes blocks with rows ``(r, layers, heads, d)`` and folds the slice
-    ``rows[:, l, h]`` (contiguous) into head (l, h)'s operator: a loop over heads per
-    block, block-level BLAS inside each. ``merge``, states and results are per head.
-    Memory: the sum of the heads' bounds (``layers × heads`` × the single-head bound).
-    """
-
-    family = "multi-head"
-    Spec = MultiHeadSpec
-    needs_values = True
-
-    def __init__(self, spec: MultiHeadSpec) -> None:
-        super().__init__(spec)
-        empties = _split_prefixed(decode_state(spec.inner))
-        self.ops = [
-            [Operator.from_state(empties[(layer, h)]) for h in range(spec.heads)]
-            for layer in range(spec.layers)
-        ]
-
-    @classmethod
-    def of(cls, ops: list[list[Operator]]) -> MultiHead:
-        """Wrap empty per-head operators ``ops[layer][head]`` (any families)."""
-        layers, heads = len(ops), len(ops[0])
-        if any(len(row) != heads for row in ops):
-            raise ConfigError("every layer needs the same number of head operators.")
-        flat: State = {}
-        for layer, row in enumerate(ops):
-            for h, op in enumerate(row):
-                for key, value in _empty_state(op).items():
-                    flat[f"{layer}.{h}|{key}"] = value
-        return cls(MultiHeadSpec(layers, heads, encode_state(flat)))
-
-    def _heads(self) -> Iterator[tuple[int, int, Operator]]:
-        for layer, row in enumerate(self.ops):
-            for h, op in enumerate(row):
-                yield layer, h, op
-
-    def _update(self, block: Block) -> None:
-        rows = block.rows
-        want = (self.spec.layers, self.spec.heads)
-        if rows.ndim != 4 or rows.shape[1:3] != want:
-            raise InvalidInputError(
-                f"multi-head operator for {want[0]} layers x {want[1]} heads got a block of "
-                f"shape {rows.shape}; expected (rows, {want[0]}, {want[1]}, d)."
-            )
-        vals = block.values
-        for layer, h, op in self._heads():
-            op.update(Block(block.start, rows[:, layer, h],
-                            None if vals is None else vals[:, layer, h]))
-
-    def _merge(self, other: MultiHead) -> None:
-        for layer, h, op in self._heads():
-            op.merge(other.ops[layer][h])
-
-    def _state(self) -> State:
-        out: State = {}
-        for layer, h, op in self._heads():
-            for key, value in op.to_state().items():
-                out[f"{layer}.{h}|{key}"] = value
-        return out
-
-    def _load(self, state: State) -> None:
-        for (layer, h), sub in _split_prefixed(state).items():
-            self.ops[layer][h] = Operator.from_state(sub)
-
-    def result(self) -> list[list[Any]]:
-        """``result()[layer][head]``: each head operator's result."""
-        return [[op.result() for op in row] for row in self.ops]
-
-    def nbytes_bound(self, d: int) -> int:
-        return sum(op.nbytes_bound(d) for _, _, op in self._heads())
-
-
-# ---------------------------------------------------------------------------- results
-class MultiHeadResult:
-    """Per-(layer, head) results of one request, indexable as ``result[layer, head]``
-    with the *real* layer and head indices (``layer_ids``, ``head_ids``).
-
-    Each item has the single-head type (e.g. ``UniversalSet``). For key sets, the
-    kvpress-style handle: ``indices()`` is the ``(L, H, B)`` array of kept keys and
-    ``keep_mask(n)`` the ``(L, H, n)`` boolean mask.
-    """
-
-    def __init__(
-        self,
-        items: list[list[Any]],
-        layer_ids: Sequence[int] | None = None,
-        head_ids: Sequence[int] | None = None,
-    ) -> None:
-        self.items = items
-        self.layer_ids = tuple(range(len(items)) if layer_ids is None else layer_ids)
-        self.head_ids = tuple(range(len(items[0])) if head_ids is None else head_ids)
-
-    @property
-    def layers(self) -> int:
-        return len(self.items)
-
-    @property
-    def heads(self) -> int:
-        return len(self.items[0])
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        layer, head = key
-        if layer not in self.layer_ids or head not in self.head_ids:
-            raise KeyError(
-                f"(layer {layer}, head {head}) is not in this result: layers "
-                f"{list(self.layer_ids)}, heads {list(self.head_ids)}."
-            )
-        return self.items[self.layer_ids.index(layer)][self.head_ids.index(head)]
-
-    def __len__(self) -> int:
-        return self.layers * self.heads
-
-    def __iter__(self) -> Iterator[tuple[tuple[int, int], Any]]:
-        """``((real layer, real head), item)`` pairs."""
-        for layer, row in zip(self.layer_ids, self.items, strict=True):
-            for head, item in zip(self.head_ids, row, strict=True):
-                yield (layer, head), item
-
-    def named(self, name: str) -> dict[str, Any]:
-        """``{"name/layer_{l}/head_{h}": item}``, the layout of per-head outputs."""
-        return {f"{name}/layer_{lay}/head_{h}": item for (lay, h), item in self}
-
-    def sizes(self) -> np.ndarray:
-        """``(L, H)``: how many keys each head keeps."""
-        return np.array([[len(item.indices) for item in row] for row in self.items],
-                        dtype=np.int64)
-
-    def indices(self) -> np.ndarray:
-        """``(L, H, B)`` int64: each head's kept keys, sorted; −1 pads heads keeping fewer
-        than the largest set (threshold sets differ in size; budget sets do not)."""
-        width = int(self.sizes().max(initial=0))
-        out = np.full((self.layers, self.heads, width), -1, dtype=np.int64)
-        for li, row in enumerate(self.items):
-            for hi, item in enumerate(row):
-                out[li, hi, : len(item.indices)] = item.indices
-        return out
-
-    def scores(self) -> np.ndarray:
-        """``(L, H, B)`` float64 scores of ``indices()`` (NaN padded)."""
-        width = int(self.sizes().max(initial=0))
-        out = np.full((self.layers, self.heads, width), np.nan)
-        for li, row in enumerate(self.items):
-            for hi, item in enumerate(row):
-                out[li, hi, : len(item.scores)] = item.scores
-        return out
-
-    def keep_mask(self, n: int) -> np.ndarray:
-        """``(L, H, n)`` bool: True for the keys each head keeps."""
-        idx = self.indices()
-        if idx.size and int(idx.max()) >= n:
-            raise ConfigError(f"keep_mask(n = {n}): the sets hold key {int(idx.max())} >= n.")
-        mask = np.zeros((self.layers, self.heads, n), dtype=bool)
-        li, hi, k = np.nonzero(idx >= 0)
-        mask[li, hi, idx[li, hi, k]] = True
-        return mask
-
-
-def flatten_results(names: list[str], results: list[Any]) -> dict[str, Any]:
-    """Name → single-head result, expanding multi-head results per (layer, head)."""
-    out: dict[str, Any] = {}
-    for name, res in zip(names, results, strict=True):
-        out.update(res.named(name) if isinstance(res, MultiHeadResult) else {name: res})
-    return out
-
-
-# ---------------------------------------------------------------------------- universal sets
-def multihead_universal_sets(
-    source: MultiHeadSource,
-    selections: list[Any],
-    *,
-    chunk_rows: int,
-    checkpoint: Any = None,
-    **run: Any,
-) -> list[MultiHeadResult]:
-    """Universal sets of every (layer, head) of a cache, in the passes of one head.
-
-    Pass 1 folds each block into one ``LeverageScores`` per (selection, layer, head);
-    budget selections for which some head cannot certify its top-B from pass 1 get one
-    shared second pass (``TopScores`` per head; heads already certified keep their pass-1
-    answer, so every head's set is the one a single-head run would give). Each head's
-    result is ``universal.finish_selection`` of its own pass results.
-    """
-    from streamattn.engines import run_operators
-    from streamattn.operators.leverage import (
-        LeverageScores,
-        LeverageSpec,
-        TopScores,
-        TopScoresSpec,
-    )
-    from streamattn.universal import finish_selection, needs_second_pass
-
-    run = dict(run, chunk_rows=chunk_rows, checkpoint=checkpoint)
-    if run.get("engine", "local") != "local" and (
-        source.path is None or source.declared or source.subset
-    ):
-        raise ConfigError(
-            f"{source.label}: the {run['engine']} engine's workers open a KV cache by path "
-            "and read all of it with its head layout from disk (a 4-D array or "
-            "keys/layer_{l} arrays with an n_heads attribute); an in-memory cache, a 2-D "
-            "array split by a declared n_heads, or a layers/heads subset runs on engine: "
-            "local."
+def _declared_heads(entry: Any, node: Any, where: str) -> int | None:
+    """The legacy ``heads`` attribute of a per-layer group (or its parent): an int >= 1."""
+    declared = dict(entry.attrs).get("heads", dict(node.attrs).get("heads"))
+    if declared is None:
+        return None
+    if isinstance(declared, bool) or not isinstance(declared, int) or declared < 1:
+        raise InvalidInputError(
+            f"{where}: the 'heads' attribute must be a whole number >= 1, got {declared!r}; "
+            "fix the attribute or declare the head count (n_heads: H / --n-heads H)."
         )
-    grid = [(layer, h) for layer in range(source.layers) for h in range(source.heads)]
-    thresholds = [sel.pruning_threshold(source.d) for sel in selections]
-    ops = [
-        MultiHead.of(
-            [
-                [LeverageScores(LeverageSpec(t, sel.variant == "affine", sel.rtol))
-                 for _ in range(source.heads)]
-                for _ in range(source.layers)
-            ]
-        )
-        for sel, t in zip(selections, thresholds, strict=True)
-    ]
-    run_operators(source, ops, description="leverage", **run)
-    firsts = [op.result() for op in ops]
-    second: dict[int, MultiHead] = {}
-    for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True)):
-        if any(needs_second_pass(sel, t, res[lay][h]) for lay, h in grid):
-            second[i] = MultiHead.of(
-                [
-                    [TopScores(TopScoresSpec(sel.budget, head["scoring_map"].w,
-                                             sel.variant == "affine"))
-                     for head in row]
-                    for row in res
-                ]
-            )
-    if second:
-        run_operators(source, list(second.values()), description="top-B", **run)
-    out = []
-    for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True)):
-        items = [[None] * source.heads for _ in range(source.layers)]
-        for lay, h in grid:
-            first = res[lay][h]
-            top = None
-            if i in second and needs_second_pass(sel, t, first):
-                top = second[i].ops[lay][h].result()
-            items[lay][h] = finish_selection(
-                source.head(lay, h), sel, t, first, top,
-                chunk_rows=chunk_rows, engine=run.get("engine", "local"),
-            )
-        out.append(MultiHeadResult(items, source.layer_ids, source.head_ids))
-    return out
+    return declared

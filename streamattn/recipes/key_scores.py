@@ -23,9 +23,10 @@ import numpy as np
 
 from streamattn.engines import run_operators
 from streamattn.errors import ConfigError
-from streamattn.kvcache import MultiHead, open_kv
 from streamattn.operators.cache_sets import KeyScores, KeyScoresSpec
 from streamattn.operators.leverage import LeverageScores, LeverageSpec
+from streamattn.operators.multihead import MultiHead
+from streamattn.sources import open_kv
 
 QUERY_FREE_SELECTORS = ("leverage-plain", "leverage-affine", "key-norm", "random",
                         "sinks-window")
@@ -67,7 +68,7 @@ def key_scores(
         return MultiHead.of([[make(li, hi) for hi in range(shape[1])] for li in range(shape[0])])
 
     if selector == "random":
-        from streamattn.cache_evaluate import random_scores
+        from streamattn.recipes.cache_evaluate import random_scores
 
         return np.stack([np.stack([random_scores(n, seed, lay, h) for h in src.head_ids])
                          for lay in src.layer_ids])
@@ -82,7 +83,9 @@ def key_scores(
         affine = selector == "leverage-affine"
         lev = multi(lambda li, hi: LeverageScores(LeverageSpec(1.0, affine)))
         run_operators(src, [lev], description="leverage factor", **run)
+        maps = [[lev.ops[li][hi].result()["scoring_map"] for hi in range(shape[1])]
+                for li in range(shape[0])]
         op = multi(lambda li, hi: KeyScores(KeyScoresSpec(
-            n, "map", lev.ops[li][hi].result()["scoring_map"].w, affine)))
+            n, "map", maps[li][hi].w, maps[li][hi].shift, maps[li][hi].offset)))
         run_operators(src, [op], description="leverage of every key", **run)
     return np.stack([np.stack(row) for row in op.result()])

@@ -25,8 +25,6 @@ Memory: O(s_q · s_k), never n × n.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -40,11 +38,11 @@ import scipy.special
 
 from streamattn.engines import run_operators
 from streamattn.errors import ConfigError
+from streamattn.io.outputs import atomic_dir, check_writable, write_json_atomic
 from streamattn.memory import peak_rss_bytes
 from streamattn.operators.frequent_directions import FDSpec, FrequentDirections
 from streamattn.operators.projection import (
     DATA_AWARE_METHODS,
-    METHODS,
     CentredFactor,
     CentredFactorSpec,
     KeyMean,
@@ -58,8 +56,7 @@ from streamattn.operators.projection import (
     jl_epsilon,
     keyed_hash,
 )
-from streamattn.outputs import atomic_dir, check_writable, to_jsonable, write_json_atomic
-from streamattn.source import KeySource, open_keys
+from streamattn.sources import KeySource, open_keys
 
 #: Explicit maps up to this many bytes (float64) are saved with the output; larger
 #: oblivious maps are saved as their parameters (regenerated from the seed).
@@ -344,8 +341,8 @@ def finish_embeddings(
     """Quality report, then map / mean / μᵀS / sample index and attributes into the group."""
     import zarr
 
-    from streamattn.outputs import write_arrays
-    from streamattn.universal import versions
+    from streamattn.io.outputs import write_arrays
+    from streamattn.results import versions
 
     pmap = summary.projection_map
     rms = float(np.sqrt(np.mean(np.sum(summary.sample_rows**2, axis=1))))
@@ -515,126 +512,3 @@ def load_reduced_embeddings(out: str | os.PathLike[str]) -> ReducedEmbeddings:
         report={},
         path=Path(out),
     )
-
-
-# ---------------------------------------------------------------------- run + CLI
-def run_select_and_reduce(
-    args: argparse.Namespace, cfg: Any, source: KeySource, named: dict
-) -> int:
-    """``streamattn run`` with both ``select`` and ``reduce``: one shared read of the store.
-
-    Universal sets and embeddings are folded from the same blocks (data-aware maps take
-    one extra pass first). Output: ``OUT/result.zarr`` (universal sets, as without
-    ``reduce``), ``OUT/embeddings.zarr`` and one ``OUT/report.json``.
-    """
-    from streamattn.cli import _say, _summary_lines
-    from streamattn.config import to_dict
-    from streamattn.universal import save_universal_sets, universal_sets
-
-    rc: ReduceConfig = cfg.reduce
-    rc.check(source.d)
-    out = Path(cfg.output.dir)
-    overwrite = cfg.output.overwrite or args.overwrite
-    check_writable(out, overwrite)
-    rows = cfg.engine.chunk_rows or source.default_chunk_rows()
-    progress = cfg.progress and not args.quiet
-    run = dict(engine=cfg.engine.kind, chunk_rows=rows, progress=progress)
-    run.update(cfg.engine.options())
-    t0 = time.perf_counter()
-    pmap, map_info = build_map(source, rc, **run)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        out_path = create_embeddings_array(tmp / "embeddings.zarr", source.n, rc.m, rows, rc.dtype)
-        also: list[Any] = [projection_operator(pmap, out_path, rc)]
-        if any(sel.p != 2 for sel in named.values()):  # Lewis-weight passes: a separate read
-            results = universal_sets(source, list(named.values()), **run)
-            also = run_operators(source, also, description="reduce", **run)
-        else:
-            results = universal_sets(source, list(named.values()), also=also, **run)
-        info = finish_embeddings(tmp / "embeddings.zarr", source, also[0].result(), rc, map_info)
-        sets = dict(zip(named, results, strict=True))
-        seconds = time.perf_counter() - t0
-        save_universal_sets(tmp / ".sets", sets, report={}, overwrite=True)
-        os.replace(tmp / ".sets" / "result.zarr", tmp / "result.zarr")
-        shutil.rmtree(tmp / ".sets")
-        report = {
-            "config": to_dict(cfg),
-            "seconds": seconds,
-            "peak_rss_bytes": peak_rss_bytes(),
-            "sets": {
-                name: {"size": len(u), "indices_head": u.indices[:20], "certificate": u.certificate}
-                for name, u in sets.items()
-            },
-            "embeddings": info,
-        }
-        write_json_atomic(tmp / "report.json", report)
-    _say(args, f"streamattn: {len(sets)} universal set(s) + embeddings in {seconds:.1f} s -> {out}")
-    for name, uset in sets.items():
-        _say(args, *_summary_lines(name, uset))
-    _say(args, *_quality_lines(info))
-    return 0
-
-
-def _quality_lines(info: dict[str, Any]) -> list[str]:
-    q = info["quality"]
-    return [
-        f"  embeddings: {info['n']} x {info['m']} ({info['map']['method']}), "
-        f"passes {info['map']['passes']}",
-        f"    logit error max {q['logit_error_max']:.4f} mean {q['logit_error_mean']:.4f}; "
-        f"attention TV max {q['attention_tv_max']:.4f} mean {q['attention_tv_mean']:.4f} "
-        f"({q['queries']} queries: {q['query_source']}, {q['keys']} keys)",
-    ]
-
-
-def cmd_reduce(args: argparse.Namespace) -> int:
-    source = open_keys(args.input, array=args.array)
-    cfg = ReduceConfig(
-        m=args.m,
-        method=args.method,
-        seed=args.seed,
-        sparsity=args.sparsity,
-        fd_ell=args.fd_ell,
-        sample_keys=args.sample_keys,
-        sample_queries=args.sample_queries,
-        scale=args.scale,
-        dtype=args.dtype,
-    )
-    res = reduce_embeddings(
-        source,
-        config=cfg,
-        out=args.out,
-        overwrite=args.overwrite,
-        chunk_rows=args.chunk_rows,
-        engine=args.engine,
-        progress=not args.quiet,
-    )
-    info = res.report["embeddings"]
-    if not args.quiet:
-        print(f"streamattn: embeddings in {res.report['seconds']:.1f} s -> {args.out}")
-        print("\n".join(_quality_lines(info)))
-        if args.json:
-            print(json.dumps(to_jsonable(info["quality"]), indent=2))
-    return 0
-
-
-def add_reduce_parser(sub: Any) -> None:
-    """Register ``streamattn reduce INPUT --m M --method METHOD --seed S --out OUT``."""
-    defaults = ReduceConfig()
-    p = sub.add_parser("reduce", help="reduced embeddings Y = K S (n x m) of a key store")
-    p.add_argument("input", help="zarr array/group or .npy file")
-    p.add_argument("--array", help="key array name inside a zarr group (default keys)")
-    p.add_argument("--m", type=int, default=defaults.m, help="embedding dimension (<= d)")
-    p.add_argument("--method", choices=list(METHODS), default=defaults.method)
-    p.add_argument("--seed", type=int, default=defaults.seed, help="map seed (int >= 0)")
-    p.add_argument("--sparsity", type=int, default=defaults.sparsity, help="sparse-sign s")
-    p.add_argument("--fd-ell", type=int, help="Frequent Directions rows (default 2m)")
-    p.add_argument("--sample-keys", type=int, default=defaults.sample_keys)
-    p.add_argument("--sample-queries", type=int, default=defaults.sample_queries)
-    p.add_argument("--scale", type=float, help="attention scale (default 1/sqrt(d))")
-    p.add_argument("--dtype", choices=list(OUT_DTYPES), default=defaults.dtype)
-    p.add_argument("--chunk-rows", type=int, help="rows per block (default: storage-aligned)")
-    p.add_argument("--engine", default="local", help="engine (default local)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--json", action="store_true", help="print the quality report as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.set_defaults(func=cmd_reduce)

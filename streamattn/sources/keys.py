@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from streamattn.errors import InvalidInputError
+from streamattn.io.safety import register_input
+from streamattn.sources.chunkfiles import ChunkFiles, missing_chunk_message
 
 #: Rows per block when neither the caller nor the storage chunking suggests one.
 DEFAULT_BLOCK_ROWS = 65536
@@ -107,8 +109,9 @@ class _RawChunkReader:
     For such an array a chunk file is exactly the C-ordered bytes of ``chunk_rows`` full
     rows, so rows ``[start, stop)`` are read with ``preadv`` straight into the output
     buffer: no codec pipeline and no intermediate copies (about 3× faster than zarr's
-    own read on 32 MB chunks here). A missing chunk file reads as the fill value, like
-    zarr; a chunk file of the wrong size raises ``OSError`` (the caller reports it).
+    own read on 32 MB chunks here). A missing chunk file is an error naming it and its
+    rows (the fill value only with ``fill_missing``); a chunk file of the wrong size
+    raises ``OSError`` (the caller reports it).
     """
 
     def __init__(
@@ -123,6 +126,8 @@ class _RawChunkReader:
         self.root, self.encode, self.chunk_rows = root, encode, chunk_rows
         self.shape, self.dtype, self.fill = shape, dtype, fill
         self.row_bytes = shape[1] * dtype.itemsize
+        self.fill_missing = False
+        self.label = str(root)
 
     @classmethod
     def of(cls, arr: Any) -> _RawChunkReader | None:
@@ -163,6 +168,11 @@ class _RawChunkReader:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
+                if not self.fill_missing:
+                    found = (path, c * cr, min((c + 1) * cr, self.shape[0]))
+                    raise InvalidInputError(
+                        missing_chunk_message(self.label, "key", found)
+                    ) from None
                 out[lo - start : hi - start] = self.fill
                 continue
             try:
@@ -260,6 +270,9 @@ class KeySource(BlockStream):
     query_positions
         Optional int array, one key position in [0, n) per query row: a query at
         position i sees keys 0..i in causal attention.
+    fill_missing
+        Read missing zarr chunk files as the fill value (off: a missing chunk file is
+        an error naming the chunk and its rows, at open and at every read).
     """
 
     def __init__(
@@ -272,10 +285,12 @@ class KeySource(BlockStream):
         query_positions: Any | None = None,
         path: str | None = None,
         array_name: str | None = None,
+        fill_missing: bool = False,
     ) -> None:
         self.label = label
         self.path = path
         self.array_name = array_name
+        self.fill_missing = bool(fill_missing)
         shape = tuple(int(s) for s in keys.shape)
         if len(shape) != 2:
             raise InvalidInputError(
@@ -314,6 +329,31 @@ class KeySource(BlockStream):
         self.storage_chunk_rows = _chunk_rows_of(keys)
         self._raw_keys = _RawChunkReader.of(keys)
         self._raw_values = None if values is None else _RawChunkReader.of(values)
+        for raw in (self._raw_keys, self._raw_values):
+            if raw is not None:
+                raw.fill_missing, raw.label = self.fill_missing, label
+        self._files = ChunkFiles.of(keys)
+        self._value_files = None if values is None else ChunkFiles.of(values)
+        if not self.fill_missing:
+            self._check_chunks(0, n)
+
+    def _check_chunks(self, start: int, stop: int) -> None:
+        """Every chunk file holding rows ``[start, stop)`` exists (zarr on local disk)."""
+        for files, what in ((self._files, "key"), (self._value_files, "value")):
+            found = None if files is None else files.first_missing(start, stop)
+            if found is not None:
+                raise InvalidInputError(missing_chunk_message(self.label, what, found))
+
+    def row_files(self, start: int, stop: int) -> list[str] | None:
+        """The files holding rows ``[start, stop)`` (None: not files on local disk)."""
+        if self._files is not None:
+            files = self._files.files(start, stop)
+            if self._value_files is not None:
+                files += self._value_files.files(start, stop)
+            return [str(f) for f in files]
+        if self.path is not None and Path(self.path).is_file():
+            return [self.path]
+        return None
 
     # ------------------------------------------------------------------ layout
     def default_chunk_rows(self) -> int:
@@ -357,6 +397,11 @@ class KeySource(BlockStream):
                 f"[{start}, {stop})): {type(exc).__name__}: {exc}. The storage chunk "
                 "holding these rows is corrupt or unreadable."
             ) from exc
+        files = self._files if arr is self.keys else self._value_files
+        if not self.fill_missing and files is not None:  # zarr read a vanished file as fill
+            found = files.first_missing(start, stop)
+            if found is not None:
+                raise InvalidInputError(missing_chunk_message(self.label, what, found))
         if out.shape[0] != stop - start:
             raise InvalidInputError(
                 f"{self.label}: reading {what} rows [{start}, {stop}) returned "
@@ -378,10 +423,23 @@ class KeySource(BlockStream):
         return Block(start, rows, values)
 
 
-def _open_path(path: Path, array: str | None) -> KeySource:
+def check_array_name(name: Any) -> str:
+    """An array name inside a group: non-empty ``/``-separated parts, no ``.``/``..``."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts):
+        raise InvalidInputError(
+            f"array name {name!r} is not a plain name inside the store (no empty, '.' or "
+            "'..' parts, no leading or trailing '/'); name an array of the group, e.g. "
+            "--array keys."
+        )
+    return name
+
+
+def _open_path(path: Path, array: str | None, fill_missing: bool = False) -> KeySource:
     label = str(path)
     if not path.exists():
         raise InvalidInputError(f"{label}: no such file or directory.")
+    register_input(path)  # outputs must never be written into, over or around it
     if path.is_file():
         if path.suffix != ".npy":
             raise InvalidInputError(
@@ -393,7 +451,7 @@ def _open_path(path: Path, array: str | None) -> KeySource:
             keys = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as exc:
             raise InvalidInputError(f"{label}: cannot read as .npy: {exc}") from exc
-        return KeySource(keys, label=label, path=str(path))
+        return KeySource(keys, label=label, path=str(path), fill_missing=fill_missing)
     import zarr
 
     try:
@@ -405,7 +463,7 @@ def _open_path(path: Path, array: str | None) -> KeySource:
     if isinstance(node, zarr.Array):
         if array is not None:
             raise InvalidInputError(f"{label}: is a single zarr array; drop array={array!r}.")
-        return KeySource(node, label=label, path=str(path))
+        return KeySource(node, label=label, path=str(path), fill_missing=fill_missing)
     names = sorted(k for k, v in node.members() if isinstance(v, zarr.Array))
     name = array or "keys"
     if name not in names:
@@ -425,39 +483,29 @@ def _open_path(path: Path, array: str | None) -> KeySource:
         query_positions=positions,
         path=str(path),
         array_name=name,
+        fill_missing=fill_missing,
     )
 
 
-def open_keys(path_or_array: Any, array: str | None = None) -> Any:
-    """Open a key store read-only and validate its shape and dtype.
-
-    A whole KV cache (a 4-D array, or a zarr group of ``keys/layer_{l}`` arrays) is
-    opened by ``streamattn.kvcache.open_kv`` and returned as a ``MultiHeadSource``.
-
-    Parameters
-    ----------
-    path_or_array
-        A path to a ``.npy`` file, a zarr array or a zarr group (``keys`` plus optional
-        ``values`` and ``queries`` arrays), or an in-memory numpy / dask / zarr array, or
-        an existing ``KeySource`` (returned as is).
-    array
-        Name of the key array inside a zarr group (default ``"keys"``).
+def open_key_source(path_or_array: Any, array: str | None = None, *,
+                    fill_missing: bool = False) -> KeySource:
+    """Open a single-head key store ``(n, d)`` read-only; ``streamattn.sources.open_keys``
+    is the public entry (it hands whole KV caches to ``open_kv``). ``fill_missing``: read
+    missing zarr chunk files as the fill value instead of refusing the store.
 
     Examples
     --------
     >>> import numpy as np
-    >>> src = open_keys(np.ones((10, 4), dtype=np.float32))
+    >>> src = open_key_source(np.ones((10, 4), dtype=np.float32))
     >>> (src.n, src.d)
     (10, 4)
     """
     if isinstance(path_or_array, KeySource):
         return path_or_array
-    from streamattn.kvcache import is_multihead, open_kv  # kvcache imports this module
-
-    if is_multihead(path_or_array, array):
-        return open_kv(path_or_array, array=array)
+    if array is not None:
+        check_array_name(array)
     if isinstance(path_or_array, (str, os.PathLike)):
-        return _open_path(Path(path_or_array), array)
+        return _open_path(Path(path_or_array), array, fill_missing)
     if not hasattr(path_or_array, "shape") or not hasattr(path_or_array, "dtype"):
         raise InvalidInputError(
             f"cannot open {type(path_or_array).__name__} as keys: pass a path, or a numpy, "

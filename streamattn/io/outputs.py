@@ -2,8 +2,12 @@
 
 Every output directory is built under a temporary name beside its destination and
 renamed into place only when complete, so a crash leaves either the previous output or
-the new one, never a half-written mix. An existing output is replaced only with
-``overwrite=True``; inputs are never written.
+the new one, never a half-written mix (a kill inside the two-rename swap is repaired by
+the next writer: ``streamattn.io.safety``). An existing output is replaced only with
+``overwrite=True`` and only when it carries streamattn's output marker; an output path
+that is, contains or lies inside an input is refused; one process at a time writes an
+output (a lock beside it). New files and directories get the permissions the umask
+gives (not mkdtemp's 0700 / mkstemp's 0600).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.errors import OutputExistsError
+from streamattn.io import safety
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -40,35 +44,58 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def check_writable(out: Path, overwrite: bool) -> None:
-    """Refuse early (before any work) to overwrite an existing output."""
-    if out.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{out}: output already exists; choose another path or pass overwrite "
-            "(CLI: --overwrite) to replace it atomically."
-        )
+def check_writable(out: Path, overwrite: bool, *, what: str = "output") -> None:
+    """Refuse early (before any work): an output over/inside/around an input, or an
+    existing output without ``overwrite`` or without streamattn's marker."""
+    safety.refuse_overlap(out, what=what)
+    safety.check_replaceable(out, overwrite)
+
+
+@contextmanager
+def claim_output(out: str | os.PathLike[str], overwrite: bool) -> Iterator[Path]:
+    """Hold output ``out`` for a whole command: its pass, checkpoints and final swap.
+
+    Checked before anything is created: ``out`` and its checkpoint directory
+    (``OUT.checkpoint``) must not be, contain or lie inside an input, and an existing
+    ``out`` must be replaceable. Then the lock is taken (another writer gets one clear
+    line) and the leftovers of a killed writer are repaired.
+    """
+    out = Path(out)
+    check_writable(out, overwrite)
+    safety.refuse_overlap(out.parent / f"{out.name}.checkpoint", what="checkpoint")
+    with safety.output_lock(out):
+        safety.check_replaceable(out, overwrite)  # recovery may have restored it
+        yield out
 
 
 @contextmanager
 def atomic_dir(out: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes ``out`` when the block succeeds."""
+    """Yield a fresh temporary directory that becomes ``out`` when the block succeeds.
+
+    Holds the output's lock throughout; the directory gets the output marker and the
+    umask's permissions.
+    """
     out = Path(out)
     check_writable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
+    with safety.output_lock(out):
         check_writable(out, overwrite)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        try:
+            os.chmod(tmp, safety.umask_mode(directory=True))
+            yield tmp
+            safety.write_marker(tmp)
+            check_writable(out, overwrite)
+            old = None
+            if out.exists() or out.is_symlink():
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                os.replace(out, old)
+            os.replace(tmp, out)  # a kill before this line: the next writer restores `old`
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
@@ -77,6 +104,7 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, safety.umask_mode(directory=False))
         with os.fdopen(fd, "w") as fh:
             json.dump(to_jsonable(obj), fh, indent=2, sort_keys=True)
             fh.write("\n")

@@ -34,12 +34,9 @@ deterministic, for a window that moves in steps of b rows.
 
 from __future__ import annotations
 
-import argparse
 import collections
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,7 +50,8 @@ from streamattn.operators.leverage import (
     augment,
     stack_qr,
 )
-from streamattn.source import Block
+from streamattn.operators.projection import centred_factor_result
+from streamattn.sources import Block
 
 
 @dataclass
@@ -65,6 +63,7 @@ class _Done:
     idx: np.ndarray
     rows: np.ndarray
     values: np.ndarray | None
+    n: int  # rows folded into ``r``
 
 
 @dataclass
@@ -166,7 +165,8 @@ class SlidingWindow:
             if self.t % self.block == 0:
                 st = self.current._state()
                 self.done.append(
-                    _Done(self.t - self.block, st["r"], st["idx"], st["rows"], st.get("values"))
+                    _Done(self.t - self.block, st["r"], st["idx"], st["rows"], st.get("values"),
+                          self.block)
                 )
                 self.current = self._fresh()
         while self.done and self.done[0].start < self.window_start:
@@ -181,13 +181,17 @@ class SlidingWindow:
         if self.current.n_rows:
             st = self.current._state()
             parts.append(_Done(self.t - self.current.n_rows, st["r"], st["idx"], st["rows"],
-                               st.get("values")))
-        r = stack_qr(*[p.r for p in parts])
-        smap = ScoringMap.from_factor(r, self.rtol, r.shape[1])
+                               st.get("values"), self.current.n_rows))
+        r = stack_qr(*[p.r for p in parts])  # affine: TSQR of the [1, K] factors
+        if self.variant == "affine":
+            n = sum(p.n for p in parts)
+            smap = ScoringMap.from_centred(centred_factor_result(r, n), self.rtol)
+        else:
+            smap = ScoringMap.from_factor(r, self.rtol, r.shape[1])
         idx = np.concatenate([p.idx for p in parts])
         rows = np.vstack([p.rows for p in parts])
         with_values = all(p.values is not None for p in parts)
-        scores = smap.scores(augment(rows, self.variant == "affine"))
+        scores = smap.scores(augment(rows, False))
         keep = scores >= self.eps
         values = np.vstack([p.values for p in parts])[keep] if with_values else None
         cert = {
@@ -218,57 +222,3 @@ class SlidingWindow:
         dim = (self.d or 0) + (self.variant == "affine")
         per_block = 8 * (dim * dim + int(dim / self.eps) * ((self.d or 0) + 1))
         return (math.ceil(self.window / self.block) + 1) * per_block
-
-
-def add_window_parser(sub: Any) -> None:
-    """``streamattn window``: replay a store as a token stream through a sliding window."""
-    p = sub.add_parser("window", help="universal set of the last W rows of a stream")
-    p.add_argument("input", help="zarr array/group or .npy file, read as a stream of rows")
-    p.add_argument("--array", help="key array name inside a zarr group (default keys)")
-    p.add_argument("--window", type=int, required=True, help="W: rows attention looks at")
-    p.add_argument("--block", type=int, required=True, help="b: the window moves in b rows")
-    p.add_argument("--eps", type=float, required=True, help="threshold in (0, 1]")
-    p.add_argument("--variant", choices=["plain", "affine"], default="plain")
-    p.add_argument("--every", type=int, help="report the set every N rows (a multiple of b)")
-    p.add_argument("--out", required=True, help="output directory (report.json)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_window)
-
-
-def cmd_window(args: argparse.Namespace) -> int:
-    from streamattn.outputs import atomic_dir, check_writable, to_jsonable
-    from streamattn.source import open_keys
-
-    out = Path(args.out)
-    check_writable(out, args.overwrite)
-    src = open_keys(args.input, array=args.array)
-    sw = SlidingWindow(args.window, args.block, args.eps, variant=args.variant)
-    every = args.every or src.n
-    if every < 1:
-        raise ConfigError(f"--every must be >= 1, got {every}.")
-    checkpoints: list[dict[str, Any]] = []
-    for block in src.blocks(args.block):
-        sw.append(block.rows, block.values)
-        if sw.t % every == 0 or sw.t == src.n:
-            u = sw.result()
-            checkpoints.append(
-                {"t": sw.t, "window": [u.start, u.stop], "size": len(u),
-                 "indices": u.indices, "scores": u.scores}
-            )
-            if not args.quiet:
-                print(f"  t = {sw.t}: window [{u.start}, {u.stop}) |U| = {len(u)}")
-    final = sw.result()
-    with atomic_dir(out, overwrite=args.overwrite) as tmp:
-        (tmp / "report.json").write_text(
-            json.dumps(
-                to_jsonable({"source": src.describe(), "certificate": final.certificate,
-                             "checkpoints": checkpoints}),
-                indent=2,
-            )
-            + "\n"
-        )
-    if not args.quiet:
-        print(f"streamattn: sliding window W = {args.window}, b = {args.block}: "
-              f"{len(checkpoints)} checkpoint(s) -> {out}")
-    return 0

@@ -48,8 +48,8 @@ from streamattn.operators.ground_truth import (
     ObservedAttentionTop,
 )
 from streamattn.operators.leverage import TopScores, TopScoresSpec
-from streamattn.source import open_keys
-from streamattn.universal import universal_set
+from streamattn.recipes.universal import universal_set
+from streamattn.sources import open_keys
 
 SELECTORS = (
     "universal-threshold",

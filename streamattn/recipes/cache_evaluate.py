@@ -46,7 +46,6 @@ import numpy as np
 
 from streamattn.engines import run_operators
 from streamattn.errors import ConfigError
-from streamattn.kvcache import MultiHead, MultiHeadSource, open_kv
 from streamattn.masks import Mask, parse_masks
 from streamattn.operators.cache_sets import (
     NO_RANKED,
@@ -60,6 +59,8 @@ from streamattn.operators.cache_sets import (
 )
 from streamattn.operators.ground_truth import GroundTruth, GroundTruthSpec
 from streamattn.operators.leverage import LeverageScores, LeverageSpec
+from streamattn.operators.multihead import MultiHead
+from streamattn.sources import MultiHeadSource, open_kv
 
 CACHE_SELECTORS = ("oracle", "universal-threshold", "leverage-plain", "leverage-affine",
                    "sinks-window", "local-window", "key-norm", "random")
@@ -284,7 +285,7 @@ def _scale(src: MultiHeadSource, cfg: Any) -> float | None:
 
 
 def _selector_names(cfg: Any) -> tuple[str, ...]:
-    from streamattn.selectors import SELECTORS
+    from streamattn.recipes.selectors import SELECTORS
 
     names = tuple(cfg.selectors.names)
     if names == SELECTORS:  # the single-store default: use the cache selectors
@@ -359,9 +360,11 @@ def evaluate_cache(
     timed(ops, "ground truth, oracle, factors")
 
     # pass 2: every key's leverage with the final factors
-    maps = {v: multi(lambda hb, li, hi, v=v: KeyScores(KeyScoresSpec(
-        n, "map", levs[v].ops[li][hi].result()["scoring_map"].w, v == "affine")))
-        for v in levs}
+    def key_map(v: str, li: int, hi: int) -> KeyScores:
+        smap = levs[v].ops[li][hi].result()["scoring_map"]
+        return KeyScores(KeyScoresSpec(n, "map", smap.w, smap.shift, smap.offset))
+
+    maps = {v: multi(lambda hb, li, hi, v=v: key_map(v, li, hi)) for v in levs}
     if maps:
         timed(list(maps.values()), "leverage of every key", values=False)
 
@@ -609,7 +612,7 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
 # ---------------------------------------------------------------------------- the command
 def write_outputs(report: dict[str, Any], out: Path, *, overwrite: bool) -> Path:
     """``results.csv``, ``report.json``, ``report.md`` and the plots, atomically."""
-    from streamattn.outputs import atomic_dir, write_json_atomic
+    from streamattn.io.outputs import atomic_dir, write_json_atomic
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_results_csv(tmp / "results.csv", report["rows"])
@@ -617,34 +620,3 @@ def write_outputs(report: dict[str, Any], out: Path, *, overwrite: bool) -> Path
         (tmp / "report.md").write_text(markdown_report(report))
         plot_report(report, tmp)
     return out
-
-
-def run_cache_evaluate(cfg: Any, out: Path, *, overwrite: bool, quiet: bool) -> int:
-    """``streamattn evaluate`` with ``input.path`` a KV cache (see the module docstring)."""
-    from streamattn.config import to_dict
-    from streamattn.memory import peak_rss_bytes
-
-    if cfg.engine.kind != "local":
-        raise ConfigError(
-            "engine.kind: evaluate on a KV cache runs on the local engine (its passes read "
-            "chosen layers and heads of one process's cache view)."
-        )
-    src, group = open_for_evaluate(cfg.input.path, cfg)
-    if not quiet:
-        assert src.queries is not None
-        print(f"streamattn: cache {src.label}: n = {src.n}, d_head = {src.d}, layers "
-              f"{list(src.layer_ids)}, KV heads {list(src.head_ids)}, query heads "
-              f"{list(src.queries.head_ids)} (GQA group {group}), "
-              f"{src.segments.starts.size} segment(s), model {src.model.get('name', '?')}")
-    run = {"engine": "local", "chunk_rows": cfg.engine.chunk_rows,
-           "progress": cfg.progress and not quiet}
-    report = evaluate_cache(src, group, cfg, run)
-    report["config"] = to_dict(cfg)
-    report["peak_rss_bytes"] = peak_rss_bytes()
-    write_outputs(report, out, overwrite=overwrite)
-    if not quiet:
-        print(f"streamattn: {len(report['rows'])} result rows for {src.layers} layer(s) x "
-              f"{len(set(r['head'] for r in report['rows']))} query head(s), "
-              f"{report['queries']} queries, in {report['seconds']:.1f} s "
-              f"({len(report['passes'])} passes) -> {out}/results.csv")
-    return 0

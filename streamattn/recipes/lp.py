@@ -37,7 +37,9 @@ from streamattn.operators.lewis import (
     contraction_factor,
     damping,
 )
-from streamattn.source import KeySource, open_keys
+from streamattn.recipes.selection import SOFTMAX_NOTE, check_p, check_selection
+from streamattn.results import UniversalSet, versions
+from streamattn.sources import KeySource, open_keys
 
 #: Default convergence tolerance on max_j |log w_j^{(k+1)} − log w_j^{(k)}|.
 DEFAULT_TOL = 1e-9
@@ -48,69 +50,6 @@ COLLECT_SLACK = 0.25
 
 class LewisConvergenceError(StreamattnError):
     """The Lewis iteration did not reach its tolerance within ``max_iter`` passes."""
-
-
-def check_p(p: Any) -> float:
-    """p must be a finite real > 0."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
-        raise ConfigError(f"p must be a finite number > 0, got {p!r}.")
-    return float(p)
-
-
-def check_lp_selection(sel: Any) -> None:
-    """Settings of a p != 2 ``Selection``: p > 0, threshold mode (``eps``), no budget."""
-    check_p(sel.p)
-    if sel.budget is not None or sel.eps is None:
-        raise ConfigError(
-            f"p = {sel.p:g}: l_p universal sets are computed in threshold mode; give eps "
-            "and no budget (budget mode supports p = 2 only)."
-        )
-
-
-def lp_universal_sets(
-    source: KeySource,
-    selections: list[Any],
-    *,
-    chunk_rows: int | None = None,
-    engine: str = "local",
-    progress: bool = False,
-    checkpoint: Any = None,
-    also: list[Any] | None = None,
-    **engine_options: Any,
-) -> list[Any]:
-    """``universal_sets`` for a list that holds p != 2 selections (one engine session).
-
-    The p = 2 selections still share their one exact pass (with ``also`` operators and
-    ``checkpoint``, as in ``universal_sets``); each p != 2 selection runs its own Lewis
-    iteration (its weights differ from pass to pass). The Lewis passes are not
-    checkpointed: a resumed run recomputes them. Single-head key stores only.
-    """
-    from streamattn.universal import universal_sets
-
-    if not isinstance(source, KeySource):
-        raise ConfigError(
-            "p != 2 universal sets take a single-head key store; select per head (or use "
-            "p = 2) for a multi-head KV cache."
-        )
-    out: list[Any] = [None] * len(selections)
-    with engine_session(engine, progress=progress, **engine_options) as opts:
-        two = [i for i, sel in enumerate(selections) if sel.p == 2]
-        if two:
-            sets = universal_sets(source, [selections[i] for i in two], chunk_rows=chunk_rows,
-                                  engine=engine, progress=progress, checkpoint=checkpoint,
-                                  also=also, **opts)
-            for i, uset in zip(two, sets, strict=True):
-                out[i] = uset
-        elif also:  # operators that were to share the first read get their own pass
-            also[:] = run_operators(source, also, engine=engine, chunk_rows=chunk_rows,
-                                    progress=progress, description="pass", **opts)
-        for i, sel in enumerate(selections):
-            if sel.p != 2:
-                out[i] = lp_universal_set(
-                    source, sel.eps, p=sel.p, variant=sel.variant, rtol=sel.rtol,
-                    chunk_rows=chunk_rows, engine=engine, progress=progress, **opts
-                )
-    return out
 
 
 def bound_factor(p: float, rank: int) -> float:
@@ -186,8 +125,6 @@ def lp_universal_set(
     >>> 3 in u, abs(u.certificate["sum_weights"] - 4) < 1e-6
     (True, True)
     """
-    from streamattn.universal import SOFTMAX_NOTE, UniversalSet, check_selection, versions
-
     p = check_p(p)
     check_selection(eps, variant, None)
     if eps is None:

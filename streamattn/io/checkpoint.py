@@ -18,8 +18,12 @@ an uninterrupted one and its result is bit-identical.
 
 The store is checked against the fingerprint before each checkpoint and at the end of
 each pass: its shape is re-read from disk, and a store that changed during the run is
-refused (``InvalidInputError``). Only the shape is compared: rows rewritten in place with
-the same shape are not detected.
+refused (``InvalidInputError``). What was read is fingerprinted as well
+(``streamattn.io.readlog``): each checkpoint records the CRC-32 of every block folded so far
+and the stamps of the store's files taken before the pass read them, and a resume first
+checks that the rows ``[0, position)`` are unchanged (re-reading only blocks whose files
+were touched), refusing a store rewritten in place or replaced, with the first changed
+block's rows.
 
 The Checkpointer knows nothing about algorithms: only ``to_state``, ``from_state``,
 ``merge`` and the spec of each operator.
@@ -44,9 +48,18 @@ from streamattn.errors import (
     OutputWriteError,
     StateFormatError,
 )
+from streamattn.io.readlog import (
+    BlockDigests,
+    BlockDigestsSpec,
+    digests_for,
+    stamps_from_json,
+    stamps_to_json,
+    store_stamps,
+    verify_read,
+)
 from streamattn.operators.protocol import Operator, State, specs_equal
 
-FORMAT = 1
+FORMAT = 2  # 2: read checksums (BlockDigests) and file stamps
 CHECKSUM_KEY = "__sha256__"
 META_KEY = "__meta__"
 
@@ -60,33 +73,6 @@ def state_digest(state: State) -> str:
         h.update(json.dumps([key, arr.dtype.str, list(arr.shape)]).encode())
         h.update(arr.tobytes())
     return h.hexdigest()
-
-
-def encode_state(state: State) -> np.ndarray:
-    """Deterministic uint8 encoding of a flat state (same arrays -> same bytes)."""
-    header: list[list[Any]] = []
-    parts: list[bytes] = []
-    for key in sorted(state):
-        arr = np.asarray(state[key])  # tobytes() is C order; keeps 0-d shapes
-        raw = arr.tobytes()
-        header.append([key, arr.dtype.str, list(arr.shape), len(raw)])
-        parts.append(raw)
-    head = json.dumps(header).encode()
-    blob = len(head).to_bytes(8, "little") + head + b"".join(parts)
-    return np.frombuffer(blob, dtype=np.uint8).copy()
-
-
-def decode_state(blob: np.ndarray) -> State:
-    """Inverse of :func:`encode_state`."""
-    raw = np.asarray(blob, dtype=np.uint8).tobytes()
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + size].decode())
-    out: State = {}
-    pos = 8 + size
-    for key, dtype, shape, nbytes in header:
-        out[key] = np.frombuffer(raw[pos : pos + nbytes], dtype=dtype).reshape(tuple(shape))
-        pos += nbytes
-    return out
 
 
 def write_state_file(path: str | os.PathLike[str], payload: State) -> None:
@@ -240,12 +226,38 @@ def checkpoint_dir_for(out: str | os.PathLike[str]) -> Path:
 
 @dataclass
 class Record:
-    """A pass's saved states: position (next row), block size and store fingerprint."""
+    """A pass's saved states: position (next row), block size and store fingerprint.
+
+    ``reads`` are the checksums of the blocks folded into ``ops`` and ``stamps`` the
+    store's file stamps taken before they were read (``streamattn.io.readlog``).
+    """
 
     ops: list[Operator]
     position: int
     chunk_rows: int
     fingerprint: dict[str, Any]
+    reads: BlockDigests | None = None
+    stamps: dict[str, Any] | None = None
+
+
+def split_reads(meta: dict[str, Any], ops: list[Operator], where: Any) -> Record:
+    """A Record from unpacked operators whose last one is the read log (format 2)."""
+    if int(meta.get("format", 1)) < 2 or not meta.get("reads"):
+        raise StateFormatError(
+            f"{where}: written by an older streamattn without checksums of what was read, "
+            "so an unchanged store cannot be verified. Delete it and run from scratch."
+        )
+    reads = ops[-1]
+    if not isinstance(reads, BlockDigests):
+        raise StateFormatError(f"{where}: the read log is missing or corrupt.")
+    return Record(
+        ops[:-1],
+        int(meta["position"]),
+        int(meta["chunk_rows"]),
+        meta["fingerprint"],
+        reads,
+        stamps_from_json(meta.get("stamps")),
+    )
 
 
 # ---------------------------------------------------------------------------- the engine hook
@@ -282,7 +294,17 @@ class Checkpointer:
         self.initial = dict(initial or {})
         self.finals: dict[int, Record] = {}
         self.resumed_from: dict[int, int] = {}
+        #: Blocks of the saved part re-read to verify the store is unchanged, per pass.
+        self.reread: dict[int, int] = {}
+        #: The read log of the current pass: engines fold every block into it as well.
+        self.reads = BlockDigests(BlockDigestsSpec(0))
+        self._stamps: dict[str, Any] | None = None
         self._pass = -1
+        if self.directory is not None and self.directory.is_symlink():
+            raise ConfigError(
+                f"{self.directory}: the checkpoint directory is a symlink; refusing to follow "
+                "it (checkpoints are written and deleted there). Remove the link and rerun."
+            )
         if self.directory is not None and self.directory.exists() and not resume:
             if any(self.directory.glob("pass*.npz")):
                 raise ConfigError(
@@ -317,7 +339,7 @@ class Checkpointer:
     def _load(self, k: int) -> Record | None:
         if self._on_disk(k):
             meta, ops = unpack_operators(read_state_file(self._file(k)))
-            return Record(ops, int(meta["position"]), int(meta["chunk_rows"]), meta["fingerprint"])
+            return split_reads(meta, ops, self._file(k))
         return self.initial.get(k)
 
     # -- called by engines --------------------------------------------------------
@@ -327,10 +349,12 @@ class Checkpointer:
         """Start pass k: restore saved states into ``ops`` (in place); return the start row."""
         self._pass += 1
         self._fp = fingerprint(source)
+        self._stamps = store_stamps(source)  # before anything is read (readlog)
         self._chunk_rows = int(chunk_rows)
         self._start, self._stop = start, stop
         self._blocks = 0
         self._last = time.monotonic()
+        self.reads = digests_for(source, self._chunk_rows)
         rec = self._load(self._pass)
         if rec is None:
             return start
@@ -343,8 +367,12 @@ class Checkpointer:
                 f"{where}: written with blocks of {rec.chunk_rows} rows, this run uses "
                 f"{self._chunk_rows}; resume with the same engine.chunk_rows."
             )
+        if rec.reads is None or rec.reads.covered.as_list() != rec.ops[0].covered.as_list():
+            raise StateFormatError(f"{where}: its read log does not cover the rows it holds.")
+        self.reread[self._pass] = verify_read(source, rec.reads, rec.stamps, str(where))
         for op, saved in zip(ops, rec.ops, strict=True):
             op.merge(saved)  # ops are empty: this loads the saved state exactly
+        self.reads = rec.reads.resized(self.reads.spec.max_blocks)
         self.resumed_from[self._pass] = rec.position
         return rec.position
 
@@ -363,7 +391,8 @@ class Checkpointer:
         """After the last block: check the store, keep (and write) the final states."""
         check_unchanged(source, self._fp)
         self.finals[self._pass] = Record(
-            [op.copy() for op in ops], position, self._chunk_rows, self._fp
+            [op.copy() for op in ops], position, self._chunk_rows, self._fp,
+            self.reads.copy(), self._stamps,
         )
         if self.directory is not None:
             self.save(source, ops, position)
@@ -371,7 +400,8 @@ class Checkpointer:
     def save(self, source: Any, ops: list[Operator], position: int) -> None:
         check_unchanged(source, self._fp)
         assert self.directory is not None
-        write_state_file(self._file(self._pass), pack_operators(ops, self._meta(position, ops)))
+        payload = pack_operators([*ops, self.reads], self._meta(position, ops))
+        write_state_file(self._file(self._pass), payload)
         self._blocks = 0
         self._last = time.monotonic()
 
@@ -383,8 +413,10 @@ class Checkpointer:
             "stop": self._stop,
             "chunk_rows": self._chunk_rows,
             "fingerprint": self._fp,
-            "n_ops": len(ops),
+            "n_ops": len(ops) + 1,
             "families": [op.family for op in ops],
+            "reads": True,  # the last operator is the read log (BlockDigests)
+            "stamps": stamps_to_json(self._stamps),
         }
 
     def discard(self) -> None:
@@ -477,8 +509,10 @@ def run_segmented(
     seg = rows * (checkpoint.every_blocks or DEFAULT_SEGMENT_BLOCKS)
     for a in range(start, source.n, seg):
         b = min(a + seg, source.n)
-        partial = run_pass(RowWindow(source, a, b), [op.empty() for op in ops])
-        for op, part in zip(ops, partial, strict=True):
+        partial = run_pass(
+            RowWindow(source, a, b), [op.empty() for op in ops] + [checkpoint.reads.empty()]
+        )
+        for op, part in zip([*ops, checkpoint.reads], partial, strict=True):
             op.merge(part)
         if b < source.n and checkpoint.directory is not None:
             checkpoint.save(source, ops, b)

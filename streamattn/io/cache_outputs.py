@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.kvcache import MultiHeadResult
-from streamattn.outputs import to_jsonable
+from streamattn.io.outputs import to_jsonable
+from streamattn.results import MultiHeadResult
 
 
 def _stack_rows(result: MultiHeadResult, attr: str) -> np.ndarray | None:
@@ -73,7 +73,7 @@ def load_cache_selection(out: str | Path, name: str) -> MultiHeadResult:
     import zarr
 
     from streamattn.errors import InvalidInputError
-    from streamattn.universal import UniversalSet
+    from streamattn.results import UniversalSet
 
     try:
         group = zarr.open_group(f"{out}/result.zarr", mode="r")[f"selection/{name}"]

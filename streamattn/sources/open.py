@@ -1,0 +1,64 @@
+"""One entry point that opens any key input: a single-head store or a whole KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from streamattn.sources.keys import KeySource, check_array_name, open_key_source
+from streamattn.sources.kvcache import MultiHeadSource, is_multihead, open_kv
+
+
+def open_keys(path_or_array: Any, array: str | None = None, *, fill_missing: bool = False
+              ) -> Any:
+    """Open a key store read-only and validate its shape and dtype.
+
+    A whole KV cache (a 4-D array, or a zarr group of ``keys/layer_{l}`` arrays) is
+    opened by :func:`streamattn.sources.kvcache.open_kv` and returned as a
+    ``MultiHeadSource``; anything else is a single-head ``KeySource``.
+
+    Parameters
+    ----------
+    path_or_array
+        A path to a ``.npy`` file, a zarr array or a zarr group (``keys`` plus optional
+        ``values`` and ``queries`` arrays), or an in-memory numpy / dask / zarr array, or
+        an existing ``KeySource`` (returned as is).
+    array
+        Name of the key array inside a zarr group (default ``"keys"``).
+    fill_missing
+        Read missing zarr chunk files as the fill value (default: a missing chunk file
+        is an error naming the chunk and its rows).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> src = open_keys(np.ones((10, 4), dtype=np.float32))
+    >>> (src.n, src.d)
+    (10, 4)
+    """
+    if isinstance(path_or_array, KeySource):
+        return path_or_array
+    if array is not None:
+        check_array_name(array)
+    if is_multihead(path_or_array, array):
+        return open_kv(path_or_array, array=array, fill_missing=fill_missing)
+    return open_key_source(path_or_array, array, fill_missing=fill_missing)
+
+
+def open_source(
+    path_or_array: Any,
+    *,
+    array: str | None = None,
+    n_heads: int | None = None,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    batch: int | None = None,
+    fill_missing: bool = False,
+) -> KeySource | MultiHeadSource:
+    """``open_kv`` when a cache option is given or the input is a cache, else ``open_keys``."""
+    opts = {"n_heads": n_heads, "layers": layers, "heads": heads, "batch": batch}
+    if any(v is not None for v in opts.values()):
+        return open_kv(path_or_array, array=array, fill_missing=fill_missing, **opts)
+    out: KeySource | MultiHeadSource = open_keys(path_or_array, array=array,
+                                                 fill_missing=fill_missing)
+    return out

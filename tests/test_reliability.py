@@ -1,0 +1,382 @@
+"""Issue 17, items 1-5 and 9: inputs never written, crash-safe and locked outputs,
+detected store changes, missing chunks refused, umask permissions.
+
+Every test here fails on the code before the fix (recorded in docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+
+from streamattn.cli import main
+from streamattn.errors import InvalidInputError
+from streamattn.sources import KeySource, open_keys
+
+N, D, ROWS = 1200, 6, 100  # 12 blocks
+REPO = Path(__file__).resolve().parents[1]
+
+
+def keys(n: int = N, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 3)) @ rng.standard_normal((3, D)) + 0.2 * rng.standard_normal(
+        (n, D)
+    )
+    return (x + 1.0).astype(np.float32)
+
+
+def make_store(path: Path, x: np.ndarray | None = None, *, compressed: bool = False) -> Path:
+    x = keys() if x is None else x
+    extra: dict[str, Any] = {} if compressed else {"compressors": None}
+    arr = zarr.create_array(str(path), shape=x.shape, dtype=x.dtype, chunks=(ROWS, D), **extra)
+    arr[...] = x
+    return path
+
+
+def tree_digest(path: Path) -> str:
+    """sha256 over every file's relative path and bytes under ``path``."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def select(store: Path | str, out: Path | str, *extra: str) -> int:
+    return main(["select", str(store), "--eps", "0.05", "--out", str(out), "--quiet", *extra])
+
+
+def run_config(tmp: Path, store: Path, out: Path, *, overwrite: str | None = None,
+               every_blocks: int | None = None) -> Path:
+    text = (f"input:\n  path: {store}\nselect:\n  - name: plain\n    eps: 0.05\n"
+            f"engine:\n  chunk_rows: {ROWS}\noutput:\n  dir: {out}\n")
+    if overwrite is not None:
+        text += f"  overwrite: {overwrite}\n"
+    if every_blocks is not None:
+        text += f"checkpoint:\n  every_blocks: {every_blocks}\n  every_seconds: null\n"
+    text += "progress: false\n"
+    cfg = tmp / f"cfg-{out.name}.yaml"
+    cfg.write_text(text)
+    return cfg
+
+
+# ---------------------------------------------------------------------------- item 1
+@pytest.mark.parametrize("how", ["same", "dotdot", "inside", "inside-deep", "symlinked-parent",
+                                 "contains"])
+def test_output_that_is_inside_or_around_the_input_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
+) -> None:
+    store = make_store(tmp_path / "data" / "X.zarr")
+    before = tree_digest(tmp_path / "data")
+    (tmp_path / "sub").mkdir()
+    os.symlink(store, tmp_path / "link")
+    out = {
+        "same": store,
+        "dotdot": tmp_path / "sub" / ".." / "data" / "X.zarr",
+        "inside": store / "res",
+        "inside-deep": store / "c" / "out",
+        "symlinked-parent": tmp_path / "link" / "res",
+        "contains": tmp_path / "data",
+    }[how]
+    assert select(store, out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "the input" in err and "never writes" in err and "Traceback" not in err
+    assert tree_digest(tmp_path / "data") == before  # not one byte written, nothing added
+    assert store.is_dir()
+
+
+def test_run_config_whose_output_is_the_input_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = make_store(tmp_path / "X.zarr")
+    before = tree_digest(store)
+    # output.overwrite defaults to true: no flag needed to hit the input
+    assert main(["run", str(run_config(tmp_path, store, store)), "--quiet"]) == 2
+    assert "the input" in capsys.readouterr().err
+    assert tree_digest(store) == before
+
+
+def test_checkpoint_path_that_is_an_input_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = make_store(tmp_path / "r.checkpoint")  # OUT.checkpoint of --out r
+    before = tree_digest(store)
+    assert select(store, tmp_path / "r") == 2
+    assert "checkpoint" in capsys.readouterr().err
+    assert tree_digest(store) == before and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["reduce", "window"])
+def test_other_commands_refuse_an_output_over_the_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    store = make_store(tmp_path / "X.zarr")
+    before = tree_digest(store)
+    argv = {
+        "reduce": ["reduce", str(store), "--m", "2", "--method", "gaussian"],
+        "window": ["window", str(store), "--window", "300", "--block", "100", "--eps", "0.1"],
+    }[command]
+    assert main([*argv, "--out", str(store), "--overwrite", "--quiet"]) == 2
+    assert "the input" in capsys.readouterr().err
+    assert tree_digest(store) == before
+
+
+def test_overwrite_replaces_only_a_streamattn_output_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = make_store(tmp_path / "X.zarr")
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    # a config without output.overwrite (default true), like the embedded default job
+    assert main(["run", str(run_config(tmp_path, store, mine)), "--quiet"]) == 2
+    assert "streamattn did not write" in capsys.readouterr().err
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    out = tmp_path / "res"
+    assert main(["run", str(run_config(tmp_path, store, out))]) == 0
+    capsys.readouterr()
+    assert main(["run", str(run_config(tmp_path, store, out))]) == 0
+    assert f"replacing {out}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- item 4
+KILL_BETWEEN_RENAMES = """
+import os, sys
+from pathlib import Path
+import streamattn.io.outputs as outputs
+real, calls = os.replace, []
+def replace(a, b):
+    calls.append((a, b))
+    real(a, b)
+    if len(calls) == 1:  # OUT moved aside; die before the new result is moved in
+        os._exit(9)
+outputs.os.replace = replace
+with outputs.atomic_dir(sys.argv[1], overwrite=True) as tmp:
+    (tmp / "result.txt").write_text("new")
+"""
+
+
+def _python(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_a_kill_between_the_two_renames_is_recovered_by_the_next_writer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from streamattn.io.outputs import atomic_dir
+
+    out = tmp_path / "OUT"
+    with atomic_dir(out) as tmp:
+        (tmp / "result.txt").write_text("old")
+    killed = _python(KILL_BETWEEN_RENAMES, str(out))
+    assert killed.returncode == 9
+    assert not out.exists() and list(tmp_path.glob(".OUT.old-*"))  # the window of the bug
+    assert list(tmp_path.glob(".OUT.tmp-*"))  # and a half-built temporary
+    # the next writer fails midway: the old result must be back at OUT all the same
+    with pytest.raises(RuntimeError), atomic_dir(out, overwrite=True) as tmp:
+        raise RuntimeError("the next run fails too")
+    assert (out / "result.txt").read_text() == "old"
+    assert "restored" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".OUT.old-*")) and not list(tmp_path.glob(".OUT.tmp-*"))
+
+
+def test_stale_temporaries_of_dead_runs_are_removed(tmp_path: Path) -> None:
+    from streamattn.io.outputs import atomic_dir
+
+    out = tmp_path / "OUT"
+    stale = tmp_path / ".OUT.tmp-999999-abcd"
+    stale.mkdir()
+    (stale / "half.bin").write_bytes(b"x" * 100)
+    with atomic_dir(out) as tmp:
+        (tmp / "result.txt").write_text("new")
+    assert not stale.exists() and (out / "result.txt").read_text() == "new"
+
+
+# ---------------------------------------------------------------------------- item 5
+SLOW_SELECT = """
+import sys, time
+from pathlib import Path
+from streamattn.sources import KeySource
+from streamattn.cli import main
+real = KeySource.read
+def read(self, a, b):
+    Path(sys.argv[3]).touch()
+    time.sleep(0.15)
+    return real(self, a, b)
+KeySource.read = read
+sys.exit(main(["select", sys.argv[1], "--eps", "0.05", "--chunk-rows", "100",
+               "--out", sys.argv[2], "--quiet"]))
+"""
+
+
+def test_a_second_writer_of_the_same_output_gets_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = make_store(tmp_path / "X.zarr")
+    out, started = tmp_path / "OUT", tmp_path / "started"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen([sys.executable, "-c", SLOW_SELECT, str(store), str(out),
+                              str(started)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists()
+        assert select(store, out, "--chunk-rows", "100") == 2
+        err = capsys.readouterr().err
+        assert "another streamattn process" in err and f"pid {first.pid}" in err
+        assert "Traceback" not in err
+    finally:
+        _, first_err = first.communicate(timeout=120)
+    assert first.returncode == 0, first_err
+    assert (out / "result.zarr").is_dir()
+    assert not (tmp_path / "OUT.checkpoint").exists()  # no stale checkpoint left behind
+
+
+# ---------------------------------------------------------------------------- item 2
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, reads: int) -> None:
+    original = KeySource.read
+    count = [0]
+
+    def read(self: KeySource, start: int, stop: int) -> Any:
+        count[0] += 1
+        if count[0] > reads:
+            raise KeyboardInterrupt
+        return original(self, start, stop)
+
+    monkeypatch.setattr(KeySource, "read", read)
+
+
+def _planted() -> np.ndarray:
+    x = keys()
+    x[700] = 40.0 * np.linalg.norm(x[:5], axis=1).mean() * np.eye(D)[0]  # a heavy key
+    return x
+
+
+@pytest.mark.parametrize("change", ["rewritten in place", "replaced by another store"])
+def test_resume_refuses_a_store_whose_read_part_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    change: str,
+) -> None:
+    store = make_store(tmp_path / "X.zarr", _planted())
+    out = tmp_path / "OUT"
+    cfg = run_config(tmp_path, store, out, every_blocks=1)
+    _interrupt_after(monkeypatch, 9)  # rows [0, 900) folded and checkpointed
+    assert main(["run", str(cfg), "--quiet"]) == 130
+    monkeypatch.undo()
+    assert (tmp_path / "OUT.checkpoint" / "pass0.npz").exists()
+    if change == "rewritten in place":  # row 100 x 1000, before the checkpoint position
+        arr = zarr.open_array(str(store), mode="r+")
+        arr[100] = arr[100] * 1000.0
+        first = "rows [100, 200)"
+    else:  # same shape, other data, the heavy key elsewhere
+        import shutil
+
+        shutil.rmtree(store)
+        make_store(store, keys(seed=5))
+        first = "rows [0, 100)"
+    assert main(["run", str(cfg), "--quiet", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "changed since" in err and first in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_resume_of_an_unchanged_store_still_works_and_rereads_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store(tmp_path / "X.zarr", _planted())
+    out = tmp_path / "OUT"
+    cfg = run_config(tmp_path, store, out, every_blocks=1)
+    _interrupt_after(monkeypatch, 9)
+    assert main(["run", str(cfg), "--quiet"]) == 130
+    monkeypatch.undo()
+    log: list[int] = []
+    original = KeySource.read
+    monkeypatch.setattr(KeySource, "read",
+                        lambda self, a, b: (log.append(a), original(self, a, b))[1])
+    assert main(["run", str(cfg), "--quiet", "--resume"]) == 0
+    assert min(log) == 900  # the verified prefix was not re-read: its files are untouched
+    from streamattn.recipes.universal import load_universal_set
+
+    assert 700 in load_universal_set(out, "plain")
+
+
+def test_update_with_another_store_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = make_store(tmp_path / "X.zarr")
+    out = tmp_path / "OUT"
+    assert main(["run", str(run_config(tmp_path, store, out)), "--quiet"]) == 0
+    other = make_store(tmp_path / "Y.zarr", keys(N + 300, seed=3))  # same d, more rows
+    before = tree_digest(out)
+    assert main(["update", str(out), "--input", str(other), "--quiet"]) == 2
+    assert "changed since" in capsys.readouterr().err
+    assert tree_digest(out) == before
+    # same rows, other content: not "up to date"
+    same_n = make_store(tmp_path / "Z.zarr", keys(N, seed=4))
+    assert main(["update", str(out), "--input", str(same_n), "--quiet"]) == 2
+    assert "changed since" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- item 3
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_missing_chunk_file_is_an_error_naming_chunk_and_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], compressed: bool
+) -> None:
+    store = make_store(tmp_path / "X.zarr", compressed=compressed)
+    os.remove(store / "c" / "3" / "0")
+    assert select(store, tmp_path / "OUT") == 2
+    err = capsys.readouterr().err
+    assert "c/3/0" in err and "rows [300, 400)" in err and "missing" in err
+    assert not (tmp_path / "OUT").exists()
+    # an explicit opt-in reads the fill value (zeros) there
+    src = open_keys(store, fill_missing=True)
+    np.testing.assert_array_equal(src.read(300, 400).rows, 0.0)
+    assert select(store, tmp_path / "OUT", "--fill-missing-chunks") == 0
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_chunk_file_vanishing_mid_run_is_an_error_locally_and_on_dask(
+    tmp_path: Path, compressed: bool
+) -> None:
+    from streamattn.engines import run_operators
+    from streamattn.operators import LeverageScores, LeverageSpec
+
+    store = make_store(tmp_path / "X.zarr", compressed=compressed)
+    src = open_keys(store)  # opened (and checked) while complete
+    os.remove(store / "c" / "7" / "0")
+    for engine in ("local", "dask"):
+        with pytest.raises(InvalidInputError, match=r"c/7/0 \(rows \[700, 800\)\)"):
+            run_operators(src, [LeverageScores(LeverageSpec(0.05))], engine=engine,
+                          chunk_rows=ROWS)
+
+
+# ---------------------------------------------------------------------------- item 9
+def test_outputs_get_the_permissions_of_the_umask(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "X.zarr")
+    old = os.umask(0o022)
+    try:
+        assert select(store, tmp_path / "OUT") == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "OUT").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "OUT" / "report.json").stat().st_mode & 0o777 == 0o644
+    old = os.umask(0o077)
+    try:
+        assert select(store, tmp_path / "OUT2") == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "OUT2").stat().st_mode & 0o777 == 0o700
