@@ -119,6 +119,15 @@ def sets_of(src: object, budget: int = 20) -> list[list[list[int]]]:
     return [[u.indices.tolist() for u in row] for row in res.items]
 
 
+def test_dask_and_float16_caches_give_the_numpy_sets() -> None:
+    import dask.array as da
+
+    x = cache_array(3)
+    assert sets_of(open_kv(da.from_array(x, chunks=(1, 2, 64, 6)))) == sets_of(open_kv(x))
+    half = x.astype(np.float16)
+    assert sets_of(open_kv(half)) == sets_of(open_kv(half.astype(np.float32)))
+
+
 def test_torch_bfloat16_transformers_and_batched_inputs_give_the_numpy_sets() -> None:
     torch = pytest.importorskip("torch")
     x = cache_array()
@@ -128,6 +137,14 @@ def test_torch_bfloat16_transformers_and_batched_inputs_give_the_numpy_sets() ->
     up = bf.float().numpy()  # what bfloat16 holds, upcast block by block by the source
     assert open_kv(bf).dtype == np.float32
     assert sets_of(open_kv(bf)) == sets_of(open_kv(up))
+    one = np.ascontiguousarray(x[1, 2])  # a single head, (n, d), through open_keys
+    want_one = sa.universal_set(one, budget=20, variant="affine", chunk_rows=70).indices
+    for t in (torch.from_numpy(one), torch.from_numpy(one).to(torch.bfloat16)):
+        ref = one if t.dtype == torch.float32 else t.float().numpy()
+        got = sa.universal_set(sa.open_keys(t), budget=20, variant="affine", chunk_rows=70)
+        np.testing.assert_array_equal(got.indices, sa.universal_set(
+            ref, budget=20, variant="affine", chunk_rows=70).indices)
+    assert want_one.size == 20
     batched = np.stack([cache_array(1), x])  # (B, L, H, n, d)
     assert sets_of(open_kv(batched, batch=1)) == want
     with pytest.raises(ConfigError, match="batch axis of size 2"):

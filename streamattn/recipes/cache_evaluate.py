@@ -568,7 +568,7 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     names = report["selectors"]
     for kind in report["kinds"]:
         for metric, label in (("mass_mean", "attention mass kept"),
-                              ("recall_mean", f"recall of entries >= eps = {report['eps']}")):
+                              ("recall_mean", "recall of heavy entries (A >= eps)")):
             panels = [(m, {f: curves(report["rows"], kind, m, metric, f)
                            for f in ("count", "fraction")}) for m in report["masks"]]
             panels = [(m, c) for m, c in panels if c["count"] or c["fraction"]]
@@ -598,10 +598,11 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
                 ax.set_title(f"mask {mask}")
                 ax.grid(alpha=0.3)
             axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-            fig.suptitle(f"{label} vs keys used — {report['model'].get('name', '?')}, "
+            fig.suptitle(f"{label} vs keys used per query\n{report['model'].get('name', '?')}, "
                          f"{kind}, eps = {report['eps']}, n = {report['n']}, d = {report['d']}"
-                         " (dotted, hollow: fractional budgets)")
-            fig.tight_layout()
+                         " (solid: budgets as counts; dotted, hollow: as fractions)",
+                         fontsize=10)
+            fig.tight_layout(rect=(0, 0, 1, 0.93))
             path = out_dir / f"{metric.split('_')[0]}_{kind}.png"
             fig.savefig(path, dpi=90)
             plt.close(fig)

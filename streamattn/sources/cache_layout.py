@@ -35,7 +35,8 @@ LAYER_NAME = re.compile(r"^layer_(\d+)$")
 
 
 # ---------------------------------------------------------------------------- adapters
-def _is_torch(x: Any) -> bool:
+def is_torch(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor (checked without importing torch)."""
     return type(x).__module__.split(".")[0] == "torch"
 
 
@@ -92,7 +93,7 @@ class BatchView:
 
 def as_array(x: Any, label: str) -> Any:
     """Torch tensors wrapped as :class:`TorchArray`; anything else as it is."""
-    return TorchArray(x, label) if _is_torch(x) else x
+    return TorchArray(x, label) if is_torch(x) else x
 
 
 def _compute(x: Any) -> np.ndarray:

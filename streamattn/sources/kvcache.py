@@ -2,7 +2,7 @@
 
 A KV cache holds, per layer ``l`` and head ``h``, an ``n × d_head`` key matrix. Layouts
 opened by :func:`open_kv` (and by ``open_keys``, which hands them here; the array layouts
-and torch/transformers adapters live in :mod:`streamattn.cache_layout`):
+and torch/transformers adapters live in :mod:`streamattn.sources.cache_layout`):
 
 - the documented zarr layout (docs/real-caches.md): per-layer arrays ``keys/layer_{l}``
   ``(n, H_kv·hd)`` with attributes ``n_heads``, ``head_dim``, ``layer`` (any subset of

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from streamattn.sources.cache_layout import TorchArray, is_torch
 from streamattn.sources.keys import KeySource, check_array_name, open_key_source
 from streamattn.sources.kvcache import MultiHeadSource, is_multihead, open_kv
 
@@ -42,6 +43,8 @@ def open_keys(path_or_array: Any, array: str | None = None, *, fill_missing: boo
         check_array_name(array)
     if is_multihead(path_or_array, array):
         return open_kv(path_or_array, array=array, fill_missing=fill_missing)
+    if is_torch(path_or_array):  # CPU tensors of any float dtype, upcast block by block
+        path_or_array = TorchArray(path_or_array, "<Tensor>")
     return open_key_source(path_or_array, array, fill_missing=fill_missing)
 
 
