@@ -7,7 +7,8 @@ protocol (``Operator``) and ``run_operators`` (engines); exact attention ground 
 ``streamattn.recipes.evaluate``); whole KV caches (``open_kv``, ``MultiHeadResult``,
 attention masks ``Mask``, per-key scores ``key_scores``; docs/real-caches.md) and
 resumable passes (``Checkpointer``); reduced embeddings (``reduce_embeddings``) and column
-sparsifiers for d >> n (``sparsify_columns``).
+sparsifiers for d >> n (``sparsify_columns``); weighted leverage samples with (1 ± ε)
+spectral error (``leverage_sample``).
 """
 
 __version__ = "0.1.0"
@@ -32,6 +33,12 @@ from streamattn.recipes.embeddings import ReduceConfig, ReducedEmbeddings, reduc
 from streamattn.recipes.key_scores import key_scores
 from streamattn.recipes.lp import lp_universal_set, softmax_entry_bound
 from streamattn.recipes.ridge import ridge_universal_set
+from streamattn.recipes.samplers import (
+    LeverageSample,
+    LeverageSampler,
+    approximate_universal_set,
+    leverage_sample,
+)
 from streamattn.recipes.selection import Selection
 from streamattn.recipes.sliding_window import SlidingWindow
 from streamattn.recipes.universal import universal_set, universal_sets
@@ -48,6 +55,8 @@ __all__ = [
     "IncompatibleMergeError",
     "InvalidInputError",
     "KeySource",
+    "LeverageSample",
+    "LeverageSampler",
     "LeverageScores",
     "Mask",
     "MemoryBudgetError",
@@ -66,7 +75,9 @@ __all__ = [
     "TopScores",
     "UniversalSet",
     "__version__",
+    "approximate_universal_set",
     "key_scores",
+    "leverage_sample",
     "lp_universal_set",
     "open_keys",
     "open_kv",

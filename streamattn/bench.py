@@ -139,7 +139,7 @@ def run_uset_jl(path: Path) -> dict[str, Any]:
     from streamattn.sources import open_keys
 
     src = open_keys(str(path))
-    rows = src.default_chunk_rows()
+    rows = src.rows_per_block()
     cfg = ReduceConfig()
     pmap, _ = build_map(src, cfg, chunk_rows=rows)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:

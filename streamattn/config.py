@@ -24,7 +24,9 @@ from streamattn.engines.dask_engine import DaskOptions
 from streamattn.errors import ConfigError, InvalidInputError
 from streamattn.io.checkpoint import CheckpointConfig
 from streamattn.recipes.embeddings import ReduceConfig
+from streamattn.recipes.samplers import SampleConfig
 from streamattn.recipes.selection import Selection
+from streamattn.runner import parse_bytes
 from streamattn.sources.keys import check_array_name
 from streamattn.synthetic import SyntheticSpec
 
@@ -83,11 +85,14 @@ class EngineConfig:
     ``streamattn.engines.dask_engine.DaskOptions``): ``scheduler`` (``threads``,
     ``local-cluster`` or ``tcp://host:port``), ``n_workers``, ``threads_per_worker``,
     ``split_every``, ``blocks_per_task``, ``retries``, ``timeout`` (seconds) and
-    ``dashboard``.
+    ``dashboard``. ``memory_limit`` (any engine; bytes or a size such as ``4GiB``): a
+    plan whose projected peak (operator bounds plus blocks in flight) exceeds it is
+    refused before any read.
     """
 
     kind: str = "local"
     chunk_rows: int | None = None
+    memory_limit: int | str | None = None
     scheduler: str = DaskOptions.scheduler
     n_workers: int | None = None
     threads_per_worker: int | None = None
@@ -108,6 +113,10 @@ class EngineConfig:
             raise ConfigError(f"engine.kind must be one of {list(ENGINES)}, got {self.kind!r}.")
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise ConfigError(f"engine.chunk_rows must be >= 1, got {self.chunk_rows}.")
+        try:
+            parse_bytes(self.memory_limit)
+        except ConfigError as exc:
+            raise ConfigError(f"engine.{exc}") from exc
         if self.kind == "dask":  # the dask keys are ignored by the local engine
             DaskOptions.from_kwargs(self.options()).check()
 
@@ -134,12 +143,14 @@ class RunConfig:
     progress: bool = True
     reduce: ReduceConfig | None = None  # reduced embeddings, in the same read (embeddings.py)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoint.py
+    sample: SampleConfig | None = None  # a leverage sample, own pass (samplers.py)
 
     def check(self) -> None:
         names = [s.name for s in self.select]
-        if not names and self.reduce is None:
+        if not names and self.reduce is None and self.sample is None:
             raise ConfigError(
-                "select: is empty and there is no reduce: section; nothing would be computed. "
+                "select: is empty and there is no reduce: or sample: section; nothing would be "
+                "computed. "
                 "List at least one selection (e.g. - name: plain, eps: 0.01)."
             )
         for i, name in enumerate(names):
@@ -167,6 +178,11 @@ class RunConfig:
         if self.reduce is not None:
             self.reduce.check()
         self.checkpoint.check()
+        if self.sample is not None:
+            if self.reduce is not None:
+                raise ConfigError("sample: and reduce: in one run config are not supported; "
+                                  "run them as two configs.")
+            self.sample.validate()
 
 
 def _build(tp: Any, value: Any, where: str) -> Any:

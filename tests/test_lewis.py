@@ -233,13 +233,16 @@ def test_local_equals_dask(p: float, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("with_p2", [False, True])
-def test_also_operators_are_run_with_p_selections(with_p2: bool) -> None:
+def test_other_operators_fuse_with_p_selections(with_p2: bool) -> None:
+    """Operators of another recipe (the runner fuses them) run alongside p != 2 sets."""
     from streamattn.operators.frequent_directions import FDSpec, FrequentDirections
+    from streamattn.recipes.universal import selection_recipe
+    from streamattn.runner import OnePass, run_recipes
 
     k = keys(200, 4, seed=6)
     also = [FrequentDirections(FDSpec(3))]
     sels = [sa.Selection(0.1, p=3.0)] + ([sa.Selection(0.1)] if with_p2 else [])
-    out = sa.universal_sets(k, sels, also=also)
+    *out, also = run_recipes(k, [*(selection_recipe(s) for s in sels), OnePass(also)]).results
     assert out[0].certificate["p"] == 3.0
     assert also[0].n_rows == 200 and also[0].result().n == 200
 

@@ -321,4 +321,57 @@ def test_centred_factor_and_key_mean_laws(data: st.DataObject) -> None:
     check_operator_laws(lambda: KeyMean(KeyMeanSpec()), x, compare_mean, data)
 
 
+@settings(max_examples=20, deadline=None)
+@given(data=st.data(), method=st.sampled_from(["online", "merge-reduce"]), affine=st.booleans())
+def test_leverage_sampler_laws(data: st.DataObject, method: str, affine: bool) -> None:
+    """Merge-reduce: the same sample for every chunking and merge tree. Online: the same
+    sample for every chunking of one sequential part; a merge tree is a union of parts."""
+    from streamattn.operators.sampler import LeverageSampler, SamplerSpec
+
+    x = keys(300, 4)
+    variant = "affine" if affine else "plain"
+
+    def make(seed: int = 1) -> LeverageSampler:
+        return LeverageSampler(SamplerSpec(method, 2.0, 0.5, 0.1, variant, seed, leaf_rows=40,
+                                           fan_in=2))
+
+    def compare(a: dict, b: dict) -> None:
+        assert a["n"] == b["n"]
+        for r in (a, b):
+            np.testing.assert_array_equal(r["rows"], x[r["indices"]])
+            assert np.all(r["weights"] >= 1.0) and 0 < r["indices"].size < 300
+        if method == "merge-reduce" or a["certificate"]["parts"] == b["certificate"]["parts"] == 1:
+            np.testing.assert_array_equal(a["indices"], b["indices"])
+            np.testing.assert_array_equal(a["weights"], b["weights"])
+
+    check_operator_laws(make, x, compare, data, make_other_spec=lambda: make(2))
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data(), affine=st.booleans())
+def test_approx_leverage_laws(data: st.DataObject, affine: bool) -> None:
+    from streamattn.operators.sampler import ApproxLeverage, ApproxLeverageSpec
+
+    x = keys(200, 5)
+    w = np.random.default_rng(4).standard_normal((5, 5)) / 40.0
+    vals = np.random.default_rng(1).standard_normal((200, 2))
+    shift, offset = (x.mean(0), 1 / 200) if affine else (None, 0.0)
+
+    def compare(a, b) -> None:  # type: ignore[no-untyped-def]
+        np.testing.assert_array_equal(a["indices"], b["indices"])
+        np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-12)
+        np.testing.assert_array_equal(a["rows"], b["rows"])
+        np.testing.assert_array_equal(a["values"], b["values"])
+        assert a["sum_scores"] == pytest.approx(b["sum_scores"], rel=1e-12)
+
+    check_operator_laws(
+        lambda: ApproxLeverage(ApproxLeverageSpec(w, 0.5, shift, offset)),
+        x,
+        compare,
+        data,
+        values=vals,
+        make_other_spec=lambda: ApproxLeverage(ApproxLeverageSpec(w, 0.6, shift, offset)),
+    )
+
+
 # New operators: add a test above this line calling check_operator_laws.

@@ -15,7 +15,7 @@ from streamattn.io.outputs import check_writable
 from streamattn.io.update import state_writer
 from streamattn.memory import peak_rss_bytes
 from streamattn.recipes.selection import Selection
-from streamattn.recipes.universal import save_universal_sets, universal_sets
+from streamattn.recipes.universal import save_universal_sets, universal_sets_outcome
 from streamattn.results import MultiHeadResult, UniversalSet, flatten_results
 
 
@@ -105,6 +105,14 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float,
                    help="dask: seconds to reach the scheduler (default 30)")
     g.add_argument("--no-dashboard", action="store_true", help="dask: no LocalCluster dashboard")
+    g.add_argument("--memory-limit", help="refuse a plan whose projected peak (operator "
+                   "bounds + blocks in flight) exceeds this, before any read: bytes or e.g. "
+                   "4GiB")
+
+
+def _size(text: str | None) -> int | str | None:
+    """``--memory-limit``: plain digits are bytes, anything else a size such as ``4GiB``."""
+    return int(text) if text is not None and text.isdigit() else text
 
 
 def engine_from_args(base: EngineConfig, args: argparse.Namespace) -> EngineConfig:
@@ -119,6 +127,7 @@ def engine_from_args(base: EngineConfig, args: argparse.Namespace) -> EngineConf
         "retries": args.retries,
         "timeout": args.timeout,
         "dashboard": False if args.no_dashboard else None,
+        "memory_limit": _size(args.memory_limit),
     }
     out = dataclasses.replace(base, **{k: v for k, v in flags.items() if v is not None})
     out.check()
@@ -158,6 +167,7 @@ def compute_and_save(
     config: dict[str, Any],
     progress: bool,
     engine_options: dict[str, Any] | None = None,
+    memory_limit: int | str | None = None,
     checkpoint: Checkpointer | None = None,
     n_heads: int | None = None,
     array: str | None = None,
@@ -168,15 +178,17 @@ def compute_and_save(
     """Universal sets of ``named`` selections written to ``out`` (with state.npz), summarised."""
     check_writable(out, overwrite)
     t0 = time.perf_counter()
-    results = universal_sets(
+    outcome = universal_sets_outcome(
         source,
         list(named.values()),
         chunk_rows=chunk_rows,
         engine=engine,
         progress=progress,
         checkpoint=checkpoint,
+        memory_limit=memory_limit,
         **(engine_options or {}),
     )
+    results = outcome.results
     seconds = time.perf_counter() - t0
     caches = {k: r for k, r in zip(named, results, strict=True) if isinstance(r, MultiHeadResult)}
     sets = flatten_results(list(named), results)  # KV caches: name/layer_{l}/head_{h}
@@ -188,6 +200,7 @@ def compute_and_save(
             name: {"size": len(u), "indices_head": u.indices[:20], "certificate": u.certificate}
             for name, u in sets.items()
         },
+        "plan": outcome.report.as_dict(),
     }
     # a KV cache's state.npz (every head's factor) only on request; a single store's always
     keep_state = save_state or not caches

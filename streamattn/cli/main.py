@@ -11,12 +11,26 @@ import argparse
 import sys
 
 from streamattn import __version__
-from streamattn.cli import bench, evaluate, generate, inspect, reduce, run, select, update, window
+from streamattn.cli import (
+    bench,
+    evaluate,
+    experiment,
+    generate,
+    inspect,
+    reduce,
+    run,
+    sample,
+    select,
+    update,
+    window,
+)
 from streamattn.cli.common import HelpFormatter
 from streamattn.errors import StreamattnError
 
 #: The commands, in the order ``streamattn --help`` lists them.
-COMMANDS = (run, select, generate, update, evaluate, reduce, inspect, window, bench)
+COMMANDS = (
+    run, select, sample, generate, update, evaluate, reduce, inspect, window, bench, experiment,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

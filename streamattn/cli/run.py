@@ -21,19 +21,13 @@ from streamattn.cli.common import (
     summary_lines,
 )
 from streamattn.config import RunConfig, load_config, to_dict
-from streamattn.engines import run_operators
 from streamattn.io.checkpoint import Checkpointer
 from streamattn.io.outputs import atomic_dir, check_writable, claim_output, write_json_atomic
 from streamattn.memory import peak_rss_bytes
-from streamattn.recipes.embeddings import (
-    ReduceConfig,
-    build_map,
-    create_embeddings_array,
-    finish_embeddings,
-    projection_operator,
-)
+from streamattn.recipes.embeddings import Embeddings, ReduceConfig
 from streamattn.recipes.selection import Selection
-from streamattn.recipes.universal import save_universal_sets, universal_sets
+from streamattn.recipes.universal import save_universal_sets, selection_recipe
+from streamattn.runner import run_recipes
 from streamattn.sources import KeySource, open_source
 from streamattn.synthetic import ensure_store
 
@@ -84,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             config=to_dict(cfg),
             progress=cfg.progress and not args.quiet,
             engine_options=cfg.engine.options(),
+            memory_limit=cfg.engine.memory_limit,
             checkpoint=Checkpointer.from_config(cfg.checkpoint, out, resume=args.resume),
             n_heads=cfg.input.n_heads,
             array=cfg.input.array,
@@ -91,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
             per_head=cfg.output.per_head,
             save_state=cfg.output.save_state,
         )
+    if cfg.sample is not None:  # a leverage sample into <output.dir>/sample (cli/sample.py)
+        from streamattn.cli.sample import run_config_sample
+
+        run_config_sample(args, cfg, source)
     return 0
 
 
@@ -99,31 +98,28 @@ def run_select_and_reduce(
 ) -> int:
     """``streamattn run`` with both ``select`` and ``reduce``: one shared read of the store.
 
-    Universal sets and embeddings are folded from the same blocks (data-aware maps take
-    one extra pass first). Output: ``OUT/result.zarr`` (universal sets, as without
-    ``reduce``), ``OUT/embeddings.zarr`` and one ``OUT/report.json``.
+    Universal sets and embeddings are folded from the same blocks, pass by pass (a
+    data-aware map's first pass shares the sets' first read). Output:
+    ``OUT/result.zarr`` (universal sets, as without ``reduce``), ``OUT/embeddings.zarr``
+    and one ``OUT/report.json``.
     """
     rc: ReduceConfig | None = cfg.reduce
     assert rc is not None
     rc.check(source.d)
+    for sel in named.values():
+        sel.check(source.n)
     out = Path(cfg.output.dir)
     overwrite = cfg.output.overwrite or args.overwrite
     check_writable(out, overwrite)
-    rows = cfg.engine.chunk_rows or source.default_chunk_rows()
     progress = cfg.progress and not args.quiet
-    run = dict(engine=cfg.engine.kind, chunk_rows=rows, progress=progress)
-    run.update(cfg.engine.options())
     t0 = time.perf_counter()
-    pmap, map_info = build_map(source, rc, **run)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        out_path = create_embeddings_array(tmp / "embeddings.zarr", source.n, rc.m, rows, rc.dtype)
-        also: list[Any] = [projection_operator(pmap, out_path, rc)]
-        if any(sel.p != 2 for sel in named.values()):  # Lewis-weight passes: a separate read
-            results = universal_sets(source, list(named.values()), **run)
-            also = run_operators(source, also, description="reduce", **run)
-        else:
-            results = universal_sets(source, list(named.values()), also=also, **run)
-        info = finish_embeddings(tmp / "embeddings.zarr", source, also[0].result(), rc, map_info)
+        recipes = [*(selection_recipe(sel) for sel in named.values()),
+                   Embeddings(rc, tmp / "embeddings.zarr")]
+        outcome = run_recipes(source, recipes, engine=cfg.engine.kind,
+                              chunk_rows=cfg.engine.chunk_rows, progress=progress,
+                              memory_limit=cfg.engine.memory_limit, **cfg.engine.options())
+        *results, info = outcome.results
         sets = dict(zip(named, results, strict=True))
         seconds = time.perf_counter() - t0
         save_universal_sets(tmp / ".sets", sets, report={}, overwrite=True)
@@ -138,6 +134,7 @@ def run_select_and_reduce(
                 for name, u in sets.items()
             },
             "embeddings": info,
+            "plan": outcome.report.as_dict(),
         }
         write_json_atomic(tmp / "report.json", report)
     say(args, f"streamattn: {len(sets)} universal set(s) + embeddings in {seconds:.1f} s -> {out}")

@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
             config={"command": "select", **{k: v for k, v in vars(args).items() if k != "func"}},
             progress=not args.quiet,
             engine_options=engine.options(),
+            memory_limit=engine.memory_limit,
             checkpoint=Checkpointer.from_config(CheckpointConfig(), out, resume=args.resume),
             n_heads=args.n_heads,
             array=args.array,

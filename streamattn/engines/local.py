@@ -36,7 +36,7 @@ def run_local(
     ops = list(operators)
     stop = source.n if stop is None else stop
     if checkpoint is not None:
-        chunk_rows = chunk_rows if chunk_rows is not None else source.default_chunk_rows()
+        chunk_rows = source.rows_per_block(chunk_rows)
         start = checkpoint.begin(source, ops, start=start, stop=stop, chunk_rows=chunk_rows)
     folded = ops if checkpoint is None else [*ops, checkpoint.reads]  # + read checksums
     with progress_bar(stop - start, description, enabled=progress) as bar:

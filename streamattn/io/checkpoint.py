@@ -504,7 +504,7 @@ def run_segmented(
     resumed run merges in the same order as an uninterrupted one (same result, bit for
     bit, for a deterministic engine merge tree).
     """
-    rows = int(chunk_rows) if chunk_rows is not None else source.default_chunk_rows()
+    rows = source.rows_per_block(chunk_rows)
     start = checkpoint.begin(source, ops, start=0, stop=source.n, chunk_rows=rows)
     seg = rows * (checkpoint.every_blocks or DEFAULT_SEGMENT_BLOCKS)
     for a in range(start, source.n, seg):

@@ -11,6 +11,7 @@ from streamattn.operators.ground_truth import (
 )
 from streamattn.operators.leverage import LeverageScores, LeverageSpec, TopScores, TopScoresSpec
 from streamattn.operators.protocol import Operator, RowRanges, State
+from streamattn.operators.sampler import LeverageSampler, SamplerSpec
 
 __all__ = [
     "FDSketch",
@@ -18,6 +19,7 @@ __all__ = [
     "FrequentDirections",
     "GroundTruth",
     "GroundTruthSpec",
+    "LeverageSampler",
     "LeverageScores",
     "LeverageSpec",
     "ObservedAttentionSpec",
@@ -26,6 +28,7 @@ __all__ = [
     "RestrictedAttention",
     "RestrictedAttentionSpec",
     "RowRanges",
+    "SamplerSpec",
     "State",
     "TopScores",
     "TopScoresSpec",

@@ -47,6 +47,7 @@ import scipy.linalg
 from scipy.linalg import blas, lapack
 
 from streamattn.blas import single_blas_thread
+from streamattn.operators.factors import centred_factor_result, centred_factor_update, stack_qr
 from streamattn.operators.protocol import Operator, State
 from streamattn.sources import Block
 
@@ -71,16 +72,6 @@ def augment(rows: np.ndarray, affine: bool) -> np.ndarray:
     if not affine:
         return x
     return np.hstack([x, np.ones((x.shape[0], 1))])
-
-
-def stack_qr(*parts: np.ndarray) -> np.ndarray:
-    """The R factor of the vertically stacked parts (float64, economy, min(m, d) × d)."""
-    stacked = np.vstack(parts)
-    if stacked.shape[0] == 0:
-        return stacked
-    return scipy.linalg.qr(stacked, mode="r", overwrite_a=True, check_finite=False)[0][
-        : min(stacked.shape)
-    ]
 
 
 @dataclass(frozen=True)
@@ -307,8 +298,6 @@ class LeverageScores(Operator):
         return fine.scores(augment(rows, False)), cut
 
     def _centred(self) -> Any:
-        from streamattn.operators.projection import centred_factor_result
-
         return centred_factor_result(self.r, self.n_rows)
 
     def _centred_pruning_scores(self, rows: np.ndarray) -> tuple[np.ndarray, float]:
@@ -365,8 +354,6 @@ class LeverageScores(Operator):
         m = x.shape[0]
         head = 0
         if self.spec.affine:  # the centred factor: Householder TSQR of [1, X] (module doc)
-            from streamattn.operators.projection import centred_factor_update
-
             self.r = centred_factor_update(self.r, x)
             head = m
         elif self.r.shape[0] < self.r.shape[1]:  # seed the factor by Householder QR

@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import scipy.special
 
-from streamattn.engines import run_operators
 from streamattn.errors import ConfigError
 from streamattn.io.outputs import atomic_dir, check_writable, write_json_atomic
 from streamattn.memory import peak_rss_bytes
@@ -56,6 +55,7 @@ from streamattn.operators.projection import (
     jl_epsilon,
     keyed_hash,
 )
+from streamattn.runner import Pass, PassContext, Plan, Recipe, run_recipes
 from streamattn.sources import KeySource, open_keys
 
 #: Explicit maps up to this many bytes (float64) are saved with the output; larger
@@ -256,25 +256,14 @@ def quality_report(
 
 
 # ---------------------------------------------------------------------- the map
-def build_map(
-    source: KeySource,
-    cfg: ReduceConfig,
-    *,
-    chunk_rows: int,
-    engine: str = "local",
-    progress: bool = False,
-    **engine_options: Any,
-) -> tuple[ProjectionMap, dict[str, Any]]:
+def map_plan(d: int, cfg: ReduceConfig) -> Plan[tuple[ProjectionMap, dict[str, Any]]]:
     """The map S: regenerated from the seed, or from a first pass for data-aware methods."""
-    d, m = source.d, cfg.m
+    m = cfg.m
     if cfg.method not in DATA_AWARE_METHODS:
         return ProjectionMap(cfg.method, d, m, cfg.seed, cfg.sparsity), {"passes": 1}
-    run = dict(engine=engine, chunk_rows=chunk_rows, progress=progress, **engine_options)
     if cfg.method == "pca":
-        (op,) = run_operators(
-            source, [CentredFactor(CentredFactorSpec())], description="pca", **run
-        )
-        factor = op.result()
+        done = yield Pass({"pca": CentredFactor(CentredFactorSpec())}, "pca")
+        factor = done["pca"].result()
         v, s2 = factor.principal_directions(m)
         info = {
             "passes": 2,
@@ -283,11 +272,10 @@ def build_map(
         }
         return ProjectionMap("pca", d, m, matrix=v), info
     ell = cfg.ell(d)
-    fd, mean_op = run_operators(
-        source, [FrequentDirections(FDSpec(ell)), KeyMean(KeyMeanSpec())], description="fd", **run
-    )
-    sketch = fd.result()
-    mean = mean_op.result()["mean"]
+    done = yield Pass({"fd": FrequentDirections(FDSpec(ell)), "mean": KeyMean(KeyMeanSpec())},
+                      "fd")
+    sketch = done["fd"].result()
+    mean = done["mean"].result()["mean"]
     v, w = fd_principal_directions(sketch.sketch, mean, sketch.n, m)
     info = {
         "passes": 2,
@@ -301,6 +289,30 @@ def build_map(
         "fd_top_eigenvalues": w[:m],
     }
     return ProjectionMap("frequent-directions", d, m, matrix=v), info
+
+
+class Embeddings(Recipe[dict[str, Any]]):
+    """Reduced embeddings into ``group_path`` (a zarr group: ``embeddings``, map, mean):
+    a map pass for data-aware methods, then the projection pass (not resumable: it
+    writes Y as it goes); returns the ``finish_embeddings`` record."""
+
+    on_cache = "refuse"
+
+    def __init__(self, cfg: ReduceConfig, group_path: Path) -> None:
+        self.cfg, self.group_path = cfg, group_path
+
+    def describe(self) -> str:
+        return "reduced embeddings"
+
+    def plan(self, ctx: PassContext) -> Plan[dict[str, Any]]:
+        src, cfg = ctx.source, self.cfg
+        assert isinstance(src, KeySource)
+        pmap, map_info = yield from map_plan(src.d, cfg)
+        out_path = create_embeddings_array(self.group_path, src.n, cfg.m, ctx.chunk_rows,
+                                           cfg.dtype)
+        done = yield Pass({"reduce": projection_operator(pmap, out_path, cfg)}, "reduce",
+                          resumable=False)
+        return finish_embeddings(self.group_path, src, done["reduce"].result(), cfg, map_info)
 
 
 def create_embeddings_array(group_path: Path, n: int, m: int, chunk_rows: int, dtype: str) -> str:
@@ -442,22 +454,18 @@ def reduce_embeddings(
     cfg = config if config is not None else ReduceConfig(m=m, method=method, seed=seed)
     src = open_keys(source, array=array)
     cfg.check(src.d)
-    rows = int(chunk_rows) if chunk_rows is not None else src.default_chunk_rows()
-    if rows < 1:
+    if chunk_rows is not None and chunk_rows < 1:
         raise ConfigError(f"chunk_rows must be >= 1, got {chunk_rows}.")
     holder: list[Any] = []
     target = Path(out) if out is not None else _temporary_output(holder)
     check_writable(target, overwrite)
     t0 = time.perf_counter()
-    run = dict(engine=engine, chunk_rows=rows, progress=progress, **engine_options)
-    pmap, map_info = build_map(src, cfg, **run)
     with atomic_dir(target, overwrite=overwrite) as tmp:
-        out_path = create_embeddings_array(tmp / "embeddings.zarr", src.n, cfg.m, rows, cfg.dtype)
-        (op,) = run_operators(
-            src, [projection_operator(pmap, out_path, cfg)], description="reduce", **run
-        )
-        summary = op.result()
-        info = finish_embeddings(tmp / "embeddings.zarr", src, summary, cfg, map_info)
+        outcome = run_recipes(src, [Embeddings(cfg, tmp / "embeddings.zarr")],
+                              chunk_rows=chunk_rows, engine=engine, progress=progress,
+                              **engine_options)
+        (info,) = outcome.results
+        rows = outcome.report.chunk_rows
         report = {
             "command": "reduce",
             "engine": engine,
@@ -465,6 +473,7 @@ def reduce_embeddings(
             "seconds": time.perf_counter() - t0,
             "peak_rss_bytes": peak_rss_bytes(),
             "embeddings": info,
+            "plan": outcome.report.as_dict(),
         }
         write_json_atomic(tmp / "report.json", report)
     result = load_reduced_embeddings(target)

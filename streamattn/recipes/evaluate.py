@@ -42,7 +42,6 @@ from streamattn.config import (
     OutputConfig,
     load_yaml_config,
 )
-from streamattn.engines import engine_session, run_operators
 from streamattn.errors import ConfigError
 from streamattn.io.outputs import atomic_dir, write_json_atomic
 from streamattn.masks import Mask
@@ -61,15 +60,17 @@ from streamattn.recipes.selection import Selection
 from streamattn.recipes.selectors import (
     SELECTORS,
     KeySet,
+    _check_budgets,
     hybrid,
-    largest_norm,
+    largest_norm_plan,
     leverage_top,
     rank_by_score,
     ranked_sets,
     sinks_window,
     uniform_random,
 )
-from streamattn.recipes.universal import universal_sets
+from streamattn.recipes.universal import LeverageSet
+from streamattn.runner import Pass, PassContext, Plan, Recipe, fuse, run_recipes
 from streamattn.sources import KeySource, open_keys
 from streamattn.synthetic import SyntheticSpec, ensure_store
 
@@ -255,15 +256,14 @@ def set_metrics(
 
 
 # ---------------------------------------------------------------------------- the run
-def _global_sets(
-    src: KeySource, cfg: EvaluateConfig, run: dict[str, Any]
-) -> list[KeySet]:
+def _global_sets(src: KeySource, cfg: EvaluateConfig) -> Plan[list[KeySet]]:
     """Every query-independent selector's sets (heavy hitters come later)."""
     s = cfg.selectors
     budgets = [b for b in s.budgets if b <= src.n]
     names = set(s.names)
     out: list[KeySet] = []
-    # All leverage selections share one read of the store (and one second pass).
+    # All leverage selections share one read of the store (and one second pass), and
+    # the key-norm pass shares it too.
     wanted: dict[str, Selection] = {}
     if "universal-threshold" in names:
         wanted["threshold"] = Selection(eps=s.universal_eps, variant=s.universal_variant)
@@ -271,7 +271,14 @@ def _global_sets(
         wanted["plain"] = Selection(budget=max(budgets), variant="plain")
     if names & {"leverage-affine", "hybrid"}:
         wanted["affine"] = Selection(budget=max(budgets), variant="affine")
-    got = dict(zip(wanted, universal_sets(src, list(wanted.values()), **run), strict=True))
+    for sel in wanted.values():
+        sel.check(src.n)
+    ctx = PassContext(src, src.rows_per_block(cfg.engine.chunk_rows), cfg.engine.kind)
+    plans: list[Plan[Any]] = [LeverageSet(sel).plan(ctx) for sel in wanted.values()]
+    if "key-norm" in names:
+        plans.append(largest_norm_plan(src.n, src.d, _check_budgets(budgets, src.n)))
+    fused = yield from fuse(plans)
+    got = dict(zip(wanted, fused, strict=False))
     if "threshold" in got:
         out.append(KeySet("universal-threshold", None, got["threshold"].indices, src.n))
     if "plain" in got:
@@ -285,7 +292,7 @@ def _global_sets(
     if "sinks-window" in names:
         out += sinks_window(src.n, budgets, sinks=s.sinks)
     if "key-norm" in names:
-        out += largest_norm(src, budgets, **run)
+        out += fused[-1]
     if "random" in names:
         out += uniform_random(src.n, budgets, seed=s.seed)
     if "hybrid" in names:
@@ -305,11 +312,12 @@ def evaluate(
     """
     src = open_keys(source, array=cfg.input.array) if not isinstance(source, KeySource) else source
     opts = {**cfg.engine.options(), **engine_options}
-    with engine_session(cfg.engine.kind, progress=progress, **opts) as live:
-        run = dict(
-            engine=cfg.engine.kind, chunk_rows=cfg.engine.chunk_rows, progress=progress, **live
-        )
-        return _evaluate(src, cfg, run)
+    outcome = run_recipes(src, [Evaluation(cfg)], engine=cfg.engine.kind,
+                          chunk_rows=cfg.engine.chunk_rows, progress=progress,
+                          memory_limit=cfg.engine.memory_limit, **opts)
+    report: dict[str, Any] = outcome.results[0]
+    report["plan"] = outcome.report.as_dict()
+    return report
 
 
 def _single_store_config(src: KeySource, cfg: EvaluateConfig) -> EvaluateConfig:
@@ -330,54 +338,47 @@ def _single_store_config(src: KeySource, cfg: EvaluateConfig) -> EvaluateConfig:
                                                                   budgets=budgets))
 
 
-def _evaluate(src: KeySource, cfg: EvaluateConfig, run: dict[str, Any]) -> dict[str, Any]:
-    cfg = _single_store_config(src, cfg)
-    queries, positions = load_queries(src, cfg.queries)
-    a = cfg.attention
-    if "causal" in a.modes and positions is None:
-        raise ConfigError(
-            f"{src.label}: causal mode needs query positions: add a 'query_positions' array "
-            "(int64, one per query) next to 'queries', or use attention.modes: [global]."
-        )
-    dv = 0 if src.values is None else int(src.values.shape[1])
-    t0 = time.perf_counter()
-    common = _global_sets(src, cfg, run)
-    combos = [(m, k) for m in a.modes for k in a.kinds]
+class Evaluation(Recipe[dict[str, Any]]):
+    """Coverage of every selector against exact attention, in three rounds of reads:
+    (1) leverage, key norms and the ground truth; (2) top-B second passes and observed
+    attention; (3) attention restricted to every selected set."""
 
-    def att(mode: str, kind: str) -> dict[str, Any]:
-        return dict(
-            scale=a.scale,
-            kind=kind,
-            p=a.p,
-            mode=mode,
-            positions=positions if mode == "causal" else None,
-        )
+    on_cache = "refuse"
 
-    gts = [GroundTruth(GroundTruthSpec(queries, eps=a.eps, values_dim=dv, **att(m, k)))
-           for m, k in combos]
-    run_operators(src, gts, description="ground truth", **run)
-    truths = [g.result() for g in gts]
+    def __init__(self, cfg: EvaluateConfig) -> None:
+        self.cfg = cfg
 
-    sets: dict[tuple[str, str], list[KeySet]] = {c: list(common) for c in combos}
-    budgets = [b for b in cfg.selectors.budgets if b <= src.n]
-    if "heavy-hitters" in cfg.selectors.names:
-        hh = [
-            ObservedAttentionTop(
-                ObservedAttentionSpec(queries, lse=t["lse"], budget=max(budgets), **att(m, k))
+    def describe(self) -> str:
+        return "evaluate"
+
+    def plan(self, ctx: PassContext) -> Plan[dict[str, Any]]:
+        src = ctx.source
+        assert isinstance(src, KeySource)
+        cfg = _single_store_config(src, self.cfg)
+        queries, positions = load_queries(src, cfg.queries)
+        a = cfg.attention
+        if "causal" in a.modes and positions is None:
+            raise ConfigError(
+                f"{src.label}: causal mode needs query positions: add a 'query_positions' "
+                "array (int64, one per query) next to 'queries', or use attention.modes: "
+                "[global]."
             )
-            for (m, k), t in zip(combos, truths, strict=True)
-        ]
-        run_operators(src, hh, description="observed attention", **run)
-        for c, op in zip(combos, hh, strict=True):
-            res = op.result()
+        dv = 0 if src.values is None else int(src.values.shape[1])
+        t0 = time.perf_counter()
+        combos = [(m, k) for m in a.modes for k in a.kinds]
+        common, (truths, observed) = yield from fuse(
+            [_global_sets(src, cfg), _truth(src, cfg, queries, positions, dv, combos)]
+        )
+        sets: dict[tuple[str, str], list[KeySet]] = {c: list(common) for c in combos}
+        budgets = [b for b in cfg.selectors.budgets if b <= src.n]
+        for c, res in zip(combos, observed, strict=False):
             order = rank_by_score(res["indices"], res["scores"])
             sets[c] += ranked_sets("heavy-hitters", order, budgets, src.n)
 
-    restricted = []
-    for m, k in combos:
-        ks = sets[(m, k)]
-        restricted.append(
-            RestrictedAttention(
+        restricted = {}
+        for m, k in combos:
+            ks = sets[(m, k)]
+            restricted[f"{m}/{k}"] = RestrictedAttention(
                 RestrictedAttentionSpec(
                     queries,
                     values_dim=dv,
@@ -385,43 +386,81 @@ def _evaluate(src: KeySource, cfg: EvaluateConfig, run: dict[str, Any]) -> dict[
                     set_offsets=np.cumsum([0] + [x.indices.size for x in ks]),
                     set_windows=np.array([x.window for x in ks], dtype=np.int64),
                     n_keys=src.n,
-                    **att(m, k),
+                    **_attention(a, m, k, positions),
                 )
             )
-        )
-    run_operators(src, restricted, description="restricted attention", **run)
+        done = yield Pass(restricted, "restricted attention")
 
-    results: dict[str, Any] = {}
-    per_query: dict[str, np.ndarray] = {}
-    for (m, k), truth, op in zip(combos, truths, restricted, strict=True):
-        res = op.result()
-        qpos = positions if m == "causal" else np.full(queries.shape[0], src.n - 1)
-        rows = []
-        for i, ks in enumerate(sets[(m, k)]):
-            out_s = None if res["output"] is None else res["output"][i]
-            met = set_metrics(ks, truth, res["lse"][i], out_s, qpos)
-            row: dict[str, Any] = {"selector": ks.name, "budget": ks.budget}
-            for name in METRICS:
-                row[name] = _aggregate(met[name].astype(np.float64), "max" if name in (
-                    "error", "keys") else "min")
-                per_query[f"{m}.{k}.{ks.name}.{ks.budget}.{name}"] = met[name]
-            rows.append(row)
-        results[f"{m}/{k}"] = {
-            "mode": m,
-            "kind": k,
-            "heavy_per_query": _aggregate(truth["counts"].astype(np.float64), "max"),
-            "queries_with_heavy": int(np.count_nonzero(truth["counts"])),
-            "dropped_candidates": truth["dropped"],
-            "rows": rows,
+        results: dict[str, Any] = {}
+        per_query: dict[str, np.ndarray] = {}
+        for (m, k), truth in zip(combos, truths, strict=True):
+            res = done[f"{m}/{k}"].result()
+            qpos = positions if m == "causal" else np.full(queries.shape[0], src.n - 1)
+            rows = []
+            for i, ks in enumerate(sets[(m, k)]):
+                out_s = None if res["output"] is None else res["output"][i]
+                met = set_metrics(ks, truth, res["lse"][i], out_s, qpos)
+                row: dict[str, Any] = {"selector": ks.name, "budget": ks.budget}
+                for name in METRICS:
+                    row[name] = _aggregate(met[name].astype(np.float64), "max" if name in (
+                        "error", "keys") else "min")
+                    per_query[f"{m}.{k}.{ks.name}.{ks.budget}.{name}"] = met[name]
+                rows.append(row)
+            results[f"{m}/{k}"] = {
+                "mode": m,
+                "kind": k,
+                "heavy_per_query": _aggregate(truth["counts"].astype(np.float64), "max"),
+                "queries_with_heavy": int(np.count_nonzero(truth["counts"])),
+                "dropped_candidates": truth["dropped"],
+                "rows": rows,
+            }
+        return {
+            "source": src.describe(),
+            "queries": int(queries.shape[0]),
+            "values_dim": dv,
+            "seconds": time.perf_counter() - t0,
+            "results": results,
+            "per_query": per_query,
         }
-    return {
-        "source": src.describe(),
-        "queries": int(queries.shape[0]),
-        "values_dim": dv,
-        "seconds": time.perf_counter() - t0,
-        "results": results,
-        "per_query": per_query,
+
+
+def _attention(a: AttentionConfig, mode: str, kind: str, positions: np.ndarray | None
+               ) -> dict[str, Any]:
+    return dict(
+        scale=a.scale,
+        kind=kind,
+        p=a.p,
+        mode=mode,
+        positions=positions if mode == "causal" else None,
+    )
+
+
+def _truth(
+    src: KeySource, cfg: EvaluateConfig, queries: np.ndarray, positions: np.ndarray | None,
+    dv: int, combos: list[tuple[str, str]],
+) -> Plan[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    """The exact ground truth per (mode, kind), then (heavy hitters) observed attention."""
+    a = cfg.attention
+    gts = {
+        f"{m}/{k}": GroundTruth(GroundTruthSpec(queries, eps=a.eps, values_dim=dv,
+                                                **_attention(a, m, k, positions)))
+        for m, k in combos
     }
+    done = yield Pass(gts, "ground truth")
+    truths = [done[f"{m}/{k}"].result() for m, k in combos]
+    observed: list[dict[str, Any]] = []
+    if "heavy-hitters" in cfg.selectors.names:
+        budgets = [b for b in cfg.selectors.budgets if b <= src.n]
+        hh = {
+            f"{m}/{k}": ObservedAttentionTop(
+                ObservedAttentionSpec(queries, lse=t["lse"], budget=max(budgets),
+                                      **_attention(a, m, k, positions))
+            )
+            for (m, k), t in zip(combos, truths, strict=True)
+        }
+        done = yield Pass(hh, "observed attention")
+        observed = [done[f"{m}/{k}"].result() for m, k in combos]
+    return truths, observed
 
 
 # ---------------------------------------------------------------------------- outputs

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.engines import engine_session, run_operators
 from streamattn.errors import ConfigError, StreamattnError
 from streamattn.operators.leverage import DEFAULT_RTOL
 from streamattn.operators.lewis import (
@@ -37,9 +36,9 @@ from streamattn.operators.lewis import (
     contraction_factor,
     damping,
 )
-from streamattn.recipes.selection import SOFTMAX_NOTE, check_p, check_selection
+from streamattn.recipes.selection import SOFTMAX_NOTE, Selection, check_p, check_selection
 from streamattn.results import UniversalSet, versions
-from streamattn.sources import KeySource, open_keys
+from streamattn.runner import Pass, PassContext, Plan, Recipe, run_recipes
 
 #: Default convergence tolerance on max_j |log w_j^{(k+1)} − log w_j^{(k)}|.
 DEFAULT_TOL = 1e-9
@@ -96,7 +95,7 @@ def lp_universal_set(
     progress: bool = False,
     array: str | None = None,
     **engine_options: Any,
-) -> Any:
+) -> UniversalSet:
     """The ℓp universal set {j : bound_j ≥ eps} from Lewis weights, out of core.
 
     Parameters
@@ -125,83 +124,116 @@ def lp_universal_set(
     >>> 3 in u, abs(u.certificate["sum_weights"] - 4) < 1e-6
     (True, True)
     """
-    p = check_p(p)
-    check_selection(eps, variant, None)
-    if eps is None:
-        raise ConfigError("p != 2 universal sets need eps (budget mode supports p = 2 only).")
-    if not (isinstance(tol, float) and 0 < tol < 1):
-        raise ConfigError(f"tol must be a float in (0, 1), got {tol!r}.")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ConfigError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
-    src: KeySource = open_keys(source, array=array)
-    rows = int(chunk_rows) if chunk_rows is not None else src.default_chunk_rows()
-    affine = variant == "affine"
-    beta = damping(p)
-    c = contraction_factor(p, beta)
-    own_dir = workdir is None
-    wdir = Path(tempfile.mkdtemp(prefix="streamattn-lewis-")) if own_dir else Path(workdir)
-    wdir.mkdir(parents=True, exist_ok=True)
-    paths = [_weights_array(wdir / f"lewis_weights_{i}.zarr", src.n, rows) for i in (0, 1)]
-    history: list[float] = []
-    try:
-        with engine_session(engine, progress=progress, **engine_options) as opts:
-            run = dict(engine=engine, chunk_rows=rows, progress=progress, **opts)
+    recipe = LewisSet(Selection(eps, variant, None, rtol, check_p(p)), tol=tol,
+                      max_iter=max_iter, workdir=workdir)
+    (out,) = run_recipes(source, [recipe], chunk_rows=chunk_rows, engine=engine,
+                         progress=progress, array=array, **engine_options).results
+    result: UniversalSet = out
+    return result
 
-            def one_pass(spec: LewisPassSpec, what: str) -> dict[str, Any]:
-                (op,) = run_operators(src, [LewisPass(spec)], description=what, **run)
-                return op.result()
 
-            first = one_pass(LewisPassSpec(p, np.zeros((0, 0)), affine=affine, rtol=rtol),
-                             "lewis factor")
-            rank = first["scoring_map"].rank
-            factor = bound_factor(p, rank)
-            t_w = eps / factor  # the threshold on w itself
-            collect = t_w * math.exp(-COLLECT_SLACK)
-            cap = int(4 * math.exp(COLLECT_SLACK) * max(rank, 1) / t_w) + 16
-            smap, res, k = first["scoring_map"], first, 0
-            converged = False
-            while k < max_iter:
-                k += 1
-                spec = LewisPassSpec(
+class LewisSet(Recipe[UniversalSet]):
+    """The l_p universal set of one p != 2 request: a factor pass, one pass per Lewis
+    iteration (weights in two zarr arrays in a work directory), and a candidate pass when
+    the collected candidates cannot be trusted. Not resumable (the passes write the
+    weight arrays); single-head stores only."""
+
+    on_cache = "refuse"
+
+    def __init__(self, sel: Selection, *, tol: float = DEFAULT_TOL,
+                 max_iter: int = DEFAULT_MAX_ITER, workdir: str | Path | None = None) -> None:
+        p = check_p(sel.p)
+        check_selection(sel.eps, sel.variant, None)
+        if sel.eps is None:
+            raise ConfigError("p != 2 universal sets need eps (budget mode supports p = 2 only).")
+        if not (isinstance(tol, float) and 0 < tol < 1):
+            raise ConfigError(f"tol must be a float in (0, 1), got {tol!r}.")
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+            raise ConfigError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
+        self.sel, self.p, self.eps = sel, p, float(sel.eps)
+        self.tol, self.max_iter, self.workdir = tol, max_iter, workdir
+
+    def describe(self) -> str:
+        return f"the l_p universal set (p = {self.p:g})"
+
+    def plan(self, ctx: PassContext) -> Plan[UniversalSet]:
+        own_dir = self.workdir is None
+        wdir = (Path(tempfile.mkdtemp(prefix="streamattn-lewis-")) if self.workdir is None
+                else Path(self.workdir))
+        try:
+            return (yield from self._plan(ctx, wdir, own_dir))
+        finally:
+            if own_dir:
+                shutil.rmtree(wdir, ignore_errors=True)
+
+    def _plan(self, ctx: PassContext, wdir: Path, own_dir: bool) -> Plan[UniversalSet]:
+        src, rows = ctx.source, ctx.chunk_rows
+        p, eps, tol, max_iter = self.p, self.eps, self.tol, self.max_iter
+        variant, rtol = self.sel.variant, self.sel.rtol
+        affine = variant == "affine"
+        beta = damping(p)
+        c = contraction_factor(p, beta)
+        wdir.mkdir(parents=True, exist_ok=True)
+        paths = [_weights_array(wdir / f"lewis_weights_{i}.zarr", src.n, rows) for i in (0, 1)]
+        history: list[float] = []
+
+        def one_pass(spec: LewisPassSpec, what: str) -> Plan[dict[str, Any]]:
+            done = yield Pass({"lewis": LewisPass(spec)}, what, resumable=False)
+            out: dict[str, Any] = done["lewis"].result()
+            return out
+
+        first = yield from one_pass(
+            LewisPassSpec(p, np.zeros((0, 0)), affine=affine, rtol=rtol), "lewis factor"
+        )
+        rank = first["scoring_map"].rank
+        factor = bound_factor(p, rank)
+        t_w = eps / factor  # the threshold on w itself
+        collect = t_w * math.exp(-COLLECT_SLACK)
+        cap = int(4 * math.exp(COLLECT_SLACK) * max(rank, 1) / t_w) + 16
+        smap, res, k = first["scoring_map"], first, 0
+        converged = False
+        while k < max_iter:
+            k += 1
+            spec = LewisPassSpec(
+                p,
+                smap.w,
+                weights_in=paths[(k - 1) % 2] if k > 1 else "",
+                weights_out=paths[k % 2],
+                beta=beta,
+                collect=collect,
+                cap=cap,
+                affine=affine,
+                rtol=rtol,
+            )
+            res = yield from one_pass(spec, f"lewis iteration {k}")
+            smap = res["scoring_map"]
+            history.append(res["max_log_change"])
+            if res["max_log_change"] <= tol:
+                converged = True
+                break
+        if not converged:
+            raise LewisConvergenceError(
+                f"l_p Lewis weights (p = {p:g}) did not converge within max_iter = "
+                f"{max_iter} passes: last max |log change| = {history[-1]:.3g} > tol = "
+                f"{tol:g}. Raise max_iter or tol."
+            )
+        final = paths[k % 2]
+        margin = c * history[-1] / (1.0 - c)
+        passes = k + 1
+        if res["overflow"] or margin > COLLECT_SLACK:
+            res = yield from one_pass(
+                LewisPassSpec(
                     p,
-                    smap.w,
-                    weights_in=paths[(k - 1) % 2] if k > 1 else "",
-                    weights_out=paths[k % 2],
-                    beta=beta,
-                    collect=collect,
-                    cap=cap,
+                    np.zeros((0, 0)),
+                    weights_in=final,
+                    collect=t_w * math.exp(-margin),
+                    cap=int(res["sum_weights"] / (t_w * math.exp(-margin))) + 1,
                     affine=affine,
                     rtol=rtol,
-                )
-                res = one_pass(spec, f"lewis iteration {k}")
-                smap = res["scoring_map"]
-                history.append(res["max_log_change"])
-                if res["max_log_change"] <= tol:
-                    converged = True
-                    break
-            if not converged:
-                raise LewisConvergenceError(
-                    f"l_p Lewis weights (p = {p:g}) did not converge within max_iter = "
-                    f"{max_iter} passes: last max |log change| = {history[-1]:.3g} > tol = "
-                    f"{tol:g}. Raise max_iter or tol."
-                )
-            final = paths[k % 2]
-            margin = c * history[-1] / (1.0 - c)
-            passes = k + 1
-            if res["overflow"] or margin > COLLECT_SLACK:
-                res = one_pass(
-                    LewisPassSpec(
-                        p,
-                        np.zeros((0, 0)),
-                        weights_in=final,
-                        collect=t_w * math.exp(-margin),
-                        cap=int(res["sum_weights"] / (t_w * math.exp(-margin))) + 1,
-                        affine=affine,
-                        rtol=rtol,
-                    ),
-                    "lewis candidates",
-                )
-                passes += 1
+                ),
+                "lewis candidates",
+            )
+            passes += 1
         keep = np.flatnonzero(res["weights"] * math.exp(margin) >= t_w)
         scores = factor * res["weights"][keep]
         smap0 = first["scoring_map"]
@@ -247,14 +279,11 @@ def lp_universal_set(
                 "size_bound": (rank if p <= 2 else rank ** (p / 2.0)) * math.exp(margin) / eps,
                 "guarantee": guarantee_text(p),
                 "weights_path": None if own_dir else final,
-                "engine": engine,
+                "engine": ctx.engine,
             }
         )
         cert["size_bound_holds"] = bool(keep.size <= cert["size_bound"] + 1e-9)
         return UniversalSet.from_candidates(res, keep, scores, src.dtype, cert)
-    finally:
-        if own_dir:
-            shutil.rmtree(wdir, ignore_errors=True)
 
 
 def softmax_entry_bound(n: int, bq: float, bk: float, scale: float = 1.0) -> float:

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.engines import engine_session, run_operators
 from streamattn.errors import ConfigError
 from streamattn.operators.frequent_directions import FDSpec, FrequentDirections
 from streamattn.operators.ridge import (
@@ -25,7 +24,7 @@ from streamattn.operators.ridge import (
 )
 from streamattn.recipes.selection import SOFTMAX_NOTE
 from streamattn.results import UniversalSet, versions
-from streamattn.sources import KeySource, open_keys
+from streamattn.runner import Pass, PassContext, Plan, Recipe, run_recipes
 
 RIDGE_GUARANTEE = (
     "Ridge-type (weaker than exact): for f(x) = x^2 attention and every query q, "
@@ -60,7 +59,7 @@ def ridge_universal_set(
     progress: bool = False,
     array: str | None = None,
     **engine_options: Any,
-) -> Any:
+) -> UniversalSet:
     """Ridge universal set for large d, in bounded memory with no d × d matrix.
 
     Without ``sketch_eps``: one pass of :class:`RidgeFD`; U ⊇ {j : τ^λ_j ≥ eps} surely.
@@ -77,32 +76,49 @@ def ridge_universal_set(
     >>> 11 in u
     True
     """
-    _check(eps, ell, sketch_eps, delta)
-    src: KeySource = open_keys(source, array=array)
-    rows = int(chunk_rows) if chunk_rows is not None else src.default_chunk_rows()
-    spec = RidgeFDSpec(ell, float(eps), float(lam), float(lam_rel))
-    op = RidgeFD(spec)  # validates λ before any read
-    with engine_session(engine, progress=progress, **engine_options) as opts:
-        run = dict(engine=engine, chunk_rows=rows, progress=progress, **opts)
+    recipe = RidgeSet(eps, ell=ell, lam=lam, lam_rel=lam_rel, sketch_eps=sketch_eps,
+                      delta=delta, seed=seed)
+    (out,) = run_recipes(source, [recipe], chunk_rows=chunk_rows, engine=engine,
+                         progress=progress, array=array, **engine_options).results
+    result: UniversalSet = out
+    return result
+
+
+class RidgeSet(Recipe[UniversalSet]):
+    """The ridge universal set: one ``RidgeFD`` pass, or an FD pass then a pass of
+    JL-sketched scores (``sketch_eps``)."""
+
+    def __init__(self, eps: float, *, ell: int, lam: float = 0.0, lam_rel: float = 0.1,
+                 sketch_eps: float | None = None, delta: float = 1e-3, seed: int = 0) -> None:
+        _check(eps, ell, sketch_eps, delta)
+        self.eps, self.ell, self.lam, self.lam_rel = float(eps), ell, float(lam), float(lam_rel)
+        self.sketch_eps, self.delta, self.seed = sketch_eps, delta, seed
+        self.spec = RidgeFDSpec(ell, self.eps, self.lam, self.lam_rel)
+        RidgeFD(self.spec)  # validates lambda before any read
+
+    def plan(self, ctx: PassContext) -> Plan[UniversalSet]:
+        src, rows = ctx.source, ctx.chunk_rows
+        eps, ell, lam, lam_rel = self.eps, self.ell, self.lam, self.lam_rel
+        sketch_eps, delta, seed = self.sketch_eps, self.delta, self.seed
+        op = RidgeFD(self.spec)
         cert: dict[str, Any] = {}
         if sketch_eps is None:
-            (op,) = run_operators(src, [op], description="ridge-fd", **run)
-            res = op.result()
+            done = yield Pass({"ridge": op}, "ridge-fd")
+            res = done["ridge"].result()
             sk, lam_final = res["sketch"], res["lam"]
             keep = np.flatnonzero(res["scores"] >= eps)
             passes = 1
         else:
-            (fd,) = run_operators(src, [FrequentDirections(FDSpec(ell))],
-                                  description="frequent directions", **run)
-            sk = fd.result()
+            done = yield Pass({"fd": FrequentDirections(FDSpec(ell))}, "frequent directions")
+            sk = done["fd"].result()
             lam_final = op.lam(sk.fro2, src.d)
             m = jl_dimension(src.n, sketch_eps, delta)
             pi = np.random.default_rng(seed).standard_normal((src.d, m)) / math.sqrt(m)
             w = RidgeMap.from_sketch(sk.sketch, lam_final).inverse_sqrt_times(pi)
             threshold = (1.0 - sketch_eps) * eps
-            (sc,) = run_operators(src, [SketchedScores(SketchedScoresSpec(w, threshold))],
-                                  description="sketched scores", **run)
-            res = sc.result()
+            done = yield Pass({"scores": SketchedScores(SketchedScoresSpec(w, threshold))},
+                              "sketched scores")
+            res = done["scores"].result()
             keep = np.arange(res["indices"].size)
             passes = 2
             cert.update(
@@ -121,41 +137,41 @@ def ridge_universal_set(
                     ),
                 }
             )
-    size_bound = effective_bound(sk, lam_final, src.d) / (eps * (1 - (sketch_eps or 0.0)))
-    scores = res["scores"][keep]
-    cert.update(
-        {
-            "mode": "threshold",
-            "eps": eps,
-            "budget": None,
-            "variant": "ridge-fd" if sketch_eps is None else "ridge-fd-sketched",
-            "n": src.n,
-            "d": src.d,
-            "dtype": str(src.dtype),
-            "selected": int(keep.size),
-            "ell": ell,
-            "lam": lam_final,
-            "lam_abs": lam,
-            "lam_rel": lam_rel,
-            "fd_delta": sk.delta,
-            "fd_delta_bound": sk.delta_bound,
-            "fd_statement": "0 <= K^T K - B^T B <= fd_delta * I",
-            "fro2": sk.fro2,
-            "scores": "k_j^T (B^T B + lam I)^-1 k_j >= ridge leverage tau^lam_j"
-            + ("" if sketch_eps is None else " (JL-sketched, within 1 +- sketch_eps w.h.p.)"),
-            "sum_scores_selected": float(scores.sum()),
-            "size_bound": size_bound,
-            "size_bound_holds": bool(keep.size <= size_bound + 1e-9),
-            "numerical_rank": None,
-            "rank_rtol": None,
-            "passes": passes,
-            "chunk_rows": rows,
-            "guarantee": RIDGE_GUARANTEE,
-            "exact": False,
-            "softmax": SOFTMAX_NOTE,
-            "source": src.describe(),
-            "versions": versions(),
-            "engine": engine,
-        }
-    )
-    return UniversalSet.from_candidates(res, keep, scores, src.dtype, cert)
+        size_bound = effective_bound(sk, lam_final, src.d) / (eps * (1 - (sketch_eps or 0.0)))
+        scores = res["scores"][keep]
+        cert.update(
+            {
+                "mode": "threshold",
+                "eps": eps,
+                "budget": None,
+                "variant": "ridge-fd" if sketch_eps is None else "ridge-fd-sketched",
+                "n": src.n,
+                "d": src.d,
+                "dtype": str(src.dtype),
+                "selected": int(keep.size),
+                "ell": ell,
+                "lam": lam_final,
+                "lam_abs": lam,
+                "lam_rel": lam_rel,
+                "fd_delta": sk.delta,
+                "fd_delta_bound": sk.delta_bound,
+                "fd_statement": "0 <= K^T K - B^T B <= fd_delta * I",
+                "fro2": sk.fro2,
+                "scores": "k_j^T (B^T B + lam I)^-1 k_j >= ridge leverage tau^lam_j"
+                + ("" if sketch_eps is None else " (JL-sketched, within 1 +- sketch_eps w.h.p.)"),
+                "sum_scores_selected": float(scores.sum()),
+                "size_bound": size_bound,
+                "size_bound_holds": bool(keep.size <= size_bound + 1e-9),
+                "numerical_rank": None,
+                "rank_rtol": None,
+                "passes": passes,
+                "chunk_rows": rows,
+                "guarantee": RIDGE_GUARANTEE,
+                "exact": False,
+                "softmax": SOFTMAX_NOTE,
+                "source": src.describe(),
+                "versions": versions(),
+                "engine": ctx.engine,
+            }
+        )
+        return UniversalSet.from_candidates(res, keep, scores, src.dtype, cert)

@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.engines import run_operators
 from streamattn.errors import ConfigError
 from streamattn.operators.ground_truth import (
     GroundTruth,
@@ -49,6 +48,7 @@ from streamattn.operators.ground_truth import (
 )
 from streamattn.operators.leverage import TopScores, TopScoresSpec
 from streamattn.recipes.universal import universal_set
+from streamattn.runner import FromPlan, Pass, Plan, run_pass, run_recipes
 from streamattn.sources import open_keys
 
 SELECTORS = (
@@ -169,10 +169,18 @@ def largest_norm(source: Any, budgets: Sequence[int], **run: Any) -> list[KeySet
     """The B keys of largest Euclidean norm (one pass, mergeable exact top-B)."""
     src = open_keys(source)
     budgets = _check_budgets(budgets, src.n)
-    op = TopScores(TopScoresSpec(max(budgets), np.eye(src.d)))
-    (op,) = run_operators(src, [op], description="key norms", **run)
-    res = op.result()
-    return ranked_sets("key-norm", rank_by_score(res["indices"], res["scores"]), budgets, src.n)
+    out: list[KeySet] = run_recipes(
+        src, [FromPlan(lambda ctx: largest_norm_plan(src.n, src.d, budgets), "key norms")],
+        **run,
+    ).results[0]
+    return out
+
+
+def largest_norm_plan(n: int, d: int, budgets: list[int]) -> Plan[list[KeySet]]:
+    """The pass of :func:`largest_norm` (checked budgets), for fusing into other plans."""
+    done = yield Pass({"norms": TopScores(TopScoresSpec(max(budgets), np.eye(d)))}, "key norms")
+    res = done["norms"].result()
+    return ranked_sets("key-norm", rank_by_score(res["indices"], res["scores"]), budgets, n)
 
 
 def uniform_random(n: int, budgets: Sequence[int], seed: int = 0) -> list[KeySet]:
@@ -206,12 +214,12 @@ def observed_heavy_hitters(
     att = dict(scale=scale, kind=kind, p=p, mode=mode, positions=positions)
     if lse is None:
         gt = GroundTruth(GroundTruthSpec(q, eps=1.0, **att))  # type: ignore[arg-type]
-        (gt,) = run_operators(src, [gt], description="normalisers", **run)
+        (gt,) = run_pass(src, [gt], description="normalisers", **run)
         lse = gt.result()["lse"]
     op = ObservedAttentionTop(
         ObservedAttentionSpec(q, lse=np.asarray(lse), budget=max(budgets), **att)  # type: ignore[arg-type]
     )
-    (op,) = run_operators(src, [op], description="observed attention", **run)
+    (op,) = run_pass(src, [op], description="observed attention", **run)
     res = op.result()
     return ranked_sets(
         "heavy-hitters", rank_by_score(res["indices"], res["scores"]), budgets, src.n

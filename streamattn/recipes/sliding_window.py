@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from streamattn.errors import ConfigError, InvalidInputError
+from streamattn.operators.factors import centred_factor_result
 from streamattn.operators.leverage import (
     DEFAULT_RTOL,
     LeverageScores,
@@ -50,7 +51,6 @@ from streamattn.operators.leverage import (
     augment,
     stack_qr,
 )
-from streamattn.operators.projection import centred_factor_result
 from streamattn.sources import Block
 
 

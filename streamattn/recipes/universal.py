@@ -18,8 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.engines import engine_session, run_operators
-from streamattn.errors import ConfigError
 from streamattn.operators.leverage import (
     DEFAULT_RTOL,
     LeverageScores,
@@ -28,16 +26,16 @@ from streamattn.operators.leverage import (
     TopScores,
     TopScoresSpec,
 )
-from streamattn.operators.multihead import MultiHead
-from streamattn.recipes.lp import lp_universal_set
+from streamattn.recipes.lp import LewisSet
 from streamattn.recipes.selection import (
     BUDGET_NOTE,
     GUARANTEE,
     SOFTMAX_NOTE,
     Selection,
 )
-from streamattn.results import MultiHeadResult, UniversalSet, versions
-from streamattn.sources import KeySource, MultiHeadSource, open_keys
+from streamattn.results import UniversalSet, versions
+from streamattn.runner import Outcome, Pass, PassContext, Plan, Recipe, run_recipes
+from streamattn.sources import KeySource, open_keys
 
 #: How the factor behind each variant's scores is computed (certificate field).
 FACTORISATION = {
@@ -100,6 +98,53 @@ def _certificate(
     return cert
 
 
+class LeverageSet(Recipe[UniversalSet]):
+    """One p = 2 universal set: a leverage pass, then (budget mode, only when pass 1 cannot
+    certify the top-B) a top-B pass with the final scoring map."""
+
+    def __init__(self, sel: Selection) -> None:
+        self.sel = sel
+
+    def describe(self) -> str:
+        return f"the p = 2 universal set {self.sel}"
+
+    def plan(self, ctx: PassContext) -> Plan[UniversalSet]:
+        sel, src = self.sel, ctx.source
+        t = sel.pruning_threshold(src.d)
+        affine = sel.variant == "affine"
+        done = yield Pass({"leverage": LeverageScores(LeverageSpec(t, affine, sel.rtol))},
+                          "leverage")
+        first = done["leverage"].result()
+        second = None
+        if needs_second_pass(sel, t, first):
+            assert sel.budget is not None
+            smap = first["scoring_map"]
+            top = TopScores(TopScoresSpec(sel.budget, smap.w, affine, smap.shift, smap.offset))
+            done = yield Pass({"top-B": top}, "top-B")
+            second = done["top-B"].result()
+        return finish_selection(src, sel, t, first, second, chunk_rows=ctx.chunk_rows,
+                                engine=ctx.engine)
+
+
+def selection_recipe(sel: Selection) -> Recipe[UniversalSet]:
+    """The recipe of one request: leverage scores (p = 2) or Lewis weights (p != 2)."""
+    return LeverageSet(sel) if sel.p == 2 else LewisSet(sel)
+
+
+def universal_sets_outcome(
+    source: Any,
+    selections: list[Selection],
+    *,
+    array: str | None = None,
+    **run: Any,
+) -> Outcome[Any]:
+    """``universal_sets`` with the runner's report (reads, projected and measured memory)."""
+    src = open_keys(source, array=array)
+    for sel in selections:
+        sel.check(src.n)
+    return run_recipes(src, [selection_recipe(sel) for sel in selections], **run)
+
+
 def universal_sets(
     source: Any,
     selections: list[Selection],
@@ -109,207 +154,26 @@ def universal_sets(
     progress: bool = False,
     array: str | None = None,
     checkpoint: Any = None,
-    also: list[Any] | None = None,
-    **engine_options: Any,
-) -> list[UniversalSet]:
-    """Several universal sets from one shared pass (plus one shared pass for budgets).
-
-    ``also``: more operators (e.g. reduced embeddings) folded in the same first pass, for
-    p = 2 on a single-head source; the list is replaced in place by the finished operators.
-
-    Every selection's leverage operator sees the same blocks, so the store is read once
-    however many sets are asked for. Budget selections whose top-B cannot be certified
-    from the first pass share one more pass with their final scoring maps. Both passes
-    run on the same engine session (e.g. one Dask cluster, started once).
-
-    A KV cache (``streamattn.sources.kvcache.MultiHeadSource``, a 4-D or per-layer store) gives
-    one ``MultiHeadResult`` per selection, indexable as ``result[layer, head]``, from the
-    same passes. ``checkpoint`` (a ``streamattn.io.checkpoint.Checkpointer``) makes the passes
-    resumable.
-    """
-    src = open_keys(source, array=array)
-    for sel in selections:
-        sel.check(src.n)
-    if any(sel.p != 2 for sel in selections):
-        return _mixed_universal_sets(src, selections, chunk_rows=chunk_rows, engine=engine,
-                                     progress=progress, checkpoint=checkpoint, also=also,
-                                     **engine_options)
-    with engine_session(engine, progress=progress, **engine_options) as options:
-        return _universal_sets(
-            src,
-            selections,
-            chunk_rows=chunk_rows,
-            engine=engine,
-            progress=progress,
-            checkpoint=checkpoint,
-            also=also,
-            **options,
-        )
-
-
-def _universal_sets(
-    src: Any,
-    selections: list[Selection],
-    *,
-    chunk_rows: int | None,
-    engine: str,
-    progress: bool,
-    checkpoint: Any,
-    also: list[Any] | None,
-    **engine_options: Any,
-) -> list[UniversalSet]:
-    """The p = 2 passes of ``universal_sets`` on an opened, checked source."""
-    rows_per_block = int(chunk_rows) if chunk_rows is not None else src.default_chunk_rows()
-    run = dict(engine=engine, chunk_rows=rows_per_block, progress=progress, **engine_options)
-    run["checkpoint"] = checkpoint
-    if not isinstance(src, KeySource):  # a whole KV cache: every head in the same passes
-        return multihead_universal_sets(src, selections, **run)
-    thresholds = [sel.pruning_threshold(src.d) for sel in selections]
-    ops = [
-        LeverageScores(LeverageSpec(t, sel.variant == "affine", sel.rtol))
-        for sel, t in zip(selections, thresholds, strict=True)
-    ]
-    ops = run_operators(src, [*ops, *(also or [])], description="leverage", **run)
-    if also:  # operators sharing the first read (streamattn.recipes.embeddings)
-        also[:], ops = ops[len(selections) :], ops[: len(selections)]
-    firsts = [op.result() for op in ops]
-    second: dict[int, TopScores] = {}
-    for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True)):
-        if needs_second_pass(sel, t, res):
-            smap = res["scoring_map"]
-            second[i] = TopScores(TopScoresSpec(
-                sel.budget, smap.w, sel.variant == "affine", smap.shift, smap.offset
-            ))
-    if second:
-        run_operators(src, list(second.values()), description="top-B", **run)
-    return [
-        finish_selection(
-            src,
-            sel,
-            t,
-            res,
-            second[i].result() if i in second else None,
-            chunk_rows=rows_per_block,
-            engine=engine,
-        )
-        for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True))
-    ]
-
-
-def _mixed_universal_sets(
-    source: KeySource,
-    selections: list[Selection],
-    *,
-    chunk_rows: int | None = None,
-    engine: str = "local",
-    progress: bool = False,
-    checkpoint: Any = None,
-    also: list[Any] | None = None,
+    memory_limit: int | str | None = None,
     **engine_options: Any,
 ) -> list[Any]:
-    """``universal_sets`` for a list that holds p != 2 selections (one engine session).
+    """Several universal sets from shared passes: one read for every first pass.
 
-    The p = 2 selections still share their one exact pass (with ``also`` operators and
-    ``checkpoint``, as in ``universal_sets``); each p != 2 selection runs its own Lewis
-    iteration (its weights differ from pass to pass). The Lewis passes are not
-    checkpointed: a resumed run recomputes them. Single-head key stores only.
+    Every selection's first-pass operator sees the same blocks, so the store is read once
+    however many sets are asked for. Budget selections whose top-B cannot be certified
+    from the first pass share one more pass with their final scoring maps; p != 2
+    selections run their Lewis iterations alongside (one read per round for all). Every
+    pass runs on the same engine session (e.g. one Dask cluster, started once).
+
+    A KV cache (``streamattn.sources.MultiHeadSource``, a 4-D or per-layer store) gives
+    one ``MultiHeadResult`` per selection, indexable as ``result[layer, head]``, from the
+    same passes. ``checkpoint`` (a ``streamattn.io.checkpoint.Checkpointer``) makes the
+    p = 2 passes resumable; ``memory_limit`` refuses a plan over it before any read.
     """
-    if not isinstance(source, KeySource):
-        raise ConfigError(
-            "p != 2 universal sets take a single-head key store; select per head (or use "
-            "p = 2) for a multi-head KV cache."
-        )
-    out: list[Any] = [None] * len(selections)
-    with engine_session(engine, progress=progress, **engine_options) as opts:
-        two = [i for i, sel in enumerate(selections) if sel.p == 2]
-        if two:
-            sets = universal_sets(source, [selections[i] for i in two], chunk_rows=chunk_rows,
-                                  engine=engine, progress=progress, checkpoint=checkpoint,
-                                  also=also, **opts)
-            for i, uset in zip(two, sets, strict=True):
-                out[i] = uset
-        elif also:  # operators that were to share the first read get their own pass
-            also[:] = run_operators(source, also, engine=engine, chunk_rows=chunk_rows,
-                                    progress=progress, description="pass", **opts)
-        for i, sel in enumerate(selections):
-            if sel.p != 2:
-                out[i] = lp_universal_set(
-                    source, sel.eps, p=sel.p, variant=sel.variant, rtol=sel.rtol,
-                    chunk_rows=chunk_rows, engine=engine, progress=progress, **opts
-                )
-    return out
-
-
-def multihead_universal_sets(
-    source: MultiHeadSource,
-    selections: list[Any],
-    *,
-    chunk_rows: int,
-    checkpoint: Any = None,
-    **run: Any,
-) -> list[MultiHeadResult]:
-    """Universal sets of every (layer, head) of a cache, in the passes of one head.
-
-    Pass 1 folds each block into one ``LeverageScores`` per (selection, layer, head);
-    budget selections for which some head cannot certify its top-B from pass 1 get one
-    shared second pass (``TopScores`` per head; heads already certified keep their pass-1
-    answer, so every head's set is the one a single-head run would give). Each head's
-    result is ``universal.finish_selection`` of its own pass results.
-    """
-    run = dict(run, chunk_rows=chunk_rows, checkpoint=checkpoint)
-    if run.get("engine", "local") != "local" and (
-        source.path is None or source.declared or source.subset
-    ):
-        raise ConfigError(
-            f"{source.label}: the {run['engine']} engine's workers open a KV cache by path "
-            "and read all of it with its head layout from disk (a 4-D array or "
-            "keys/layer_{l} arrays with an n_heads attribute); an in-memory cache, a 2-D "
-            "array split by a declared n_heads, or a layers/heads subset runs on engine: "
-            "local."
-        )
-    grid = [(layer, h) for layer in range(source.layers) for h in range(source.heads)]
-    thresholds = [sel.pruning_threshold(source.d) for sel in selections]
-    ops = [
-        MultiHead.of(
-            [
-                [LeverageScores(LeverageSpec(t, sel.variant == "affine", sel.rtol))
-                 for _ in range(source.heads)]
-                for _ in range(source.layers)
-            ]
-        )
-        for sel, t in zip(selections, thresholds, strict=True)
-    ]
-    run_operators(source, ops, description="leverage", **run)
-    firsts = [op.result() for op in ops]
-    second: dict[int, MultiHead] = {}
-    for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True)):
-        if any(needs_second_pass(sel, t, res[lay][h]) for lay, h in grid):
-            second[i] = MultiHead.of(
-                [
-                    [TopScores(TopScoresSpec(sel.budget, head["scoring_map"].w,
-                                             sel.variant == "affine",
-                                             head["scoring_map"].shift,
-                                             head["scoring_map"].offset))
-                     for head in row]
-                    for row in res
-                ]
-            )
-    if second:
-        run_operators(source, list(second.values()), description="top-B", **run)
-    out = []
-    for i, (sel, t, res) in enumerate(zip(selections, thresholds, firsts, strict=True)):
-        items = [[None] * source.heads for _ in range(source.layers)]
-        for lay, h in grid:
-            first = res[lay][h]
-            top = None
-            if i in second and needs_second_pass(sel, t, first):
-                top = second[i].ops[lay][h].result()
-            items[lay][h] = finish_selection(
-                source.head(lay, h), sel, t, first, top,
-                chunk_rows=chunk_rows, engine=run.get("engine", "local"),
-            )
-        out.append(MultiHeadResult(items, source.layer_ids, source.head_ids))
-    return out
+    return universal_sets_outcome(
+        source, selections, array=array, chunk_rows=chunk_rows, engine=engine,
+        progress=progress, checkpoint=checkpoint, memory_limit=memory_limit, **engine_options,
+    ).results
 
 
 def needs_second_pass(sel: Selection, threshold: float, first: dict[str, Any]) -> bool:

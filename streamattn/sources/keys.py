@@ -211,13 +211,26 @@ class BlockStream:
     def default_chunk_rows(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def row_nbytes(self) -> int:  # pragma: no cover - abstract
+        """Bytes of one row as a block holds it (keys and values, every head)."""
+        raise NotImplementedError
+
+    def rows_per_block(self, chunk_rows: int | None = None) -> int:
+        """The block size of a pass: ``chunk_rows``, or the storage-aligned default.
+
+        The one place where a missing ``chunk_rows`` becomes a number (the runner, the
+        engines, checkpoints and certificates all ask here).
+        """
+        rows = int(chunk_rows) if chunk_rows is not None else self.default_chunk_rows()
+        if rows < 1:
+            raise InvalidInputError(f"chunk_rows must be >= 1, got {chunk_rows}.")
+        return rows
+
     def block_ranges(
         self, chunk_rows: int | None = None, start: int = 0, stop: int | None = None
     ) -> list[tuple[int, int]]:
         """The ``[start, stop)`` row ranges that ``blocks`` yields, in order."""
-        rows = int(chunk_rows) if chunk_rows is not None else self.default_chunk_rows()
-        if rows < 1:
-            raise InvalidInputError(f"chunk_rows must be >= 1, got {chunk_rows}.")
+        rows = self.rows_per_block(chunk_rows)
         stop = self.n if stop is None else int(stop)
         if not 0 <= start <= stop <= self.n:
             raise InvalidInputError(
@@ -356,6 +369,11 @@ class KeySource(BlockStream):
         return None
 
     # ------------------------------------------------------------------ layout
+    def row_nbytes(self) -> int:
+        values = 0 if self.values is None else int(np.prod(self.values.shape[1:]))
+        vbytes = 0 if self.values is None else values * np.dtype(self.values.dtype).itemsize
+        return int(self.d * self.dtype.itemsize + vbytes)
+
     def default_chunk_rows(self) -> int:
         """A block size aligned with storage chunks, about ``TARGET_BLOCK_BYTES`` each."""
         row_bytes = self.d * self.dtype.itemsize

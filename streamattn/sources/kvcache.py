@@ -193,6 +193,10 @@ class MultiHeadSource(BlockStream):
     def head(self, layer: int, head: int) -> HeadView:
         return HeadView(self, layer, head)
 
+    def row_nbytes(self) -> int:
+        parts = [self._keys] if self._values is None else [self._keys, self._values]
+        return int(sum(q.layers * q.heads * q.d for q in parts) * self.dtype.itemsize)
+
     def default_chunk_rows(self) -> int:
         """Blocks of about ``TARGET_BLOCK_BYTES`` over all heads, storage-aligned."""
         row_bytes = self.layers * self.heads * self.d * self.dtype.itemsize
