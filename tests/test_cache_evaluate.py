@@ -262,7 +262,7 @@ def test_native_needs_the_model_causal_attribute_and_queries(tmp_path: Path, cap
     assert open_kv(store).queries is not None
 
 
-def test_each_pass_reads_each_layer_once_per_block_and_values_only_when_needed(
+def test_each_pass_reads_each_layer_once_per_block(
     tmp_path: Path,
 ) -> None:
     import dataclasses
@@ -297,7 +297,7 @@ def test_each_pass_reads_each_layer_once_per_block_and_values_only_when_needed(
     assert len(report["passes"]) == 3
     blocks = 256 // 64
     assert [k.reads for k in keys] == [3 * blocks] * 2  # one read per layer per block per pass
-    assert [v.reads for v in vals] == [2 * blocks] * 2  # not in the leverage pass
+    assert [v.reads for v in vals] == [3 * blocks] * 2  # values ride along each read
 
 
 def test_single_store_outputs_open_in_xarray(tmp_path: Path) -> None:

@@ -70,6 +70,7 @@ class KeyScores(Operator):
 
     family = "key-scores"
     Spec = KeyScoresSpec
+    spec: KeyScoresSpec
 
     def __init__(self, spec: KeyScoresSpec) -> None:
         super().__init__(spec)
@@ -147,6 +148,7 @@ class QueryTopKeys(Operator):
 
     family = "query-top-keys"
     Spec = QueryTopKeysSpec
+    spec: QueryTopKeysSpec
 
     def __init__(self, spec: QueryTopKeysSpec) -> None:
         super().__init__(spec)
@@ -295,6 +297,7 @@ class SetAttention(Operator):
 
     family = "set-attention"
     Spec = SetAttentionSpec
+    spec: SetAttentionSpec
     needs_values = True
 
     def __init__(self, spec: SetAttentionSpec) -> None:

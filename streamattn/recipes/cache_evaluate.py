@@ -8,7 +8,8 @@ columns of head h, and it attends with KV head h // (H_q / H_kv) (GQA). Each mas
 query row its key interval. All query heads sharing a KV head, and all masks, are one
 query batch of that head's operators, so one read of a layer's keys serves all of them.
 
-Passes (each reads every chosen layer's keys once; values only where outputs need them):
+Passes (a ``Recipe`` run as-is by ``streamattn.runner``; each reads every chosen layer's
+keys and values once per block):
 
 1. ``GroundTruth`` (per attention kind: exact normalisers, heavy entries A_ij ≥ ε and
    outputs), ``QueryTopKeys`` (the query-aware oracle: each query's own top-B keys),
@@ -44,7 +45,6 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.engines import run_operators
 from streamattn.errors import ConfigError
 from streamattn.masks import Mask, parse_masks
 from streamattn.operators.cache_sets import (
@@ -60,6 +60,8 @@ from streamattn.operators.cache_sets import (
 from streamattn.operators.ground_truth import GroundTruth, GroundTruthSpec
 from streamattn.operators.leverage import LeverageScores, LeverageSpec
 from streamattn.operators.multihead import MultiHead
+from streamattn.operators.protocol import Operator
+from streamattn.runner import Pass, PassContext, Plan, Recipe, run_recipes
 from streamattn.sources import MultiHeadSource, open_kv
 
 CACHE_SELECTORS = ("oracle", "universal-threshold", "leverage-plain", "leverage-affine",
@@ -303,9 +305,42 @@ def evaluate_cache(
     src: MultiHeadSource, group: int, cfg: Any, run: dict[str, Any]
 ) -> dict[str, Any]:
     """The whole-cache evaluation (see the module docstring): report with ``rows`` (the
-    results.csv records) and per-pass timings."""
-    assert src.queries is not None
+    results.csv records), the passes with their times and the runner's plan.
+
+    ``run``: ``chunk_rows`` and ``progress`` for the runner (local engine).
+    """
     t0 = time.perf_counter()
+    outcome = run_recipes(src, [CacheEvaluation(group, cfg)], engine="local",
+                          chunk_rows=run.get("chunk_rows"),
+                          progress=bool(run.get("progress", False)))
+    report: dict[str, Any] = outcome.results[0]
+    report["passes"] = [{"pass": p["description"], "seconds": p["seconds"]}
+                        for p in outcome.report.passes]
+    report["plan"] = outcome.report.as_dict()
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+class CacheEvaluation(Recipe[dict[str, Any]]):
+    """The three passes of a whole-cache evaluation; its operators take whole-cache blocks
+    (one ``MultiHead`` per family, each head's query batch inside), so it runs as-is."""
+
+    on_cache = "as-is"
+
+    def __init__(self, group: int, cfg: Any) -> None:
+        self.group, self.cfg = group, cfg
+
+    def describe(self) -> str:
+        return "cache evaluation"
+
+    def plan(self, ctx: PassContext) -> Plan[dict[str, Any]]:
+        src = ctx.source
+        assert isinstance(src, MultiHeadSource)
+        return (yield from _cache_plan(src, self.group, self.cfg))
+
+
+def _cache_plan(src: MultiHeadSource, group: int, cfg: Any) -> Plan[dict[str, Any]]:
+    assert src.queries is not None
     a, sc = cfg.attention, cfg.selectors
     masks = parse_masks(a.modes)
     if any(m.kind in ("native", "local") for m in masks) and "causal" not in src.model:
@@ -332,32 +367,24 @@ def evaluate_cache(
         return MultiHead.of([[make(batches[li][hi], li, hi) for hi in range(src.heads)]
                              for li in range(src.layers)])
 
-    passes: list[dict[str, Any]] = []
-
-    def timed(ops: list[Any], what: str, values: bool = True) -> None:
-        t = time.perf_counter()
-        run_operators(src if values else src.keys_only(), ops, description=what, **run)
-        passes.append({"pass": what, "seconds": time.perf_counter() - t})
-
     # pass 1: ground truth, oracle, leverage factors, key norms
-    gts = {k: multi(lambda hb, li, hi, k=k: GroundTruth(GroundTruthSpec(
-        hb.queries, eps=a.eps, values_dim=dv, **att(hb, k)))) for k in kinds}
-    ops: list[Any] = list(gts.values())
-    tops = {}
+    first: dict[str, Operator] = {f"truth/{k}": multi(lambda hb, li, hi, k=k: GroundTruth(
+        GroundTruthSpec(hb.queries, eps=a.eps, values_dim=dv, **att(hb, k)))) for k in kinds}
     if "oracle" in names:
-        tops = {k: multi(lambda hb, li, hi, k=k: QueryTopKeys(QueryTopKeysSpec(
-            hb.queries, budget=bmax, **att(hb, k)))) for k in kinds}
-        ops += list(tops.values())
+        first.update({f"oracle/{k}": multi(lambda hb, li, hi, k=k: QueryTopKeys(
+            QueryTopKeysSpec(hb.queries, budget=bmax, **att(hb, k)))) for k in kinds})
     variants = {v for v in ("plain", "affine") if f"leverage-{v}" in names}
     if "universal-threshold" in names:
         variants.add(sc.universal_variant)
-    levs = {v: multi(lambda hb, li, hi, v=v: LeverageScores(LeverageSpec(1.0, v == "affine")))
-            for v in sorted(variants)}
-    ops += list(levs.values())
-    norms = multi(lambda hb, li, hi: KeyScores(KeyScoresSpec(n))) if "key-norm" in names \
-        else None
-    ops += [norms] if norms is not None else []
-    timed(ops, "ground truth, oracle, factors")
+    first.update({f"factor/{v}": multi(lambda hb, li, hi, v=v: LeverageScores(
+        LeverageSpec(1.0, v == "affine"))) for v in sorted(variants)})
+    if "key-norm" in names:
+        first["norms"] = multi(lambda hb, li, hi: KeyScores(KeyScoresSpec(n)))
+    done = yield Pass(first, "ground truth, oracle, factors")
+    gts = {k: _multi(done[f"truth/{k}"]) for k in kinds}
+    tops = {k: _multi(done[f"oracle/{k}"]) for k in kinds} if "oracle" in names else {}
+    levs = {v: _multi(done[f"factor/{v}"]) for v in sorted(variants)}
+    norms = _multi(done["norms"]) if "key-norm" in names else None
 
     # pass 2: every key's leverage with the final factors
     def key_map(v: str, li: int, hi: int) -> KeyScores:
@@ -366,7 +393,8 @@ def evaluate_cache(
 
     maps = {v: multi(lambda hb, li, hi, v=v: key_map(v, li, hi)) for v in levs}
     if maps:
-        timed(list(maps.values()), "leverage of every key", values=False)
+        done = yield Pass(dict(maps), "leverage of every key")
+        maps = {v: _multi(done[v]) for v in maps}
 
     # pass 3: attention restricted to every set
     specs: dict[str, list[list[SetAttentionSpec]]] = {}
@@ -406,7 +434,8 @@ def evaluate_cache(
             specs[k].append(row)
     restricted = {k: MultiHead.of([[SetAttention(sp) for sp in row] for row in specs[k]])
                   for k in kinds}
-    timed(list(restricted.values()), "restricted attention")
+    done = yield Pass(dict(restricted), "restricted attention")
+    restricted = {k: _multi(done[k]) for k in kinds}
 
     records = []
     for k in kinds:
@@ -439,10 +468,13 @@ def evaluate_cache(
         "eps": a.eps,
         "selectors": list(names),
         "scale": scale,
-        "passes": passes,
-        "seconds": time.perf_counter() - t0,
         "rows": records,
     }
+
+
+def _multi(op: Operator) -> MultiHead:
+    assert isinstance(op, MultiHead)
+    return op
 
 
 # ---------------------------------------------------------------------------- summaries

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.engines import run_operators
 from streamattn.errors import ConfigError
 from streamattn.operators.cache_sets import KeyScores, KeyScoresSpec
 from streamattn.operators.leverage import LeverageScores, LeverageSpec
 from streamattn.operators.multihead import MultiHead
+from streamattn.runner import OnePass, run_recipes
 from streamattn.sources import open_kv
 
 QUERY_FREE_SELECTORS = ("leverage-plain", "leverage-affine", "key-norm", "random",
@@ -62,10 +62,15 @@ def key_scores(
         )
     src = open_kv(cache, **open_options)
     n, shape = src.n, (src.layers, src.heads)
-    run = {"chunk_rows": chunk_rows, "progress": progress}
 
     def multi(make: Any) -> MultiHead:
         return MultiHead.of([[make(li, hi) for hi in range(shape[1])] for li in range(shape[0])])
+
+    def one_pass(op: MultiHead, what: str) -> MultiHead:
+        (done,) = run_recipes(src, [OnePass([op], what)], chunk_rows=chunk_rows,
+                              progress=progress).results[0]
+        assert isinstance(done, MultiHead)
+        return done
 
     if selector == "random":
         from streamattn.recipes.cache_evaluate import random_scores
@@ -77,15 +82,14 @@ def key_scores(
         row[: min(sinks, n)] = np.inf
         return np.broadcast_to(row, (*shape, n)).copy()
     if selector == "key-norm":
-        op = multi(lambda li, hi: KeyScores(KeyScoresSpec(n)))
-        run_operators(src, [op], description="key norms", **run)
+        op = one_pass(multi(lambda li, hi: KeyScores(KeyScoresSpec(n))), "key norms")
     else:
         affine = selector == "leverage-affine"
-        lev = multi(lambda li, hi: LeverageScores(LeverageSpec(1.0, affine)))
-        run_operators(src, [lev], description="leverage factor", **run)
+        lev = one_pass(multi(lambda li, hi: LeverageScores(LeverageSpec(1.0, affine))),
+                       "leverage factor")
         maps = [[lev.ops[li][hi].result()["scoring_map"] for hi in range(shape[1])]
                 for li in range(shape[0])]
-        op = multi(lambda li, hi: KeyScores(KeyScoresSpec(
-            n, "map", maps[li][hi].w, maps[li][hi].shift, maps[li][hi].offset)))
-        run_operators(src, [op], description="leverage of every key", **run)
+        op = one_pass(multi(lambda li, hi: KeyScores(KeyScoresSpec(
+            n, "map", maps[li][hi].w, maps[li][hi].shift, maps[li][hi].offset))),
+            "leverage of every key")
     return np.stack([np.stack(row) for row in op.result()])

@@ -27,7 +27,6 @@ cache without knowing about heads.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,11 +183,6 @@ class MultiHeadSource(BlockStream):
     def values_dim(self) -> int:
         return 0 if self._values is None else self._values.d
 
-    def keys_only(self) -> MultiHeadSource:
-        """The same cache without its values (a pass that needs no values reads none)."""
-        out = copy.copy(self)
-        out._values = None
-        return out
 
     def head(self, layer: int, head: int) -> HeadView:
         return HeadView(self, layer, head)
@@ -438,12 +432,12 @@ def open_kv(
         return MultiHeadSource(part, label=label, path=label, reopen=reopen)
     import zarr
 
-    fill = {"fill_missing": fill_missing}
     reopen["fill_missing"] = fill_missing
     node = _zarr_node(path)
     if isinstance(node, zarr.Array):
         part = part_of_array(node, n_heads=n_heads, batch=batch, label=label, **pick)
-        return MultiHeadSource(part, label=label, path=label, reopen=reopen, **fill)
+        return MultiHeadSource(part, label=label, path=label, reopen=reopen,
+                               fill_missing=fill_missing)
     name = array or "keys"
     if name not in node:
         raise InvalidInputError(f"{label}: zarr group has no {name!r} entry.")
@@ -452,7 +446,7 @@ def open_kv(
     if isinstance(entry, zarr.Array):
         part = part_of_array(entry, n_heads=n_heads, batch=batch, label=where, **pick)
         return MultiHeadSource(part, label=where, path=label, array_name=name, reopen=reopen,
-                               **fill)
+                               fill_missing=fill_missing)
     legacy = _declared_heads(entry, node, where)
 
     def layered(group: Any, what: str, count: int | None, chosen: Any) -> Part:
@@ -474,7 +468,8 @@ def open_kv(
     return MultiHeadSource(
         keys, values=vals, label=where, path=label, array_name=name,
         model=model if isinstance(model, dict) else None,
-        segments=_read_tokens(node, keys.n, label), queries=qs, reopen=reopen, **fill,
+        segments=_read_tokens(node, keys.n, label), queries=qs, reopen=reopen,
+        fill_missing=fill_missing,
     )
 
 
