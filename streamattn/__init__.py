@@ -8,11 +8,18 @@ protocol (``Operator``) and ``run_operators`` (engines); exact attention ground 
 attention masks ``Mask``, per-key scores ``key_scores``; docs/real-caches.md) and
 resumable passes (``Checkpointer``); reduced embeddings (``reduce_embeddings``) and column
 sparsifiers for d >> n (``sparsify_columns``); weighted leverage samples with (1 ± ε)
-spectral error (``leverage_sample``).
+spectral error (``leverage_sample``); kernel-regression solvers (``streamattn.solve``) and
+the one-layer attention fit (``streamattn.fit``).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
 
+try:  # the one version string is pyproject.toml's
+    __version__ = version("streamattn")
+except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0+unknown"
+
+from streamattn import fit, solve
 from streamattn.engines import run_operators
 from streamattn.errors import (
     ConfigError,
@@ -76,6 +83,7 @@ __all__ = [
     "UniversalSet",
     "__version__",
     "approximate_universal_set",
+    "fit",
     "key_scores",
     "leverage_sample",
     "lp_universal_set",
@@ -85,6 +93,7 @@ __all__ = [
     "ridge_universal_set",
     "run_operators",
     "softmax_entry_bound",
+    "solve",
     "sparsify_columns",
     "universal_set",
     "universal_sets",

@@ -76,7 +76,8 @@ def ensure_bench_store(data_dir: Path, n: int, d: int, compressor: str) -> Path:
 def _zarr_array(path: Path) -> Any:
     import zarr
 
-    return zarr.open(str(path), mode="r")["keys"]
+    group: Any = zarr.open(str(path), mode="r")
+    return group["keys"]
 
 
 def run_zarr_loop(path: Path) -> dict[str, Any]:
@@ -108,7 +109,7 @@ def run_parallel_read(path: Path) -> dict[str, Any]:
         fname = root / arr.metadata.encode_chunk_key((i, 0))
         with open(fname, "rb", buffering=0) as fh:
             if decoder is None:
-                fh.readinto(memoryview(buf.reshape(-1).view(np.uint8)))
+                fh.readinto(buf.reshape(-1).view(np.uint8).data)
             else:
                 decoder.decode(fh.read(), out=buf)
 
@@ -125,29 +126,21 @@ def run_uset(path: Path, variant: str, **engine: Any) -> dict[str, Any]:
 
 
 def run_uset_jl(path: Path) -> dict[str, Any]:
+    """A universal set and reduced embeddings from one read (the runner fuses them)."""
     try:
-        from streamattn.recipes.embeddings import (
-            ReduceConfig,
-            build_map,
-            create_embeddings_array,
-            projection_operator,
-        )
+        from streamattn.recipes.embeddings import Embeddings, ReduceConfig
     except ImportError as exc:
         raise NotAvailable(str(exc)) from exc
-    from streamattn.engines import run_operators
-    from streamattn.operators.leverage import LeverageScores, LeverageSpec
-    from streamattn.sources import open_keys
+    from streamattn.recipes.selection import Selection
+    from streamattn.recipes.universal import LeverageSet
+    from streamattn.runner import run_recipes
 
-    src = open_keys(str(path))
-    rows = src.rows_per_block()
     cfg = ReduceConfig()
-    pmap, _ = build_map(src, cfg, chunk_rows=rows)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        out = create_embeddings_array(Path(tmp) / "emb.zarr", src.n, cfg.m, rows, "float32")
-        ops = [LeverageScores(LeverageSpec(EPS)), projection_operator(pmap, out, cfg)]
-        run_operators(src, ops, chunk_rows=rows)
-        selected = int(ops[0].result()["indices"].size)
-    return {"selected": selected, "m": cfg.m, "method": cfg.method}
+        uset, _ = run_recipes(
+            str(path), [LeverageSet(Selection(EPS)), Embeddings(cfg, Path(tmp) / "emb.zarr")]
+        ).results
+    return {"selected": len(uset), "m": cfg.m, "method": cfg.method}
 
 
 def run_ground_truth(path: Path) -> dict[str, Any]:

@@ -93,6 +93,21 @@ def test_lifted_recipe_on_a_cache_matches_each_head() -> None:
         np.testing.assert_array_equal(uset.indices, np.sort(best))
 
 
+def test_lifted_second_pass_serves_only_the_heads_that_need_it() -> None:
+    """Head 0 certifies its top-B in pass 1 (12 dominant keys), head 1 needs pass 2."""
+    rng = np.random.default_rng(8)
+    cache = rng.standard_normal((1, 2, 600, 6))
+    cache[0, 0, 100:112] *= 200.0
+    out = run_recipes(cache, [selection_recipe(sa.Selection(budget=10))], chunk_rows=100)
+    (res,) = out.results
+    assert [res[0, 0].certificate["passes"], res[0, 1].certificate["passes"]] == [1, 2]
+    assert len(out.report.passes) == 2  # one top-B pass; head 0 keeps its pass-1 answer
+    for h in range(2):
+        tau, _ = svd_leverage(cache[0, h])
+        best = np.lexsort((np.arange(600), -tau))[:10]
+        np.testing.assert_array_equal(res[0, h].indices, np.sort(best))
+
+
 def test_single_head_only_recipes_refuse_a_cache() -> None:
     cache = np.random.default_rng(0).standard_normal((1, 2, 100, 4))
     with pytest.raises(ConfigError, match="single-head key store"):

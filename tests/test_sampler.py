@@ -224,6 +224,9 @@ def test_bounds_are_the_documented_formulas() -> None:
         2 * dim * np.exp(-c * eps**2 / (2 * (1 + eps / 3))))
     assert online_delta_bound(c, eps, dim, parts=4) == pytest.approx(
         5 * online_delta_bound(c, eps, dim))
+    g = 1.5 / 1.3  # certifying eps = 0.5 from scores inflated by 1 + 0.3
+    assert online_delta_bound(c, 0.5, dim, inflation=0.3) == pytest.approx(
+        2 * dim * np.exp(-(0.125) / (g / c + g * 0.5 / (3 * c))))
     # a single leaf: exact leverage at the root, alpha = 0 is allowed
     one = TreeShape.for_rows(100, 1000, 4)
     assert one.root_height == 0 and sum(one.counts) == 0

@@ -21,6 +21,7 @@ from streamattn.cli import (
     run,
     sample,
     select,
+    solve,
     update,
     window,
 )
@@ -30,6 +31,7 @@ from streamattn.errors import StreamattnError
 #: The commands, in the order ``streamattn --help`` lists them.
 COMMANDS = (
     run, select, sample, generate, update, evaluate, reduce, inspect, window, bench, experiment,
+    solve,
 )
 
 

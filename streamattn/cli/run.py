@@ -21,13 +21,14 @@ from streamattn.cli.common import (
     summary_lines,
 )
 from streamattn.config import RunConfig, load_config, to_dict
+from streamattn.errors import ConfigError
 from streamattn.io.checkpoint import Checkpointer
 from streamattn.io.outputs import atomic_dir, check_writable, claim_output, write_json_atomic
 from streamattn.memory import peak_rss_bytes
 from streamattn.recipes.embeddings import Embeddings, ReduceConfig
 from streamattn.recipes.selection import Selection
 from streamattn.recipes.universal import save_universal_sets, selection_recipe
-from streamattn.runner import run_recipes
+from streamattn.runner import Recipe, run_recipes
 from streamattn.sources import KeySource, open_source
 from streamattn.synthetic import ensure_store
 
@@ -66,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
             say(args, f"streamattn: replacing {out}, the output of an earlier streamattn "
                 "run (output.overwrite: true)")
         if cfg.reduce is not None:  # universal sets + embeddings from one shared read
+            if not isinstance(source, KeySource):
+                raise ConfigError(
+                    f"{source.label}: reduce: takes a single-head key store; drop the reduce "
+                    "section for a multi-head KV cache."
+                )
             return run_select_and_reduce(args, cfg, source, named)
         compute_and_save(
             args,
@@ -114,8 +120,8 @@ def run_select_and_reduce(
     progress = cfg.progress and not args.quiet
     t0 = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        recipes = [*(selection_recipe(sel) for sel in named.values()),
-                   Embeddings(rc, tmp / "embeddings.zarr")]
+        recipes: list[Recipe[Any]] = [*(selection_recipe(sel) for sel in named.values()),
+                                       Embeddings(rc, tmp / "embeddings.zarr")]
         outcome = run_recipes(source, recipes, engine=cfg.engine.kind,
                               chunk_rows=cfg.engine.chunk_rows, progress=progress,
                               memory_limit=cfg.engine.memory_limit, **cfg.engine.options())

@@ -10,14 +10,14 @@ from streamattn.engines.dask_engine import DaskOptions, dask_session, run_dask
 from streamattn.engines.local import run_local
 from streamattn.errors import ConfigError
 from streamattn.operators.protocol import Operator
-from streamattn.sources import KeySource
+from streamattn.sources import BlockStream
 
 ENGINES = ("local", "dask")
 
 
 def run_operators(
-    source: KeySource,
-    operators: Sequence[Operator],
+    source: BlockStream,
+    operators: Sequence[Operator[Any, Any]],
     *,
     engine: str = "local",
     chunk_rows: int | None = None,
@@ -25,12 +25,16 @@ def run_operators(
     description: str = "pass",
     checkpoint: Any = None,
     **engine_options: Any,
-) -> list[Operator]:
+) -> list[Operator[Any, Any]]:
     """One pass of ``source`` through ``operators`` on the chosen engine.
 
     ``checkpoint`` (a ``streamattn.io.checkpoint.Checkpointer``): resume the pass from its
     last checkpoint and write new ones as it goes.
     """
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}.")
+    if engine == "dask":
+        require_dask()
     if engine == "local":
         if engine_options:
             raise ConfigError(
@@ -56,6 +60,8 @@ def run_operators(
                 **engine_options,
             ),
             chunk_rows=chunk_rows,
+            progress=progress,
+            description=description,
         )
     if engine == "dask":
         return run_dask(
@@ -67,6 +73,18 @@ def run_operators(
             **engine_options,
         )
     raise ConfigError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}.")
+
+
+def require_dask() -> None:
+    """The Dask engine needs the ``dask`` extra (dask.array and distributed)."""
+    import importlib.util
+
+    missing = [m for m in ("dask", "distributed") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"the dask engine needs {' and '.join(missing)}: pip install 'streamattn[dask]' "
+            "(or use engine: local)."
+        )
 
 
 @contextmanager
@@ -81,9 +99,10 @@ def engine_session(
     if engine != "dask" or engine_options.get("client") is not None:
         yield dict(engine_options)
         return
+    require_dask()
     client_free = {k: v for k, v in engine_options.items() if k != "client"}
     with dask_session(DaskOptions.from_kwargs(client_free), progress=progress) as client:
         yield client_free if client is None else {**client_free, "client": client}
 
 
-__all__ = ["ENGINES", "engine_session", "run_dask", "run_local", "run_operators"]
+__all__ = ["ENGINES", "engine_session", "require_dask", "run_dask", "run_local", "run_operators"]

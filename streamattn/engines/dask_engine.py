@@ -56,7 +56,7 @@ import numpy as np
 import streamattn
 from streamattn.errors import ConfigError, InvalidInputError, StreamattnError
 from streamattn.operators.protocol import Operator, State
-from streamattn.sources import Block, KeySource, open_keys
+from streamattn.sources import Block, BlockStream, KeySource, open_keys
 
 SCHEDULERS = ("threads", "local-cluster")
 DEFAULT_SPLIT_EVERY = 8
@@ -365,7 +365,7 @@ def auto_blocks_per_task(n_blocks: int, threads: int) -> int:
 
 
 def build_graph(
-    source: KeySource,
+    source: Any,
     operators: Sequence[Operator],
     *,
     chunk_rows: int | None = None,
@@ -415,16 +415,16 @@ def build_graph(
     depth = 0
     while len(level) > 1:
         name = f"streamattn-merge{depth}-{token}"
-        groups = [level[i : i + split_every] for i in range(0, len(level), split_every)]
-        for j, group in enumerate(groups):
-            dsk[(name, j)] = (_merge_states, payload_key, list(group))
-        level = [(name, j) for j in range(len(groups))]
+        merges = [level[i : i + split_every] for i in range(0, len(level), split_every)]
+        for j, members in enumerate(merges):
+            dsk[(name, j)] = (_merge_states, payload_key, list(members))
+        level = [(name, j) for j in range(len(merges))]
         depth += 1
     return MergeGraph(dsk, level[0], ranges, parts, leaf, ref)
 
 
 def _array_leaves(
-    source: KeySource,
+    source: Any,
     ranges: list[tuple[int, int]],
     blocks_per_task: int,
     payload_key: str,
@@ -576,7 +576,7 @@ def _preflight(client: Any, graph_ref: _StoreRef | None) -> None:
 
 # ---------------------------------------------------------------------------- the run
 def run_dask(
-    source: KeySource,
+    source: BlockStream,
     operators: Sequence[Operator],
     *,
     chunk_rows: int | None = None,

@@ -12,12 +12,12 @@ from typing import Any
 
 from streamattn.operators.protocol import Operator
 from streamattn.progress import progress_bar
-from streamattn.sources import KeySource
+from streamattn.sources import BlockStream
 
 
 def run_local(
-    source: KeySource,
-    operators: Sequence[Operator],
+    source: BlockStream,
+    operators: Sequence[Operator[Any, Any]],
     *,
     chunk_rows: int | None = None,
     start: int = 0,
@@ -26,7 +26,7 @@ def run_local(
     prefetch: int = 2,
     description: str = "pass",
     checkpoint: Any = None,
-) -> list[Operator]:
+) -> list[Operator[Any, Any]]:
     """Fold rows ``[start, stop)`` of ``source`` into each operator, in order, in place.
 
     With a ``checkpoint`` (``streamattn.io.checkpoint.Checkpointer``) the pass starts from

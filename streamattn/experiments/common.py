@@ -139,5 +139,5 @@ def save_figure(fig: Any, path: Path) -> None:
 
     fig.tight_layout()
     # no timestamp metadata, so a rerun writes the same bytes
-    fig.savefig(path, dpi=90, metadata={"Software": None})
+    fig.savefig(path, dpi=80, metadata={"Software": None})
     plt.close(fig)

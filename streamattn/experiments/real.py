@@ -303,9 +303,9 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
             ax.plot([r["predicted_heavy_per_query"] for r in pts],
                     [r["measured_heavy_per_query"] for r in pts], "o", color=f"C{i % 10}",
                     ms=4, label=f"layer {layer}")
-        lim = [min(0.01, *[r["measured_heavy_per_query"] + 0.01 for r in rows]),
-               max(1.0, *[r["predicted_heavy_per_query"] for r in rows],
-                   *[r["measured_heavy_per_query"] for r in rows])]
+        vals = [v for r in rows for v in (r["measured_heavy_per_query"],
+                                          r["predicted_heavy_per_query"]) if v > 0]
+        lim = [min(vals, default=0.1) / 2, 2 * max(vals, default=1.0)]
         ax.plot(lim, lim, "k--", lw=0.8, label="measured = Gaussian prediction")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -316,12 +316,14 @@ def _plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
     axes[0][0].legend(fontsize=6)
     ax = axes[0][-1]
     sel = [r for r in rows if r["eps"] == epss[0]]
-    ax.plot([r["predicted_entropy"] for r in sel], [r["measured_entropy"] for r in sel], "o",
-            ms=4)
+    for i, layer in enumerate(layers):
+        pts = [r for r in sel if r["layer"] == layer]
+        ax.plot([r["predicted_entropy"] for r in pts], [r["measured_entropy"] for r in pts],
+                "o", color=f"C{i % 10}", ms=4)
     lo = min(min(r["predicted_entropy"] for r in sel), min(r["measured_entropy"] for r in sel))
     hi = max(max(r["predicted_entropy"] for r in sel), max(r["measured_entropy"] for r in sel))
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-    ax.set_xlabel("Gaussian entropy ln n − σ²/2")
+    ax.set_xlabel("Gaussian entropy ln n − σ²/2 (valid in regime only)")
     ax.set_ylabel("measured entropy (nats)")
     ax.set_title("entropy per head")
     ax.grid(alpha=0.3)

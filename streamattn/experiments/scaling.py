@@ -362,8 +362,23 @@ def _report(cfg: ScalingConfig, rows: list[dict], meas: list[dict], skipped: lis
             tuple(r[c] for c in COLUMNS[3:])
         )
     both = [v for v in same.values() if len(v) == 2]
+    lines += ["", "Peak RSS from n = 2^20 to the largest n reached:", ""]
+    if not any(m["n"] == 2**20 for m in meas):
+        lines.append("- (no run at n = 2^20)")
+    for d, source in sorted({(m["d"], m["source"]) for m in meas}):
+        series = sorted((m["n"], m["peak_rss_bytes"]) for m in meas
+                        if (m["d"], m["source"]) == (d, source))
+        ref = dict(series).get(2**20)
+        if ref:
+            n_max, rss_max = series[-1]
+            lines.append(f"- d = {d}, {source}: {ref / 2**20:.0f} MiB at 2^20, "
+                         f"{rss_max / 2**20:.0f} MiB at 2^{int(math.log2(n_max))} "
+                         f"(ratio {rss_max / ref:.3f})")
     lines += [
         "",
+        "- wall s is the pass's elapsed time, CPU s its user + system time over all threads "
+        "(the reader thread included); on a shared machine only the CPU time is comparable "
+        "across runs.",
         f"- generator and zarr runs of the same (n, d) give identical results.csv rows in "
         f"{sum(1 for v in both if v[0] == v[1])} of {len(both)} pairs.",
         "- 'read s' is the time spent generating rows (generator; in the reader thread, "

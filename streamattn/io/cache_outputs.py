@@ -76,12 +76,12 @@ def load_cache_selection(out: str | Path, name: str) -> MultiHeadResult:
     from streamattn.results import UniversalSet
 
     try:
-        group = zarr.open_group(f"{out}/result.zarr", mode="r")[f"selection/{name}"]
+        group: Any = zarr.open_group(f"{out}/result.zarr", mode="r")[f"selection/{name}"]
     except (KeyError, FileNotFoundError) as exc:
         raise InvalidInputError(f"{out}: no cache selection named {name!r} in result.zarr.") \
             from exc
     a = {k: np.asarray(v[...]) for k, v in group.arrays()}
-    certs = dict(group.attrs)["certificates"]
+    certs: list[dict[str, Any]] = dict(group.attrs)["certificates"]
     layers, heads = a["layer"].tolist(), a["head"].tolist()
     items: list[list[Any]] = []
     for li in range(len(layers)):

@@ -58,6 +58,7 @@ from streamattn.io.readlog import (
     verify_read,
 )
 from streamattn.operators.protocol import Operator, State, specs_equal
+from streamattn.progress import progress_bar
 
 FORMAT = 2  # 2: read checksums (BlockDigests) and file stamps
 CHECKSUM_KEY = "__sha256__"
@@ -166,7 +167,7 @@ def current_shape(source: Any) -> tuple[int, ...]:
         return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
     import zarr
 
-    node = zarr.open(str(path), mode="r")
+    node: Any = zarr.open(str(path), mode="r")
     if source.array_name is not None:
         node = node[source.array_name]
     return tuple(int(s) for s in node.shape)
@@ -492,6 +493,8 @@ def run_segmented(
     run_pass: Any,
     *,
     chunk_rows: int | None,
+    progress: bool = False,
+    description: str = "pass",
 ) -> list[Operator]:
     """A checkpointed pass on an engine that merges partial states (e.g. Dask).
 
@@ -500,21 +503,23 @@ def run_segmented(
     engine (a tree of partial states), its merged state is folded into ``ops`` on the
     client, and a checkpoint is written after every segment. A resumed run skips the
     completed segments: the granularity of resume is one segment of completed partial
-    states. Segment boundaries depend only on the block size and ``every_blocks``, so a
-    resumed run merges in the same order as an uninterrupted one (same result, bit for
-    bit, for a deterministic engine merge tree).
+    states; the progress bar advances by segment. Segment boundaries depend only on the
+    block size and ``every_blocks``, so a resumed run merges in the same order as an
+    uninterrupted one (same result, bit for bit, for a deterministic engine merge tree).
     """
     rows = source.rows_per_block(chunk_rows)
     start = checkpoint.begin(source, ops, start=0, stop=source.n, chunk_rows=rows)
     seg = rows * (checkpoint.every_blocks or DEFAULT_SEGMENT_BLOCKS)
-    for a in range(start, source.n, seg):
-        b = min(a + seg, source.n)
-        partial = run_pass(
-            RowWindow(source, a, b), [op.empty() for op in ops] + [checkpoint.reads.empty()]
-        )
-        for op, part in zip([*ops, checkpoint.reads], partial, strict=True):
-            op.merge(part)
-        if b < source.n and checkpoint.directory is not None:
-            checkpoint.save(source, ops, b)
+    with progress_bar(source.n - start, description, enabled=progress) as bar:
+        for a in range(start, source.n, seg):
+            b = min(a + seg, source.n)
+            partial = run_pass(
+                RowWindow(source, a, b), [op.empty() for op in ops] + [checkpoint.reads.empty()]
+            )
+            for op, part in zip([*ops, checkpoint.reads], partial, strict=True):
+                op.merge(part)
+            bar.update(b - a)
+            if b < source.n and checkpoint.directory is not None:
+                checkpoint.save(source, ops, b)
     checkpoint.end(source, ops, source.n)
     return ops

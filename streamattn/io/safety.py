@@ -123,7 +123,8 @@ def write_marker(directory: str | os.PathLike[str], info: dict[str, Any] | None 
     if _is_zarr_root(d):
         import zarr
 
-        zarr.open(str(d), mode="r+").attrs[MARKER] = body
+        root: Any = zarr.open(str(d), mode="r+")
+        root.attrs[MARKER] = body
         return
     with open(d / MARKER, "w") as fh:
         json.dump(body, fh, sort_keys=True)

@@ -92,7 +92,7 @@ def shrink(b: np.ndarray, ell: int) -> tuple[np.ndarray, float]:
     return np.sqrt(s2[:keep])[:, None] * vt[:keep], delta
 
 
-class FrequentDirections(Operator):
+class FrequentDirections(Operator[FDSpec, FDSketch]):
     """Mergeable Frequent Directions sketch of the rows (keys) folded so far.
 
     Memory: at most 2ℓ rows of d float64 (plus the stacking copy), any n.

@@ -222,7 +222,7 @@ class GroundTruthSpec(AttentionSpec):
         return math.floor(1.0 / self.eps + 1e-9)
 
 
-class GroundTruth(Operator):
+class GroundTruth(Operator[GroundTruthSpec, dict[str, Any]]):
     """Exact heavy entries, normalisers and outputs of attention, one pass, bounded memory.
 
     ``result()`` gives ``lse`` (s,) the exact log-normalisers L_i; ``indices`` (s × ⌊1/ε⌋)
@@ -246,7 +246,6 @@ class GroundTruth(Operator):
 
     family = "ground-truth"
     Spec = GroundTruthSpec
-    needs_values = True
 
     def __init__(self, spec: GroundTruthSpec) -> None:
         super().__init__(spec)
@@ -358,7 +357,7 @@ class ObservedAttentionSpec(AttentionSpec):
             raise ConfigError(f"budget must be an integer >= 1, got {self.budget!r}.")
 
 
-class ObservedAttentionTop(Operator):
+class ObservedAttentionTop(Operator[ObservedAttentionSpec, dict[str, Any]]):
     """Exact top-B keys by accumulated attention a_j = Σ_i A_ij (H2O-style heavy hitters).
 
     Needs the queries *and* their final normalisers (a ``GroundTruth`` pass first), so it
@@ -442,7 +441,7 @@ class RestrictedAttentionSpec(AttentionSpec):
         return np.full(self.queries.shape[0], self.n_keys - 1, dtype=np.int64)
 
 
-class RestrictedAttention(Operator):
+class RestrictedAttention(Operator[RestrictedAttentionSpec, dict[str, Any]]):
     """Per selected set and query: log Σ_{j∈S_i} exp(ℓ_ij) and the output renormalised over S_i.
 
     ``result()``: ``lse`` (k × s) and ``output`` (k × s × d_v, or None). With the full
@@ -452,7 +451,6 @@ class RestrictedAttention(Operator):
 
     family = "restricted-attention"
     Spec = RestrictedAttentionSpec
-    needs_values = True
 
     def __init__(self, spec: RestrictedAttentionSpec) -> None:
         super().__init__(spec)

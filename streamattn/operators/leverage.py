@@ -258,7 +258,7 @@ class LeverageSpec:
     rtol: float = DEFAULT_RTOL
 
 
-class LeverageScores(Operator):
+class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
     """One-pass exact set {j : τ_j ≥ threshold} with its rows, scores and factor.
 
     Memory: O(d² + (rank/threshold) · (d + d_v)) floats, independent of n.
@@ -267,7 +267,6 @@ class LeverageScores(Operator):
     family = "leverage-scores"
     format_version = 2  # 2: the affine factor is the centred one (R of [1, K])
     Spec = LeverageSpec
-    needs_values = True  # carries value rows of candidates when the store has them
 
     def __init__(self, spec: LeverageSpec) -> None:
         super().__init__(spec)
@@ -445,7 +444,7 @@ class TopScoresSpec:
     offset: float = 0.0
 
 
-class TopScores(Operator):
+class TopScores(Operator[TopScoresSpec, dict[str, Any]]):
     """Mergeable exact top-B by a fixed scoring map (the second pass of budget mode).
 
     Memory: O(B · (d + d_v)), independent of n.
@@ -453,7 +452,6 @@ class TopScores(Operator):
 
     family = "top-scores"
     Spec = TopScoresSpec
-    needs_values = True
 
     def __init__(self, spec: TopScoresSpec) -> None:
         super().__init__(spec)
@@ -470,7 +468,8 @@ class TopScores(Operator):
         self.values: np.ndarray | None = None
         self.rows_dtype = ""
 
-    def _keep_top(self, idx, scores, rows, values) -> None:  # type: ignore[no-untyped-def]
+    def _keep_top(self, idx: np.ndarray, scores: np.ndarray, rows: np.ndarray,
+                  values: np.ndarray | None) -> None:
         order = np.lexsort((idx, -scores))[: self.spec.budget]
         order = order[np.argsort(idx[order], kind="stable")]
         self.idx, self.scores, self.rows = idx[order], scores[order], rows[order]

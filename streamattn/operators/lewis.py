@@ -118,7 +118,7 @@ class LewisPassSpec:
     rtol: float = DEFAULT_RTOL
 
 
-class LewisPass(Operator):
+class LewisPass(Operator[LewisPassSpec, dict[str, Any]]):
     """One fused pass: new weights from the previous map, and the next reweighted factor.
 
     Memory: O(d² + cap · d) floats, independent of n.
@@ -126,7 +126,6 @@ class LewisPass(Operator):
 
     family = "lewis-pass"
     Spec = LewisPassSpec
-    needs_values = True  # candidates carry their value rows when the store has them
 
     def __init__(self, spec: LewisPassSpec) -> None:
         super().__init__(spec)

@@ -38,7 +38,7 @@ class MultiHeadSpec:
     inner: np.ndarray
 
 
-def _empty_state(op: Operator) -> State:
+def _empty_state(op: Operator[Any, Any]) -> State:
     return {
         "family": np.array(op.family),
         "format_version": np.array(op.format_version, dtype=np.int64),
@@ -56,44 +56,50 @@ def _split_prefixed(state: State) -> dict[tuple[int, int], State]:
     return out
 
 
-class MultiHead(Operator):
+class MultiHead(Operator[MultiHeadSpec, list[list[Any]]]):
     """One operator per (layer, head), fed from one read of each block.
 
     ``update`` takes blocks with rows ``(r, layers, heads, d)`` and folds the slice
     ``rows[:, l, h]`` (contiguous) into head (l, h)'s operator: a loop over heads per
     block, block-level BLAS inside each. ``merge``, states and results are per head.
+    A head may hold no operator (``None``: nothing is folded there, its result is None),
+    so a pass serves only the heads that asked for it.
     Memory: the sum of the heads' bounds (``layers × heads`` × the single-head bound).
     """
 
     family = "multi-head"
     Spec = MultiHeadSpec
-    needs_values = True
 
     def __init__(self, spec: MultiHeadSpec) -> None:
         super().__init__(spec)
         empties = _split_prefixed(decode_state(spec.inner))
-        self.ops = [
-            [Operator.from_state(empties[(layer, h)]) for h in range(spec.heads)]
+        self.ops: list[list[Operator[Any, Any] | None]] = [
+            [Operator.from_state(empties[(layer, h)]) if (layer, h) in empties else None
+             for h in range(spec.heads)]
             for layer in range(spec.layers)
         ]
 
     @classmethod
-    def of(cls, ops: list[list[Operator]]) -> MultiHead:
-        """Wrap empty per-head operators ``ops[layer][head]`` (any families)."""
+    def of(cls, ops: list[list[Operator[Any, Any] | None]]) -> MultiHead:
+        """Wrap empty per-head operators ``ops[layer][head]`` (any families; None: none)."""
         layers, heads = len(ops), len(ops[0])
         if any(len(row) != heads for row in ops):
             raise ConfigError("every layer needs the same number of head operators.")
+        if all(op is None for row in ops for op in row):
+            raise ConfigError("a multi-head operator needs at least one head operator.")
         flat: State = {}
         for layer, row in enumerate(ops):
             for h, op in enumerate(row):
-                for key, value in _empty_state(op).items():
-                    flat[f"{layer}.{h}|{key}"] = value
+                if op is not None:
+                    for key, value in _empty_state(op).items():
+                        flat[f"{layer}.{h}|{key}"] = value
         return cls(MultiHeadSpec(layers, heads, encode_state(flat)))
 
-    def _heads(self) -> Iterator[tuple[int, int, Operator]]:
+    def _heads(self) -> Iterator[tuple[int, int, Operator[Any, Any]]]:
         for layer, row in enumerate(self.ops):
             for h, op in enumerate(row):
-                yield layer, h, op
+                if op is not None:
+                    yield layer, h, op
 
     def _update(self, block: Block) -> None:
         rows = block.rows
@@ -110,7 +116,9 @@ class MultiHead(Operator):
 
     def _merge(self, other: MultiHead) -> None:
         for layer, h, op in self._heads():
-            op.merge(other.ops[layer][h])
+            theirs = other.ops[layer][h]
+            assert theirs is not None  # same spec: the same heads hold operators
+            op.merge(theirs)
 
     def _state(self) -> State:
         out: State = {}
@@ -125,7 +133,7 @@ class MultiHead(Operator):
 
     def result(self) -> list[list[Any]]:
         """``result()[layer][head]``: each head operator's result."""
-        return [[op.result() for op in row] for row in self.ops]
+        return [[None if op is None else op.result() for op in row] for row in self.ops]
 
     def nbytes_bound(self, d: int) -> int:
         return sum(op.nbytes_bound(d) for _, _, op in self._heads())

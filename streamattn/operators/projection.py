@@ -268,6 +268,7 @@ class ProjectionMap:
         elif self.method == "gaussian":
             s = _gaussian(self.d, self.m, self.seed)
         else:
+            assert self.matrix is not None
             s = self.matrix
         return tiled_matmul(x, np.ascontiguousarray(s, dtype=np.float64), start)
 
@@ -387,7 +388,7 @@ class ProjectionSummary:
     projection_map: ProjectionMap
 
 
-class ProjectedEmbeddings(Operator):
+class ProjectedEmbeddings(Operator[ProjectionSpec, ProjectionSummary]):
     """Y = K S written block by block; mean and a key sample kept as the mergeable state.
 
     ``update`` writes Y_block = K_block S into rows [start, stop) of ``spec.out_path`` (a
@@ -479,7 +480,7 @@ class CentredFactorSpec:
     """TSQR of [1, K]; no parameters beyond the dimension check done by the source."""
 
 
-class CentredFactor(Operator):
+class CentredFactor(Operator[CentredFactorSpec, CentredFactorResult]):
     """One-pass TSQR R factor of [1, K] (float64): the mean and the centred factor.
 
     R = qr([1, K]).R has first row (r₀₀, r₀₀ μᵀ) with |r₀₀| = √n, and its trailing block
@@ -518,7 +519,7 @@ class KeyMeanSpec:
     """Count and float64 column sums; no parameters."""
 
 
-class KeyMean(Operator):
+class KeyMean(Operator[KeyMeanSpec, dict[str, Any]]):
     """The mean key μ in one pass (float64 column sums). Memory: O(d)."""
 
     family = "key-mean"

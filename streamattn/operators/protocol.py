@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import numpy as np
 
@@ -32,7 +32,11 @@ from streamattn.sources import Block
 
 State = dict[str, np.ndarray]
 
-_REGISTRY: dict[str, type[Operator]] = {}
+#: An operator's spec type (a frozen dataclass) and result type.
+SpecT = TypeVar("SpecT")
+ResultT = TypeVar("ResultT", covariant=True)
+
+_REGISTRY: dict[str, type[Operator[Any, Any]]] = {}
 
 
 class RowRanges:
@@ -158,19 +162,18 @@ def specs_equal(a: Any, b: Any) -> bool:
     return True
 
 
-class Operator(ABC):
-    """Base class of every mergeable operator.
+class Operator(ABC, Generic[SpecT, ResultT]):
+    """Base class of every mergeable operator, generic over its spec and result types.
 
-    Subclasses set ``family`` (a unique name), ``Spec`` (a frozen dataclass) and
-    implement ``_update``, ``_merge``, ``_state``, ``_load``, ``result`` and
+    Subclasses (``class MyOp(Operator[MySpec, MyResult])``) set ``family`` (a unique
+    name), ``Spec`` (the frozen dataclass, for construction checks and ``from_state``)
+    and implement ``_update``, ``_merge``, ``_state``, ``_load``, ``result`` and
     ``nbytes_bound``. ``merge`` mutates ``self`` and returns it; ``other`` is unchanged.
     """
 
     family: ClassVar[str]
     format_version: ClassVar[int] = 1
     Spec: ClassVar[type]
-    #: True if the operator needs the value rows of each block (``Block.values``).
-    needs_values: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -185,10 +188,10 @@ class Operator(ABC):
                 )
             _REGISTRY[family] = cls
 
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, spec: SpecT) -> None:
         if not isinstance(spec, self.Spec):
             raise TypeError(f"{type(self).__name__} needs a {self.Spec.__name__}, got {spec!r}")
-        self.spec = spec
+        self.spec: SpecT = spec
         self.covered = RowRanges()
 
     # ------------------------------------------------------------------ the monoid
@@ -202,7 +205,7 @@ class Operator(ABC):
         self._update(block)
         return self
 
-    def merge(self, other: Operator) -> Self:
+    def merge(self, other: Operator[Any, Any]) -> Self:
         """Fold another state over disjoint rows into this one (in place)."""
         if type(other) is not type(self):
             raise IncompatibleMergeError(
@@ -247,7 +250,7 @@ class Operator(ABC):
         return out
 
     @staticmethod
-    def from_state(state: State) -> Operator:
+    def from_state(state: State) -> Operator[Any, Any]:
         """Rebuild any registered operator from ``to_state`` output."""
         try:
             family = str(state["family"])
@@ -296,13 +299,9 @@ class Operator(ABC):
         """Replace the state by ``state`` (as produced by ``_state``), copying arrays."""
 
     @abstractmethod
-    def result(self) -> Any:
+    def result(self) -> ResultT:
         """The final answer for the rows folded so far."""
 
     @abstractmethod
     def nbytes_bound(self, d: int) -> int:
         """An upper bound on the state's memory for keys of dimension ``d``, any ``n``."""
-
-
-def registered_families() -> list[str]:
-    return sorted(_REGISTRY)

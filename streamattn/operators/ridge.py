@@ -99,7 +99,7 @@ class RidgeFDSpec:
     lam_rel: float = 0.0
 
 
-class RidgeFD(Operator):
+class RidgeFD(Operator[RidgeFDSpec, dict[str, Any]]):
     """Superset of the exact ridge set {j : τ^λ_j ≥ threshold} in one pass, no d × d matrix.
 
     Memory: O(ℓ·d + (S/threshold)·d) floats (S as in :func:`effective_bound`), any n.
@@ -107,7 +107,6 @@ class RidgeFD(Operator):
 
     family = "ridge-fd"
     Spec = RidgeFDSpec
-    needs_values = True
 
     def __init__(self, spec: RidgeFDSpec) -> None:
         super().__init__(spec)
@@ -207,7 +206,7 @@ class SketchedScoresSpec:
     threshold: float
 
 
-class SketchedScores(Operator):
+class SketchedScores(Operator[SketchedScoresSpec, dict[str, Any]]):
     """Mergeable threshold collector for a fixed scoring map (the JL-sketched pass).
 
     Memory: O(|kept| · d + d·m); |kept| ≤ Σ_j ‖k_j w‖² / threshold.
@@ -215,7 +214,6 @@ class SketchedScores(Operator):
 
     family = "sketched-scores"
     Spec = SketchedScoresSpec
-    needs_values = True
 
     def __init__(self, spec: SketchedScoresSpec) -> None:
         super().__init__(spec)

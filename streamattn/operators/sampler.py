@@ -102,11 +102,18 @@ def _tail(t: float, var: np.ndarray, r: np.ndarray) -> np.ndarray:
         return np.exp(-(t * t / 2.0) / (var + r * t / 3.0))
 
 
-def online_delta_bound(c: float, eps: float, dim: int, parts: int = 1) -> float:
-    """Failure probability of the online spectral bound for ``parts`` independent runs."""
+def online_delta_bound(
+    c: float, eps: float, dim: int, parts: int = 1, inflation: float | None = None
+) -> float:
+    """Failure probability of the online spectral bound at ``eps`` for ``parts`` runs.
+
+    ``inflation`` is the ε of the scores' (1 + ε) factor (default: ``eps``); certifying a
+    larger ε than it scales R and the variation by (1 + eps)/(1 + inflation).
+    """
     events = 1 if parts <= 1 else parts + 1
-    tail = float(_tail(eps, np.array(1.0 / c), np.array(1.0 / c)))
-    return min(1.0, 2.0 * dim * events * tail)
+    grow = 1.0 if inflation is None else max(1.0, (1.0 + eps) / (1.0 + inflation))
+    r = np.array(grow / c)
+    return min(1.0, 2.0 * dim * events * float(_tail(eps, r, r)))
 
 
 def online_oversampling(eps: float, delta: float, dim: int, parts: int = 1) -> float:
@@ -588,7 +595,9 @@ class LeverageSampler(Operator):
         dim = self.d + 1 if self.affine else self.d
         if spec.method == "online":
             idx, rows, weights = self.idx, self.rows, self.weights
-            bound = lambda e: online_delta_bound(spec.c, e, dim, self.parts)  # noqa: E731
+            bound = lambda e: online_delta_bound(  # noqa: E731
+                spec.c, e, dim, self.parts, inflation=spec.eps
+            )
             tree: dict[str, Any] = {"parts": self.parts}
         else:
             forest = self._forest()

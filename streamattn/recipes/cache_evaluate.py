@@ -381,20 +381,21 @@ def _cache_plan(src: MultiHeadSource, group: int, cfg: Any) -> Plan[dict[str, An
     if "key-norm" in names:
         first["norms"] = multi(lambda hb, li, hi: KeyScores(KeyScoresSpec(n)))
     done = yield Pass(first, "ground truth, oracle, factors")
-    gts = {k: _multi(done[f"truth/{k}"]) for k in kinds}
-    tops = {k: _multi(done[f"oracle/{k}"]) for k in kinds} if "oracle" in names else {}
-    levs = {v: _multi(done[f"factor/{v}"]) for v in sorted(variants)}
-    norms = _multi(done["norms"]) if "key-norm" in names else None
+    # results()[layer][head] of each family, computed once
+    gts = {k: done[f"truth/{k}"].result() for k in kinds}
+    tops = {k: done[f"oracle/{k}"].result() for k in kinds} if "oracle" in names else {}
+    levs = {v: done[f"factor/{v}"].result() for v in sorted(variants)}
+    norms = done["norms"].result() if "key-norm" in names else None
 
     # pass 2: every key's leverage with the final factors
     def key_map(v: str, li: int, hi: int) -> KeyScores:
-        smap = levs[v].ops[li][hi].result()["scoring_map"]
+        smap = levs[v][li][hi]["scoring_map"]
         return KeyScores(KeyScoresSpec(n, "map", smap.w, smap.shift, smap.offset))
 
     maps = {v: multi(lambda hb, li, hi, v=v: key_map(v, li, hi)) for v in levs}
     if maps:
         done = yield Pass(dict(maps), "leverage of every key")
-        maps = {v: _multi(done[v]) for v in maps}
+    every = {v: done[v].result() for v in maps}
 
     # pass 3: attention restricted to every set
     specs: dict[str, list[list[SetAttentionSpec]]] = {}
@@ -403,14 +404,14 @@ def _cache_plan(src: MultiHeadSource, group: int, cfg: Any) -> Plan[dict[str, An
     for li, hi in grid:
         arrays: list[np.ndarray] = []
         ids: dict[str, int] = {}
-        for v in maps:
+        for v in every:
             ids[f"leverage-{v}"] = len(arrays)
-            arrays.append(maps[v].ops[li][hi].result())
+            arrays.append(every[v][li][hi])
         if "universal-threshold" in names:
             ids["universal"] = ids[f"leverage-{sc.universal_variant}"]
         if norms is not None:
             ids["key-norm"] = len(arrays)
-            arrays.append(norms.ops[li][hi].result())
+            arrays.append(norms[li][hi])
         if "random" in names:
             ids["random"] = len(arrays)
             arrays.append(random_scores(n, sc.seed, src.layer_ids[li], src.head_ids[hi]))
@@ -424,7 +425,7 @@ def _cache_plan(src: MultiHeadSource, group: int, cfg: Any) -> Plan[dict[str, An
             row = []
             for hi in range(src.heads):
                 hb, plan = batches[li][hi], plans[li][hi]
-                oracle = tops[k].ops[li][hi].result()["indices"] if tops else np.full(
+                oracle = tops[k][li][hi]["indices"] if tops else np.full(
                     (hb.row.size, 1), -1, dtype=np.int64)
                 row.append(SetAttentionSpec(
                     hb.queries, values_dim=dv, windows=np.stack(plan.windows),
@@ -435,14 +436,14 @@ def _cache_plan(src: MultiHeadSource, group: int, cfg: Any) -> Plan[dict[str, An
     restricted = {k: MultiHead.of([[SetAttention(sp) for sp in row] for row in specs[k]])
                   for k in kinds}
     done = yield Pass(dict(restricted), "restricted attention")
-    restricted = {k: _multi(done[k]) for k in kinds}
+    restricted_res = {k: done[k].result() for k in kinds}
 
     records = []
     for k in kinds:
         for li, hi in grid:
             hb, plan = batches[li][hi], plans[li][hi]
-            truth = gts[k].ops[li][hi].result()
-            res = restricted[k].ops[li][hi].result()
+            truth = gts[k][li][hi]
+            res = restricted_res[k][li][hi]
             spec = specs[k][li][hi]
             for qh in np.unique(hb.qhead):
                 for mi, mask in enumerate(masks):
@@ -471,10 +472,6 @@ def _cache_plan(src: MultiHeadSource, group: int, cfg: Any) -> Plan[dict[str, An
         "rows": records,
     }
 
-
-def _multi(op: Operator) -> MultiHead:
-    assert isinstance(op, MultiHead)
-    return op
 
 
 # ---------------------------------------------------------------------------- summaries

@@ -501,8 +501,8 @@ def load_reduced_embeddings(out: str | os.PathLike[str]) -> ReducedEmbeddings:
 
     path = Path(out) / "embeddings.zarr"
     try:
-        group = zarr.open_group(str(path), mode="r")
-        attrs = dict(group.attrs)
+        group: Any = zarr.open_group(str(path), mode="r")
+        attrs: dict[str, Any] = dict(group.attrs)
         desc = attrs["map"]
     except (FileNotFoundError, KeyError) as exc:
         raise InvalidInputError(f"{path}: not a reduced-embeddings output ({exc}).") from exc

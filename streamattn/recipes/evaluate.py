@@ -28,6 +28,7 @@ carries no guarantee there; softmax has no guarantee at all — this report meas
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from streamattn.operators.ground_truth import (
     RestrictedAttention,
     RestrictedAttentionSpec,
 )
+from streamattn.operators.protocol import Operator
 from streamattn.recipes.cache_evaluate import CACHE_SELECTORS, check_budgets
 from streamattn.recipes.selection import Selection
 from streamattn.recipes.selectors import (
@@ -259,7 +261,7 @@ def set_metrics(
 def _global_sets(src: KeySource, cfg: EvaluateConfig) -> Plan[list[KeySet]]:
     """Every query-independent selector's sets (heavy hitters come later)."""
     s = cfg.selectors
-    budgets = [b for b in s.budgets if b <= src.n]
+    budgets = [int(b) for b in s.budgets if b <= src.n]  # counts (_single_store_config)
     names = set(s.names)
     out: list[KeySet] = []
     # All leverage selections share one read of the store (and one second pass), and
@@ -370,12 +372,12 @@ class Evaluation(Recipe[dict[str, Any]]):
             [_global_sets(src, cfg), _truth(src, cfg, queries, positions, dv, combos)]
         )
         sets: dict[tuple[str, str], list[KeySet]] = {c: list(common) for c in combos}
-        budgets = [b for b in cfg.selectors.budgets if b <= src.n]
+        budgets = [int(b) for b in cfg.selectors.budgets if b <= src.n]
         for c, res in zip(combos, observed, strict=False):
             order = rank_by_score(res["indices"], res["scores"])
             sets[c] += ranked_sets("heavy-hitters", order, budgets, src.n)
 
-        restricted = {}
+        restricted: dict[str, Operator[Any, Any]] = {}
         for m, k in combos:
             ks = sets[(m, k)]
             restricted[f"{m}/{k}"] = RestrictedAttention(
@@ -397,14 +399,15 @@ class Evaluation(Recipe[dict[str, Any]]):
             res = done[f"{m}/{k}"].result()
             qpos = positions if m == "causal" else np.full(queries.shape[0], src.n - 1)
             rows = []
-            for i, ks in enumerate(sets[(m, k)]):
+            assert qpos is not None
+            for i, chosen in enumerate(sets[(m, k)]):
                 out_s = None if res["output"] is None else res["output"][i]
-                met = set_metrics(ks, truth, res["lse"][i], out_s, qpos)
-                row: dict[str, Any] = {"selector": ks.name, "budget": ks.budget}
+                met = set_metrics(chosen, truth, res["lse"][i], out_s, qpos)
+                row: dict[str, Any] = {"selector": chosen.name, "budget": chosen.budget}
                 for name in METRICS:
                     row[name] = _aggregate(met[name].astype(np.float64), "max" if name in (
                         "error", "keys") else "min")
-                    per_query[f"{m}.{k}.{ks.name}.{ks.budget}.{name}"] = met[name]
+                    per_query[f"{m}.{k}.{chosen.name}.{chosen.budget}.{name}"] = met[name]
                 rows.append(row)
             results[f"{m}/{k}"] = {
                 "mode": m,
@@ -441,7 +444,7 @@ def _truth(
 ) -> Plan[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
     """The exact ground truth per (mode, kind), then (heavy hitters) observed attention."""
     a = cfg.attention
-    gts = {
+    gts: dict[str, Operator[Any, Any]] = {
         f"{m}/{k}": GroundTruth(GroundTruthSpec(queries, eps=a.eps, values_dim=dv,
                                                 **_attention(a, m, k, positions)))
         for m, k in combos
@@ -450,8 +453,8 @@ def _truth(
     truths = [done[f"{m}/{k}"].result() for m, k in combos]
     observed: list[dict[str, Any]] = []
     if "heavy-hitters" in cfg.selectors.names:
-        budgets = [b for b in cfg.selectors.budgets if b <= src.n]
-        hh = {
+        budgets = [int(b) for b in cfg.selectors.budgets if b <= src.n]
+        hh: dict[str, Operator[Any, Any]] = {
             f"{m}/{k}": ObservedAttentionTop(
                 ObservedAttentionSpec(queries, lse=t["lse"], budget=max(budgets),
                                       **_attention(a, m, k, positions))
@@ -532,13 +535,15 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def write_report(report: dict[str, Any], out: Path, *, overwrite: bool) -> Path:
-    """``report.json``, ``report.md``, ``per_query.npz`` and the PNGs, atomically."""
+    """``report.json``, ``report.md``, ``per_query.npz`` and (with the ``plots`` extra,
+    matplotlib) the PNGs, atomically."""
     with atomic_dir(out, overwrite=overwrite) as tmp:
         body = {k: v for k, v in report.items() if k != "per_query"}
         write_json_atomic(tmp / "report.json", body)
         (tmp / "report.md").write_text(markdown_table(report))
         np.savez(tmp / "per_query.npz", **report["per_query"])
-        plot_report(report, tmp)
+        if importlib.util.find_spec("matplotlib") is not None:  # the plots extra
+            plot_report(report, tmp)
     return out
 
 

@@ -87,8 +87,7 @@ def key_scores(
         affine = selector == "leverage-affine"
         lev = one_pass(multi(lambda li, hi: LeverageScores(LeverageSpec(1.0, affine))),
                        "leverage factor")
-        maps = [[lev.ops[li][hi].result()["scoring_map"] for hi in range(shape[1])]
-                for li in range(shape[0])]
+        maps = [[head["scoring_map"] for head in row] for row in lev.result()]
         op = one_pass(multi(lambda li, hi: KeyScores(KeyScoresSpec(
             n, "map", maps[li][hi].w, maps[li][hi].shift, maps[li][hi].offset))),
             "leverage of every key")

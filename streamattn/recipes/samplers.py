@@ -33,11 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.engines import run_operators
 from streamattn.errors import ConfigError, InvalidInputError
 from streamattn.operators.leverage import DEFAULT_RTOL, ScoringMap, stack_qr
-from streamattn.operators.multihead import MultiHead
 from streamattn.operators.projection import CentredFactor, CentredFactorResult, CentredFactorSpec
+from streamattn.operators.protocol import Operator
 from streamattn.operators.sampler import (
     METHODS,
     VARIANTS,
@@ -50,11 +49,13 @@ from streamattn.operators.sampler import (
     online_oversampling,
 )
 from streamattn.results import MultiHeadResult, UniversalSet, versions
+from streamattn.runner import Pass, PassContext, Plan, Recipe, run_pass, run_recipes
 from streamattn.sources import KeySource, MultiHeadSource, open_source
 
 __all__ = [
     "LeverageSample",
     "LeverageSampler",
+    "LeverageSampling",
     "SampleConfig",
     "approximate_universal_set",
     "leverage_sample",
@@ -339,43 +340,48 @@ def leverage_sample(
     >>> s.certificate["spectral_error"] < 0.5, len(s) < 20000
     (True, True)
     """
+    check_sample_settings(eps, delta, method, variant, seed, leaf_rows, fan_in)
     source = src if isinstance(src, (KeySource, MultiHeadSource)) else open_source(
         src, array=array, n_heads=heads
     )
-    if engine == "dask" and method == "online":
-        rows_per_block = chunk_rows or source.default_chunk_rows()
-        parts = max(1, -(-source.n // rows_per_block))
-    else:
-        parts = 1
-    spec = plan_spec(source.n, source.d, eps=eps, delta=delta, method=method, variant=variant,
-                     seed=seed, parts=parts, leaf_rows=leaf_rows, fan_in=fan_in, rtol=rtol,
-                     ridge=ridge)
-    multi = isinstance(source, MultiHeadSource)
-    layers, heads_ = (source.layers, source.heads) if multi else (1, 1)  # type: ignore[union-attr]
+    recipe = LeverageSampling(eps, delta, method, variant, seed, check=check,
+                              leaf_rows=leaf_rows, fan_in=fan_in, rtol=rtol, ridge=ridge)
+    (out,) = run_recipes(source, [recipe], engine=engine, chunk_rows=chunk_rows,
+                         progress=progress, **engine_options).results
+    result: LeverageSample | MultiHeadResult = out
+    return result
 
-    def per_head(make: Any) -> Any:
-        if not multi:
-            return make()
-        return MultiHead.of([[make() for _ in range(heads_)] for _ in range(layers)])
 
-    ops = [per_head(lambda: LeverageSampler(spec))]
-    if check:
-        ops.append(per_head(lambda: CentredFactor(CentredFactorSpec())))
-    t0 = time.perf_counter()
-    done = run_operators(
-        source,  # type: ignore[arg-type]  # a MultiHeadSource streams like a KeySource
-        ops, engine=engine, chunk_rows=chunk_rows, progress=progress,
-        description=f"sample ({method})", **engine_options,
-    )
-    seconds = time.perf_counter() - t0
-    samples, factors = done[0].result(), done[1].result() if check else None
-    if not multi:
-        return _finish(samples, factors, rtol, seconds)
-    return MultiHeadResult([
-        [_finish(samples[lay][h], factors[lay][h] if factors else None, rtol, seconds)
-         for h in range(heads_)]
-        for lay in range(layers)
-    ], source.layer_ids, source.head_ids)  # type: ignore[union-attr]
+class LeverageSampling(Recipe[LeverageSample]):
+    """One pass of a ``LeverageSampler`` (planned for the source's n and the engine), with
+    the exact ``CentredFactor`` in the same read when ``check``. Lifted to every
+    (layer, head) of a cache by the runner (one sampler per head, one read)."""
+
+    def __init__(self, eps: float, delta: float, method: str, variant: str, seed: int, *,
+                 check: bool = False, leaf_rows: int | None = None, fan_in: int = 8,
+                 rtol: float = DEFAULT_RTOL, ridge: float = 0.0) -> None:
+        check_sample_settings(eps, delta, method, variant, seed, leaf_rows, fan_in)
+        self.eps, self.delta, self.method, self.variant, self.seed = (
+            eps, delta, method, variant, seed)
+        self.check, self.leaf_rows, self.fan_in, self.rtol, self.ridge = (
+            check, leaf_rows, fan_in, rtol, ridge)
+
+    def plan(self, ctx: PassContext) -> Plan[LeverageSample]:
+        n, d = ctx.source.n, ctx.source.d
+        # online on Dask: every leaf task is a part; the blocks bound their number
+        parts = max(1, -(-n // ctx.chunk_rows)) if (
+            ctx.engine == "dask" and self.method == "online") else 1
+        spec = plan_spec(n, d, eps=self.eps, delta=self.delta, method=self.method,
+                         variant=self.variant, seed=self.seed, parts=parts,
+                         leaf_rows=self.leaf_rows, fan_in=self.fan_in, rtol=self.rtol,
+                         ridge=self.ridge)
+        ops: dict[str, Operator] = {"sampler": LeverageSampler(spec)}
+        if self.check:
+            ops["factor"] = CentredFactor(CentredFactorSpec())
+        t0 = time.perf_counter()
+        done = yield Pass(ops, f"sample ({self.method})")
+        factor = done["factor"].result() if self.check else None
+        return _finish(done["sampler"].result(), factor, self.rtol, time.perf_counter() - t0)
 
 
 def approximate_universal_set(
@@ -404,13 +410,10 @@ def approximate_universal_set(
     eps_s = float(sample.certificate["eps"])
     threshold = eps / (1.0 + eps_s)
     smap = sample.scoring_map(rtol)
-    (op,) = run_operators(
-        source,
-        [ApproxLeverage(ApproxLeverageSpec(smap.w, threshold, smap.shift, smap.offset))],
-        engine=engine, chunk_rows=chunk_rows, progress=progress,
-        description="approximate leverage", **engine_options,
-    )
-    res = op.result()
+    op = ApproxLeverage(ApproxLeverageSpec(smap.w, threshold, smap.shift, smap.offset))
+    (done,) = run_pass(source, [op], description="approximate leverage", engine=engine,
+                       chunk_rows=chunk_rows, progress=progress, **engine_options)
+    res = done.result()
     cert = {
         "eps": eps,
         "threshold": threshold,

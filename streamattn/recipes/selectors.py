@@ -214,13 +214,13 @@ def observed_heavy_hitters(
     att = dict(scale=scale, kind=kind, p=p, mode=mode, positions=positions)
     if lse is None:
         gt = GroundTruth(GroundTruthSpec(q, eps=1.0, **att))  # type: ignore[arg-type]
-        (gt,) = run_pass(src, [gt], description="normalisers", **run)
-        lse = gt.result()["lse"]
+        (done,) = run_pass(src, [gt], description="normalisers", **run)
+        lse = done.result()["lse"]
     op = ObservedAttentionTop(
         ObservedAttentionSpec(q, lse=np.asarray(lse), budget=max(budgets), **att)  # type: ignore[arg-type]
     )
-    (op,) = run_pass(src, [op], description="observed attention", **run)
-    res = op.result()
+    (done,) = run_pass(src, [op], description="observed attention", **run)
+    res = done.result()
     return ranked_sets(
         "heavy-hitters", rank_by_score(res["indices"], res["scores"]), budgets, src.n
     )

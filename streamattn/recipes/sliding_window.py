@@ -193,7 +193,8 @@ class SlidingWindow:
         with_values = all(p.values is not None for p in parts)
         scores = smap.scores(augment(rows, False))
         keep = scores >= self.eps
-        values = np.vstack([p.values for p in parts])[keep] if with_values else None
+        values = (np.vstack([p.values for p in parts if p.values is not None])[keep]
+                  if with_values else None)
         cert = {
             "mode": "sliding-window",
             "eps": self.eps,

@@ -363,7 +363,7 @@ def load_universal_set(out: Any, name: str) -> UniversalSet:
     from streamattn.errors import InvalidInputError
 
     try:
-        group = zarr.open_group(f"{out}/result.zarr", mode="r")[f"universal_set/{name}"]
+        group: Any = zarr.open_group(f"{out}/result.zarr", mode="r")[f"universal_set/{name}"]
     except (KeyError, FileNotFoundError) as exc:
         head = _stacked_head(out, name)  # a KV cache's "<set>/layer_{l}/head_{h}"
         if head is not None:
@@ -391,6 +391,7 @@ def _stacked_head(out: Any, name: str) -> UniversalSet | None:
 
     try:
         res = load_cache_selection(out, m.group(1))
-        return res[int(m.group(2)), int(m.group(3))]  # type: ignore[no-any-return]
+        head: UniversalSet = res[int(m.group(2)), int(m.group(3))]
+        return head
     except (InvalidInputError, KeyError):
         return None

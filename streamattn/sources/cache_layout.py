@@ -360,7 +360,8 @@ def part_of_layer_arrays(
         layout = "layer-hnd"
     elif len(shape) == 2:
         n, width = shape
-        declared = {attrs.get(lay, {}).get("n_heads") for lay in chosen} - {None}
+        declared = {int(v) for lay in chosen
+                    if (v := attrs.get(lay, {}).get("n_heads")) is not None}
         if n_heads is None and len(declared) == 1:
             n_heads = int(declared.pop())
         elif n_heads is None and len(declared) > 1:
@@ -408,10 +409,15 @@ def zarr_layer_arrays(
     for name, arr in members.items():
         if not isinstance(arr, zarr.Array):
             raise InvalidInputError(f"{label}/{name}: every layer_{{l}} must be an array.")
-        meta = dict(arr.attrs)
+        meta: dict[str, Any] = dict(arr.attrs)
         m = LAYER_NAME.match(name)
         assert m is not None
-        layer = int(meta.get("layer", m.group(1)))
+        declared = meta.get("layer")
+        if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int)):
+            raise InvalidInputError(
+                f"{label}/{name}: the 'layer' attribute must be an integer, got {declared!r}."
+            )
+        layer = int(declared) if declared is not None else int(str(m.group(1)))
         if layer in arrays:
             raise InvalidInputError(f"{label}: {names[layer]} and {name} both hold layer {layer}.")
         arrays[layer], attrs[layer], names[layer] = arr, meta, name

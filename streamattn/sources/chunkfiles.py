@@ -57,7 +57,8 @@ class ChunkFiles:
         if not isinstance(store, LocalStore):
             return None
         meta = arr.metadata
-        grid = tuple(int(g) for g in meta.chunk_grid.chunk_shape)  # type: ignore[union-attr]
+        chunk_grid: Any = meta.chunk_grid
+        grid = tuple(int(g) for g in chunk_grid.chunk_shape)
         shape = tuple(int(s) for s in arr.shape)
         if len(grid) != len(shape) or any(g < 1 for g in grid):
             return None

@@ -147,7 +147,8 @@ class _RawChunkReader:
             codecs = meta.codecs
             if len(codecs) != 1 or type(codecs[0]).__name__ != "BytesCodec":
                 return None
-            if codecs[0].endian is not None and codecs[0].endian.value != "little":
+            codec: Any = codecs[0]
+            if codec.endian is not None and codec.endian.value != "little":
                 return None
         elif meta.compressor is not None or meta.filters or meta.order != "C":
             return None
@@ -160,7 +161,7 @@ class _RawChunkReader:
 
     def __call__(self, start: int, stop: int) -> np.ndarray:
         out = np.empty((stop - start, self.shape[1]), dtype=self.dtype)
-        view = memoryview(out.reshape(-1).view(np.uint8))
+        view = out.reshape(-1).view(np.uint8).data
         rb, cr = self.row_bytes, self.chunk_rows
         for c in range(start // cr, (stop - 1) // cr + 1):
             lo, hi = max(start, c * cr), min(stop, (c + 1) * cr)
@@ -402,7 +403,7 @@ class KeySource(BlockStream):
     def _read_array(self, arr: Any, start: int, stop: int, what: str) -> np.ndarray:
         try:
             raw = self._raw_keys if arr is self.keys else self._raw_values
-            out = raw(start, stop) if raw is not None else arr[start:stop]
+            out: Any = raw(start, stop) if raw is not None else arr[start:stop]
             if _is_dask(out):
                 out = out.compute()
             out = np.asarray(out)

@@ -329,7 +329,7 @@ def _read_tokens(root: Any, n: int, label: str) -> Segments:
 
     if "tokens" not in root or not isinstance(root["tokens"], zarr.Group):
         return Segments.single(n)
-    tok = root["tokens"]
+    tok: Any = root["tokens"]
     window = np.asarray(tok["window"][...]) if "window" in tok else None
     pos = np.asarray(tok["pos"][...]) if "pos" in tok else None
     return Segments.from_tokens(window, pos, n, f"{label}/tokens")

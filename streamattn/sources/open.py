@@ -59,9 +59,9 @@ def open_source(
     fill_missing: bool = False,
 ) -> KeySource | MultiHeadSource:
     """``open_kv`` when a cache option is given or the input is a cache, else ``open_keys``."""
-    opts = {"n_heads": n_heads, "layers": layers, "heads": heads, "batch": batch}
-    if any(v is not None for v in opts.values()):
-        return open_kv(path_or_array, array=array, fill_missing=fill_missing, **opts)
+    if any(v is not None for v in (n_heads, layers, heads, batch)):
+        return open_kv(path_or_array, array=array, fill_missing=fill_missing, n_heads=n_heads,
+                       layers=layers, heads=heads, batch=batch)
     out: KeySource | MultiHeadSource = open_keys(path_or_array, array=array,
                                                  fill_missing=fill_missing)
     return out

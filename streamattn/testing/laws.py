@@ -50,7 +50,7 @@ def fold_tree(
 ) -> Operator:
     """One operator per block, merged in a random order and random pairing (any tree)."""
     ops = [make_empty().update(b) for b in blocks]
-    rng.shuffle(ops)  # type: ignore[arg-type]
+    rng.shuffle(ops)  # type: ignore[arg-type, unused-ignore]
     while len(ops) > 1:
         i = int(rng.integers(0, len(ops) - 1))
         left, right = ops[i], ops.pop(i + 1)
