@@ -470,10 +470,18 @@ class RowWindow:
     def __init__(self, source: Any, start: int, stop: int) -> None:
         self._source = source
         self._start, self._stop = start, stop
-        keys = getattr(source, "keys", None)
-        values = getattr(source, "values", None)
-        self.keys = None if keys is None else keys[start:stop]
-        self.values = None if values is None else values[start:stop]
+
+    # Sliced on access, never at construction: slicing a zarr array reads it, and a store
+    # on disk is read by the engine's workers themselves (by path), not by the client.
+    @property
+    def keys(self) -> Any:
+        keys = getattr(self._source, "keys", None)
+        return None if keys is None else keys[self._start : self._stop]
+
+    @property
+    def values(self) -> Any:
+        values = getattr(self._source, "values", None)
+        return None if values is None else values[self._start : self._stop]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._source, name)
