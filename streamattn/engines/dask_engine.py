@@ -45,6 +45,7 @@ import os
 import re
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -581,6 +582,28 @@ def _within(timeout: float, fn: Callable[[], Any]) -> Any:
         pool.shutdown(wait=False)
 
 
+def _check_listening(options: DaskOptions) -> None:
+    """Plain TCP connects first, retried until the timeout (a scheduler may still be
+    starting): nothing listening is "cannot reach", told apart from a peer that accepts
+    and then stays silent (the identity probe's timeout), however loaded the machine."""
+    from distributed.comm.addressing import get_address_host_port
+
+    try:
+        host, port = get_address_host_port(options.scheduler)
+    except (ValueError, TypeError):
+        return  # not a TCP address: the identity probe reports it
+    deadline = time.monotonic() + options.timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            socket.create_connection((host, port), timeout=max(left, 0.1)).close()
+            return
+        except OSError as exc:
+            if time.monotonic() + 0.2 >= deadline:
+                raise StreamattnError(_unreachable(options, exc)) from exc
+            time.sleep(0.2)
+
+
 def _probe_scheduler(address: str, timeout: float) -> None:
     """Ask the scheduler for its identity within ``timeout``; one clear error otherwise."""
     import asyncio
@@ -594,6 +617,7 @@ def _probe_scheduler(address: str, timeout: float) -> None:
             return await asyncio.wait_for(remote.identity(), timeout)
 
     options = DaskOptions(scheduler=address, timeout=timeout)
+    _check_listening(options)
     try:
         info = _within(timeout, lambda: asyncio.run(identity()))
     except (OSError, TimeoutError, ValueError, TypeError) as exc:
