@@ -35,6 +35,7 @@ from streamattn.recipes.selectors import (
     uniform_random,
 )
 from streamattn.recipes.universal import universal_set
+from streamattn.results import UniversalSet
 
 SINKS = 4
 
@@ -53,7 +54,9 @@ def _leverage(variant: str) -> Selector:
 
 
 def _universal(keys: np.ndarray, budget: int, **_: Any) -> np.ndarray:
-    return np.sort(universal_set(keys, budget=budget, variant="plain").indices).astype(np.int64)
+    u = universal_set(keys, budget=budget, variant="plain")
+    assert isinstance(u, UniversalSet)  # one (n, d) head in, one set out
+    return np.sort(u.indices).astype(np.int64)
 
 
 def _sinks_window(keys: np.ndarray, budget: int, **_: Any) -> np.ndarray:
