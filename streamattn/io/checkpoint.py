@@ -463,8 +463,10 @@ class RowWindow:
     """``source`` restricted to rows ``[start, stop)``, with global row numbers.
 
     ``block_ranges`` yields only the window's blocks; ``keys``/``values`` are the window's
-    rows (lazy slices for zarr/dask arrays); everything else (``n``, path, dtype, ``read``)
-    is the source's, so blocks keep their global ``start``.
+    rows, sliced once when first asked for (an engine that reads the store by path, e.g. Dask
+    workers, never touches them: slicing a zarr array would read the whole segment on
+    the client); everything else (``n``, path, dtype, ``read``) is the source's, so
+    blocks keep their global ``start``.
     """
 
     def __init__(self, source: Any, start: int, stop: int) -> None:

@@ -54,9 +54,9 @@ def _leverage(variant: str) -> Selector:
 
 
 def _universal(keys: np.ndarray, budget: int, **_: Any) -> np.ndarray:
-    u = universal_set(keys, budget=budget, variant="plain")
-    assert isinstance(u, UniversalSet)  # one (n, d) head in, one set out
-    return np.sort(u.indices).astype(np.int64)
+    chosen = universal_set(keys, budget=budget, variant="plain")
+    assert isinstance(chosen, UniversalSet)  # one head's (n, d) keys
+    return np.sort(chosen.indices).astype(np.int64)
 
 
 def _sinks_window(keys: np.ndarray, budget: int, **_: Any) -> np.ndarray:
