@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
+from conftest import svd_leverage
 
 import streamattn as sa
 from streamattn.cli import main
@@ -58,6 +59,13 @@ def assert_same_set(a: UniversalSet, b: UniversalSet) -> None:
     np.testing.assert_array_equal(a.rows, b.rows)
 
 
+def assert_offline(u: UniversalSet, rows: np.ndarray, eps: float) -> None:
+    """The set against the independent reference: a dense SVD of the head's keys."""
+    tau, _ = svd_leverage(np.asarray(rows, dtype=np.float64))
+    np.testing.assert_array_equal(u.indices, np.flatnonzero(tau >= eps))
+    np.testing.assert_allclose(u.scores, tau[u.indices], rtol=1e-7, atol=1e-9)
+
+
 def test_4d_cache_one_read_per_block_and_per_head_equals_single_head_runs() -> None:
     x = cache()
     counted = CountingArray(x)
@@ -85,6 +93,8 @@ def test_open_keys_of_a_4d_store_returns_an_indexable_result(tmp_path: Path) -> 
     assert isinstance(res[1, 2], UniversalSet)
     assert_same_set(res[1, 2], sa.universal_set(np.ascontiguousarray(x[1, 2]), eps=0.05,
                                                  chunk_rows=100))
+    for (lay, h), uset in res:
+        assert_offline(uset, x[lay, h], 0.05)
 
 
 def test_layered_zarr_group_reads_each_layer_once_per_block(tmp_path: Path) -> None:
@@ -119,6 +129,7 @@ def test_2d_array_with_declared_heads_is_split_by_columns() -> None:
     for h in range(HEADS):
         assert_same_set(res[0, h], sa.universal_set(np.ascontiguousarray(x[h]), eps=0.05,
                                                      chunk_rows=50))
+        assert_offline(res[0, h], x[h], 0.05)
     three_d = sa.universal_set(open_kv(x), eps=0.05, chunk_rows=50)  # (heads, n, d)
     for h in range(HEADS):
         assert_same_set(three_d[0, h], res[0, h])
@@ -179,6 +190,7 @@ def test_generate_layers_heads_cli_writes_a_kv_cache(tmp_path: Path) -> None:
     assert main(["run", str(cfg), "--quiet"]) == 0
     saved = load_universal_set(tmp_path / "res", "s/layer_1/head_2")
     assert_same_set(saved, sa.universal_set(np.ascontiguousarray(block[:, 1, 2]), eps=0.1))
+    assert_offline(saved, block[:, 1, 2], 0.1)
 
 
 def test_heads_that_do_not_divide_the_width_are_refused(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, engine=engine_from_args(cfg.engine, args))
     out = Path(args.out or cfg.output.dir)
     overwrite = cfg.output.overwrite or args.overwrite
-    check_writable(out, overwrite)
+    check_writable(out, overwrite, inputs=[cfg.input.path])  # before the store is opened
     src, made = prepare_source(cfg)
     quiet = args.quiet
     if not quiet:

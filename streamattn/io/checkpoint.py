@@ -474,6 +474,8 @@ class RowWindow:
         self._source = source
         self._start, self._stop = start, stop
 
+    # Sliced on first access, never at construction: slicing a zarr array reads it, and a
+    # store on disk is read by the engine's workers themselves (by path), not the client.
     @cached_property
     def keys(self) -> Any:
         keys = getattr(self._source, "keys", None)

@@ -44,10 +44,14 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def check_writable(out: Path, overwrite: bool, *, what: str = "output") -> None:
-    """Refuse early (before any work): an output over/inside/around an input, or an
-    existing output without ``overwrite`` or without streamattn's marker."""
-    safety.refuse_overlap(out, what=what)
+def check_writable(
+    out: Path, overwrite: bool, *, what: str = "output",
+    inputs: list[str | os.PathLike[str]] | None = None,
+) -> None:
+    """Refuse early (before any work): an output over/inside/around an input (the opened
+    ones, and ``inputs`` not opened yet), or an existing output without ``overwrite`` or
+    without streamattn's marker."""
+    safety.refuse_overlap(out, what=what, inputs=inputs)
     safety.check_replaceable(out, overwrite)
 
 

@@ -1,4 +1,6 @@
-"""One-layer attention regression (DESIGN 2.8; Song et al., tensor and SVM tricks paper).
+"""One-layer attention regression (Song et al., tensor and SVM tricks paper).
+
+Mathematics: docs/architecture.md, note 2.8.
 
 Fit X, Y ∈ R^{d×d} to minimise
 L(X, Y) = Σ_{j0, i0} (⟨softmax(A1[j0] X A2ᵀ), A3 Y_{*,i0}⟩ − B[j0, i0])²
@@ -33,7 +35,6 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from streamattn.engines import run_operators
 from streamattn.errors import ConfigError, InvalidInputError
 from streamattn.operators.fit_ops import (
     DEFAULT_FIT_TILE,
@@ -45,6 +46,7 @@ from streamattn.operators.fit_ops import (
     AttentionLossGradientSpec,
     softmax_rows,
 )
+from streamattn.runner import run_pass
 from streamattn.sources import KeySource, open_keys
 
 FIT_METHODS = ("gauss-newton", "adam", "gd")
@@ -92,7 +94,7 @@ class _Problem:
 
     def run(self, op: Any) -> Any:
         self.passes += 1
-        (out,) = run_operators(
+        (out,) = run_pass(
             self.source, [op], engine=self.engine, chunk_rows=self.chunk_rows, **self.options
         )
         return out.result()

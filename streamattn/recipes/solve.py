@@ -1,4 +1,4 @@
-"""Out-of-core solvers for attention kernel regressions (DESIGN 2.7).
+"""Out-of-core solvers for attention kernel regressions (docs/architecture.md, note 2.7).
 
 Problems (A ∈ R^{n×d} on disk, n ≫ d; Song, Yin et al., "Solving Attention Kernel
 Regression Problem via Pre-conditioner", arXiv 2308.14304):
@@ -53,7 +53,6 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from streamattn.engines import run_operators
 from streamattn.errors import ConfigError, InvalidInputError
 from streamattn.operators.protocol import Operator
 from streamattn.operators.solve_ops import (
@@ -70,6 +69,7 @@ from streamattn.operators.solve_ops import (
     TallSkinnyQR,
     TallSkinnyQRSpec,
 )
+from streamattn.runner import run_pass
 from streamattn.sources import KeySource, open_keys
 
 METHODS = ("direct", "sketch-precondition")
@@ -201,7 +201,7 @@ class _Passes:
 
     def run(self, source: KeySource, ops: Sequence[Operator], what: str) -> list[Operator]:
         self.count += 1
-        return run_operators(
+        return run_pass(
             source, ops, engine=self.engine, chunk_rows=self.chunk_rows,
             description=what, **self.options,
         )

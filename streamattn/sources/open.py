@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from streamattn.errors import InvalidInputError, StreamattnError
 from streamattn.sources.keys import KeySource, check_array_name, open_key_source
 from streamattn.sources.kvcache import MultiHeadSource, is_multihead, open_kv
 
@@ -39,9 +42,37 @@ def open_keys(path_or_array: Any, array: str | None = None, *, fill_missing: boo
         return path_or_array
     if array is not None:
         check_array_name(array)
-    if is_multihead(path_or_array, array):
-        return open_kv(path_or_array, array=array, fill_missing=fill_missing)
-    return open_key_source(path_or_array, array, fill_missing=fill_missing)
+
+    def open_it() -> Any:
+        if is_multihead(path_or_array, array):
+            return open_kv(path_or_array, array=array, fill_missing=fill_missing)
+        return open_key_source(path_or_array, array, fill_missing=fill_missing)
+
+    return _at_the_boundary(path_or_array, open_it)
+
+
+T = TypeVar("T")
+
+
+def _at_the_boundary(path_or_array: Any, fn: Callable[[], T]) -> T:
+    """Run an open; an OS or metadata error on a path becomes one clear InvalidInputError.
+
+    Unreadable metadata (a ``zarr.json`` without read permission, a data type zarr does not
+    know, a corrupt ``.npy`` header) surfaces from zarr/numpy as OSError, ValueError,
+    TypeError or KeyError; the user gets the path and the cause, never a traceback.
+    """
+    try:
+        return fn()
+    except StreamattnError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        if not isinstance(path_or_array, (str, os.PathLike)):
+            raise
+        raise InvalidInputError(
+            f"{os.fspath(path_or_array)}: cannot be opened as a key store "
+            f"({type(exc).__name__}: {exc}). Check its metadata (zarr.json / .zarray / .npy "
+            "header), its data type (float16/32/64) and its read permissions."
+        ) from exc
 
 
 def open_source(
@@ -50,7 +81,12 @@ def open_source(
 ) -> KeySource | MultiHeadSource:
     """``open_kv`` when ``heads`` is declared or the input is a cache, else ``open_keys``."""
     if heads is not None:
-        return open_kv(path_or_array, heads=heads, array=array, fill_missing=fill_missing)
+        if array is not None:
+            check_array_name(array)
+        return _at_the_boundary(
+            path_or_array,
+            lambda: open_kv(path_or_array, heads=heads, array=array, fill_missing=fill_missing),
+        )
     out: KeySource | MultiHeadSource = open_keys(path_or_array, array=array,
                                                  fill_missing=fill_missing)
     return out
