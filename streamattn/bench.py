@@ -120,8 +120,10 @@ def run_parallel_read(path: Path) -> dict[str, Any]:
 
 def run_uset(path: Path, variant: str, **engine: Any) -> dict[str, Any]:
     from streamattn.recipes.universal import universal_set
+    from streamattn.results import UniversalSet
 
     u = universal_set(str(path), eps=EPS, variant=variant, **engine)
+    assert isinstance(u, UniversalSet)  # the bench stores are single-head
     return {"selected": len(u), "rank": u.certificate["numerical_rank"]}
 
 
@@ -148,12 +150,12 @@ def run_ground_truth(path: Path) -> dict[str, Any]:
         from streamattn.operators.ground_truth import GroundTruth, GroundTruthSpec
     except ImportError as exc:
         raise NotAvailable(str(exc)) from exc
-    from streamattn.engines import run_operators
+    from streamattn.runner import run_pass
     from streamattn.sources import open_keys
 
     src = open_keys(str(path))
     q = np.random.default_rng(0).standard_normal((256, src.d))
-    (op,) = run_operators(src, [GroundTruth(GroundTruthSpec(q, eps=EPS))])
+    (op,) = run_pass(src, [GroundTruth(GroundTruthSpec(q, eps=EPS))])
     return {"queries": 256, "heavy": int(op.result()["counts"].sum())}
 
 

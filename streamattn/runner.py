@@ -65,7 +65,7 @@ class PassContext:
     """What a recipe may know about the run: the source (one head of a cache when lifted),
     the resolved block size and the engine's name (for certificates)."""
 
-    source: KeySource | HeadView
+    source: KeySource | HeadView | MultiHeadSource
     chunk_rows: int
     engine: str
 
@@ -296,7 +296,7 @@ def run_recipes(
                 )
             lifted = r.on_cache == "lift"
             plans.append(lift(r, src, rows, engine) if lifted else
-                         r.plan(PassContext(src, rows, engine)))  # type: ignore[arg-type]
+                         r.plan(PassContext(src, rows, engine)))
     else:
         ctx = PassContext(src, rows, engine)
         plans = [r.plan(ctx) for r in recipes]
@@ -327,18 +327,20 @@ def _drive(
         if checkpoint is not None and volatile and len(volatile) < len(step.ops):
             groups = [[k for k in step.ops if k not in volatile],
                       [k for k in step.ops if k in volatile]]
-        done: dict[str, Operator] = {}
-        for names in groups:
-            ops = [step.ops[k] for k in names]
-            need = projected_bytes(src, ops, rows)
+        needs = [projected_bytes(src, [step.ops[k] for k in names], rows) for names in groups]
+        for need in needs:  # every read of this round is checked before the first one
             if limit is not None and need["total"] > limit:
+                what = "nothing was read" if not report.passes else "it was not started"
                 raise MemoryBudgetError(
                     f"{src.label}: the pass '{step.description}' needs up to "
                     f"{_mib(need['total'])} ({_mib(need['operators'])} of operator state, "
                     f"{_mib(need['blocks'])} of blocks of {rows} rows), over memory_limit = "
-                    f"{_mib(limit)}; nothing was read. Lower chunk_rows, ask for fewer or "
-                    "smaller sets, or raise memory_limit."
+                    f"{_mib(limit)}; {what}. Lower chunk_rows, ask for fewer or smaller "
+                    "sets, or raise memory_limit."
                 )
+        done: dict[str, Operator] = {}
+        for names, need in zip(groups, needs, strict=True):
+            ops = [step.ops[k] for k in names]
             resumable = not any(k in volatile for k in names)
             t0 = time.perf_counter()
             finished = run_operators(

@@ -133,6 +133,7 @@ def test_scaling_quick_config(tmp_path: Path) -> None:
     for r in rows:
         by_n.setdefault(r["n"], []).append({k: v for k, v in r.items() if k != "source"})
     assert all(len(v) == 2 and v[0] == v[1] for v in by_n.values())  # same rows, same results
+    assert all(0 < int(r["sample_size"]) <= int(r["sample_size_bound"]) for r in rows)
     meas = read_csv(tmp_path / "a" / "measurements.csv")
     assert all(int(m["peak_rss_bytes"]) > 0 and float(m["seconds"]) > 0 for m in meas)
     assert list(stores.iterdir()) == []  # stores removed after use
@@ -207,6 +208,21 @@ def test_real_sparsity_equals_dense_per_head(tmp_path: Path, causal: bool) -> No
     run_experiment("real-sparsity", cfg, tmp_path / "again")
     assert filecmp.cmp(tmp_path / "out" / "results.csv", tmp_path / "again" / "results.csv",
                        shallow=False)
+
+
+def test_without_matplotlib_the_plots_are_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import streamattn.experiments.real as real
+
+    monkeypatch.setattr(real, "plots_available", lambda: False)
+    make_cache(tmp_path / "c.zarr", n=700, layers=1, segments=(0, 400))
+    cfg = write_yaml(tmp_path / "r.yaml", {"path": str(tmp_path / "c.zarr"), "queries": 8,
+                                           "eps": 0.01, "delta": 0.5, "min_keys": 50})
+    run_experiment("real-sparsity", cfg, tmp_path / "out")
+    assert "plots skipped" in (tmp_path / "out" / "report.md").read_text()
+    assert not list((tmp_path / "out").glob("*.png"))
+    assert (tmp_path / "out" / "results.csv").exists()
 
 
 def test_real_sparsity_errors(tmp_path: Path) -> None:

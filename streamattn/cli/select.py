@@ -31,7 +31,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--array", help="key array name inside a zarr group (default keys)")
     p.add_argument("--eps", type=float, help="threshold: keep keys with score >= eps")
     p.add_argument("--variant", choices=["plain", "affine"], default="plain",
-                   help="plain leverage, or affine (keys augmented with a constant 1)")
+                   help="plain leverage, or affine (shift-invariant: 1/n + centred leverage)")
     p.add_argument("--budget", type=int, help="keep the top-B keys by score")
     p.add_argument("--rtol", type=float, default=1e-10, help="numerical-rank tolerance")
     p.add_argument("--p", type=float, default=2.0,

@@ -581,6 +581,23 @@ def _within(timeout: float, fn: Callable[[], Any]) -> Any:
         pool.shutdown(wait=False)
 
 
+def _check_listening(options: DaskOptions) -> None:
+    """A plain TCP connect first: nothing listening is "cannot reach", told apart from a
+    peer that accepts and then stays silent (however slowly distributed retries)."""
+    import socket
+
+    from distributed.comm.addressing import get_address_host_port
+
+    try:
+        host, port = get_address_host_port(options.scheduler)
+    except (ValueError, TypeError):
+        return  # not a TCP address: the identity probe reports it
+    try:
+        socket.create_connection((host, port), timeout=options.timeout).close()
+    except OSError as exc:
+        raise StreamattnError(_unreachable(options, exc)) from exc
+
+
 def _probe_scheduler(address: str, timeout: float) -> None:
     """Ask the scheduler for its identity within ``timeout``; one clear error otherwise."""
     import asyncio
@@ -594,6 +611,7 @@ def _probe_scheduler(address: str, timeout: float) -> None:
             return await asyncio.wait_for(remote.identity(), timeout)
 
     options = DaskOptions(scheduler=address, timeout=timeout)
+    _check_listening(options)
     try:
         info = _within(timeout, lambda: asyncio.run(identity()))
     except (OSError, TimeoutError, ValueError, TypeError) as exc:

@@ -109,19 +109,32 @@ def git_commit() -> str | None:
 
 def provenance(name: str, config: Any, config_path: str | None, seeds: Iterable[int]) -> dict:
     """Config, seeds, versions and commit: everything needed to rerun the experiment."""
-    import matplotlib
-
     from streamattn.config import to_dict
     from streamattn.results import versions
 
+    extra = {}
+    if plots_available():
+        import matplotlib
+
+        extra["matplotlib"] = matplotlib.__version__
     return {
         "experiment": name,
         "config": to_dict(config),
         "config_path": config_path,
         "seeds": sorted(set(seeds)),
-        "versions": {**versions(), "matplotlib": matplotlib.__version__},
+        "versions": {**versions(), **extra},
         "commit": git_commit(),
     }
+
+
+def plots_available() -> bool:
+    """Whether matplotlib (the ``plots`` extra) is installed; without it plots are skipped."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+PLOTS_MISSING = "(plots skipped: matplotlib is not installed; pip install 'streamattn[plots]')"
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 3.8) -> Any:

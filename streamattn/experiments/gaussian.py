@@ -1,7 +1,7 @@
 """``gaussian-sparsity``: attention sparsity under Gaussian inputs against its prediction.
 
-Model (seed paper 004, DESIGN 2.9): keys k_j ~ N(0, σ_k² I_d), queries q ~ N(0, σ_q² I_d),
-logits ℓ_j = β q·k_j. Given q, the logits are i.i.d. N(0, σ_q̂²) exactly, with
+Model (seed paper 004, docs/architecture.md, note 2.9): keys k_j ~ N(0, σ_k² I_d), queries q ~ N(0,
+σ_q² I_d), logits ℓ_j = β q·k_j. Given q, the logits are i.i.d. N(0, σ_q̂²) exactly, with
 σ_q̂ = β σ_k ‖q‖ (unconditionally σ² = β² σ_q² σ_k² d is the swept "sigma"). If the
 normaliser Z = Σ_j e^{ℓ_j} is close to its mean n e^{σ²/2}, i.e. L = ln Z ≈ ln n + σ²/2,
 
@@ -20,10 +20,11 @@ missing share is ≤ ``regime_missing_mass`` and the expected total heavy count 
 predicted) is ≥ ``regime_min_total`` (so sampling noise stays at a few %).
 
 Data: keys stream from ``GaussianRows`` (generated per chunk from the seed), through
-``SparsityStats`` on the local engine; all σ share one pass (their queries are stacked:
-q = c_σ z with the same z, common random numbers), and the n sweep is one pass with a
-snapshot of the (mergeable, exact) state at each n, since the first n rows of the
-stream are the keys of size n.
+``SparsityStats`` on the local engine (``run_local`` with row ranges: the runner reads
+whole sources, and the n sweep needs the state at each prefix); all σ share one pass
+(their queries are stacked: q = c_σ z with the same z, common random numbers), and the n
+sweep is one pass with a snapshot of the (mergeable, exact) state at each n, since the
+first n rows of the stream are the keys of size n.
 """
 
 from __future__ import annotations
@@ -39,7 +40,14 @@ from scipy.stats import norm
 
 from streamattn.engines import run_local
 from streamattn.errors import ConfigError
-from streamattn.experiments.common import as_list, csv_text, new_figure, save_figure
+from streamattn.experiments.common import (
+    PLOTS_MISSING,
+    as_list,
+    csv_text,
+    new_figure,
+    plots_available,
+    save_figure,
+)
 from streamattn.experiments.generated import GaussianRows, GeneratedSource
 from streamattn.operators.sparsity import SparsitySpec, SparsityStats, heavy_counts, k_delta
 
@@ -297,7 +305,7 @@ def run(cfg: GaussianSparsityConfig, out: Path, *, progress: bool = False) -> di
     (out / "results.csv").write_text(csv_text(rows, COLUMNS))
     (out / "kdelta.csv").write_text(csv_text(krows, KDELTA_COLUMNS))
     (out / "fit.csv").write_text(csv_text(fits, FIT_COLUMNS))
-    plots = _plots(rows, krows, fits, out)
+    plots = _plots(rows, krows, fits, out) if plots_available() else []
     (out / "report.md").write_text(_report(cfg, rows, fits, plots))
     inside = [r for r in rows if r["in_regime"]]
     return {
@@ -448,5 +456,5 @@ def _report(cfg: GaussianSparsityConfig, rows: list[dict], fits: list[dict],
         c = "censored" if f["C"] is None else f"{f['C']:.3f}"
         lines.append(f"| {f['d']} | {f['sigma']:g} | {f['delta']:g} | {c} | "
                      f"{f['n_min']}–{f['n_max']} | {f['points']} |")
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += ["", "## Plots", ""] + ([f"![{p}]({p})" for p in plots] or [PLOTS_MISSING]) + [""]
     return "\n".join(lines)

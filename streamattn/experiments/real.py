@@ -28,9 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.engines import run_operators
 from streamattn.errors import ConfigError, InvalidInputError
-from streamattn.experiments.common import as_list, csv_text, new_figure, save_figure
+from streamattn.experiments.common import (
+    PLOTS_MISSING,
+    as_list,
+    csv_text,
+    new_figure,
+    plots_available,
+    save_figure,
+)
 from streamattn.experiments.gaussian import (
     missing_mass,
     predicted_heavy,
@@ -38,6 +44,7 @@ from streamattn.experiments.gaussian import (
     predicted_kdelta,
 )
 from streamattn.operators.sparsity import SparsitySpec, SparsityStats, heavy_counts, k_delta
+from streamattn.runner import run_pass
 from streamattn.sources import KeySource
 
 NAME = "real-sparsity"
@@ -226,7 +233,7 @@ def run(cfg: RealSparsityConfig, out: Path, *, progress: bool = False) -> dict[s
                 top_keys=top, key_lo=lo, key_hi=hi, columns=(kv * hd, (kv + 1) * hd),
             )))
         source = KeySource(lay.keys, label=f"{cfg.path}/keys/layer_{layer}", path=cfg.path)
-        run_operators(source, ops, progress=progress, description=f"{NAME} layer {layer}")
+        run_pass(source, ops, progress=progress, description=f"{NAME} layer {layer}")
         for h, op in zip(heads, ops, strict=True):
             res = op.result()
             head = {"layer": layer, "head": h, "kv_head": h // group, "mask": mask,
@@ -235,7 +242,7 @@ def run(cfg: RealSparsityConfig, out: Path, *, progress: bool = False) -> dict[s
             krows += _krows(res, head, deltas)
     (out / "results.csv").write_text(csv_text(rows, COLUMNS))
     (out / "kdelta.csv").write_text(csv_text(krows, KDELTA_COLUMNS))
-    plots = _plots(rows, out)
+    plots = _plots(rows, out) if plots_available() else []
     (out / "report.md").write_text(_report(cfg, model, rows, krows, plots))
     return {"layers": len(layers), "rows": len(rows), "plots": plots}
 
@@ -371,5 +378,5 @@ def _report(cfg: RealSparsityConfig, model: dict[str, Any], rows: list[dict],
             f"{r['measured_kdelta_exact_fraction']:.2f} | {r['predicted_kdelta_median']:.0f} | "
             f"{'' if frac is None else f'{frac:.3g}'} |"
         )
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += ["", "## Plots", ""] + ([f"![{p}]({p})" for p in plots] or [PLOTS_MISSING]) + [""]
     return "\n".join(lines)

@@ -8,12 +8,14 @@ up to ``zarr_max_n``) a *fresh subprocess* streams the keys once through
 - ``ProjectedEmbeddings`` (a JL map, ``streamattn.recipes.embeddings``; Y is computed block by
   block and not stored, so the time is the projection's, not a disk write's),
 - ``GroundTruth`` (exact heavy entries of ``gt_queries`` queries),
+- with ``sampler`` set (``online`` or ``merge-reduce``), ``LeverageSampler`` (issue 13: a
+  weighted row sample with (1 ± ``sampler_eps``) spectral error w.p. ≥ 1 − ``sampler_delta``,
+  its oversampling from ``streamattn.recipes.samplers.plan_spec``),
 
 all sharing each read block (the runner fuses the recipes into one read), and reports the time
 per row, |U|, the heavy/candidate counts and its peak RSS (``streamattn.memory``). For
 zarr sources it then times a raw read of the same store (blocks only, no operators):
-engine time / raw read time says how far the pass is from the reading limit. The
-online leverage sampler (issue 13) is not on main yet, so it is not measured here.
+engine time / raw read time says how far the pass is from the reading limit.
 
 The keys are ``streamattn.synthetic`` rows with ``outliers: 0``, so row j depends only on
 (seed, j): the store for each n is a prefix of the largest one, grown in place as n
@@ -40,17 +42,26 @@ from typing import Any
 import numpy as np
 
 from streamattn.errors import ConfigError
-from streamattn.experiments.common import as_list, csv_text, new_figure, save_figure
+from streamattn.experiments.common import (
+    PLOTS_MISSING,
+    as_list,
+    csv_text,
+    new_figure,
+    plots_available,
+    save_figure,
+)
 from streamattn.synthetic import SyntheticSpec, synthetic_queries, synthetic_rows
 
 NAME = "scaling"
 SOURCES = ("generator", "zarr")
 SAMPLER_NOTE = (
-    "The online leverage sampler (issue 13) is not on main yet; it is not measured."
+    "With sampler set, the leverage sampler (issue 13, streamattn.operators.sampler) shares "
+    "the pass; sample_size and its certified bound are in results.csv."
 )
 COLUMNS = [
     "n", "d", "source", "universal_set_size", "numerical_rank", "gt_heavy_mean",
     "gt_heavy_max", "gt_candidates_max", "gt_candidate_bound", "gt_lse_sum", "jl_mu_s_sum",
+    "sample_size", "sample_size_bound",
 ]
 MEASURE_COLUMNS = [
     "n", "d", "source", "seconds", "ns_per_row", "cpu_seconds", "cpu_ns_per_row",
@@ -74,6 +85,9 @@ class ScalingConfig:
     gt_eps: float = 0.01
     jl_m: int = 16
     jl_method: str = "srht"
+    sampler: str | None = "merge-reduce"
+    sampler_eps: float = 0.5
+    sampler_delta: float = 0.1
     rank: int = 16
     noise: float = 0.1
     chunk_rows: int = 65536
@@ -98,6 +112,10 @@ class ScalingConfig:
                 raise ConfigError(f"config.{name} must be >= 1.")
         if any(self.jl_m > d for d in as_list(self.d, int, "d")):
             raise ConfigError("config.jl_m must be <= every d.")
+        if self.sampler is not None and self.sampler not in ("online", "merge-reduce"):
+            raise ConfigError("config.sampler must be online, merge-reduce or null.")
+        if not 0 < self.sampler_eps < 1 or not 0 < self.sampler_delta < 1:
+            raise ConfigError("config.sampler_eps and config.sampler_delta must be in (0, 1).")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ConfigError("config.time_budget_s must be > 0 (or null: no budget).")
 
@@ -119,7 +137,9 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     from streamattn.memory import peak_rss_bytes
     from streamattn.operators.ground_truth import GroundTruth, GroundTruthSpec
     from streamattn.operators.projection import ProjectionMap
+    from streamattn.operators.sampler import LeverageSampler
     from streamattn.recipes.embeddings import ReduceConfig, projection_operator
+    from streamattn.recipes.samplers import plan_spec
     from streamattn.recipes.selection import Selection
     from streamattn.recipes.universal import selection_recipe
     from streamattn.runner import OnePass, run_recipes
@@ -136,11 +156,18 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     gt = GroundTruth(GroundTruthSpec(queries.astype(np.float64), eps=job["gt_eps"]))
     rcfg = ReduceConfig(m=job["jl_m"], method=job["jl_method"], seed=job["seed"])
     proj = projection_operator(ProjectionMap(rcfg.method, spec.d, rcfg.m, rcfg.seed), "", rcfg)
+    fused: list[Any] = [gt, proj]
+    if job.get("sampler"):
+        fused.append(LeverageSampler(plan_spec(
+            spec.n, spec.d, eps=job["sampler_eps"], delta=job["sampler_delta"],
+            method=job["sampler"], variant=job["variant"], seed=job["seed"],
+        )))
     t0, c0 = time.perf_counter(), _cpu_seconds()
     sel = Selection(job["eps"], job["variant"])
-    uset, also = run_recipes(source, [selection_recipe(sel), OnePass([gt, proj])]).results
+    uset, also = run_recipes(source, [selection_recipe(sel), OnePass(fused)]).results
     seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     gt_res, proj_res = also[0].result(), also[1].result()
+    sample = also[2].result() if len(also) > 2 else None
     read_seconds = None
     if job["source"] == "zarr":
         t1 = time.perf_counter()
@@ -158,6 +185,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         "gt_candidate_bound": int(also[0].spec.max_candidates),
         "gt_lse_sum": float(np.sum(gt_res["lse"])),
         "jl_mu_s_sum": float(np.sum(proj_res.mu_s)),
+        "sample_size": None if sample is None else int(sample["indices"].size),
+        "sample_size_bound": None if sample is None else sample["certificate"].get("size_bound"),
         "seconds": seconds,
         "cpu_seconds": cpu,
         "read_seconds": read_seconds,
@@ -213,6 +242,8 @@ def _jobs(cfg: ScalingConfig) -> list[dict[str, Any]]:
                         "spec": asdict(cfg.spec(n, d, seed)), "eps": cfg.eps,
                         "variant": cfg.variant, "gt_queries": cfg.gt_queries,
                         "gt_eps": cfg.gt_eps, "jl_m": cfg.jl_m, "jl_method": cfg.jl_method,
+                        "sampler": cfg.sampler, "sampler_eps": cfg.sampler_eps,
+                        "sampler_delta": cfg.sampler_delta,
                     })
     # cheapest first, so a time budget cuts the largest runs
     return sorted(jobs, key=lambda j: (j["n"] * j["d"], j["d"], j["source"], j["seed"]))
@@ -276,7 +307,7 @@ def run(cfg: ScalingConfig, out: Path, *, progress: bool = False) -> dict[str, A
     _derive(meas)
     (out / "results.csv").write_text(csv_text(rows, COLUMNS))
     (out / "measurements.csv").write_text(csv_text(meas, MEASURE_COLUMNS))
-    plots = _plots(meas, out) if meas else []
+    plots = _plots(meas, out) if meas and plots_available() else []
     (out / "report.md").write_text(_report(cfg, rows, meas, skipped, plots))
     reached = max((m["n"] for m in meas), default=None)
     return {"runs": len(meas), "skipped": len(skipped), "max_n": reached, "plots": plots}
@@ -299,7 +330,7 @@ def _plots(meas: list[dict[str, Any]], out: Path) -> list[str]:
     series = sorted({(m["d"], m["source"]) for m in meas})
     panels = [
         ("cpu_ns_per_row", "CPU time per row (ns; wall: thin)", False),
-        ("universal_set_size", "|U| (universal set)", False),
+        ("universal_set_size", "|U| (··: sampler's sample size)", False),
         ("peak_rss_bytes", "peak RSS (MiB)", True),
         ("read_mb_per_s", "read / generate throughput (MB/s)", False),
     ]
@@ -312,6 +343,11 @@ def _plots(meas: list[dict[str, Any]], out: Path) -> list[str]:
             y = np.array([p[1] for p in pts], dtype=float) / (2**20 if mib else 1)
             ax.plot([p[0] for p in pts], y, "o-" if source == "generator" else "s--",
                     color=f"C{i}", label=f"d={d} {source}")
+            if key == "universal_set_size":
+                samp = sorted((m["n"], m["sample_size"]) for m in meas
+                              if (m["d"], m["source"]) == (d, source) and m.get("sample_size"))
+                if samp:
+                    ax.plot([p[0] for p in samp], [p[1] for p in samp], ":", color=f"C{i}")
             if key == "cpu_ns_per_row":
                 wall = sorted((m["n"], m["ns_per_row"]) for m in meas
                               if (m["d"], m["source"]) == (d, source))
@@ -323,6 +359,9 @@ def _plots(meas: list[dict[str, Any]], out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         if key == "universal_set_size":
             ax.set_yscale("symlog", linthresh=1)
+            ax.set_ylim(0, None)
+        if key == "cpu_ns_per_row":
+            ax.set_yscale("log")
     axes[0][0].legend(fontsize=7)
     save_figure(fig, out / "scaling.png")
     return ["scaling.png"]
@@ -388,7 +427,7 @@ def _report(cfg: ScalingConfig, rows: list[dict], meas: list[dict], skipped: lis
         lines += ["", f"Skipped by the time budget ({cfg.time_budget_s} s):", ""]
         lines += [f"- n = 2^{int(math.log2(s['n']))}, d = {s['d']}, {s['source']}: "
                   f"{s['reason']}" for s in skipped]
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += ["", "## Plots", ""] + ([f"![{p}]({p})" for p in plots] or [PLOTS_MISSING]) + [""]
     return "\n".join(lines)
 
 

@@ -1,4 +1,6 @@
-"""Streaming passes of the one-layer attention fit (DESIGN 2.8), one operator per pass kind.
+"""Streaming passes of the one-layer attention fit, one operator per pass kind.
+
+Mathematics: docs/architecture.md, note 2.8.
 
 The loss (Song et al., "tensor and SVM tricks" paper) is
 L(X, Y) = Σ_{j0} ‖softmax(A1[j0] X A2ᵀ) A3 Y − B[j0]‖², X, Y ∈ R^{d×d}, the Kronecker

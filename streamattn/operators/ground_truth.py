@@ -1,4 +1,5 @@
-"""Exact heavy-attention ground truth in one pass, and two companions (DESIGN 2.5).
+"""Exact heavy-attention ground truth in one pass, and two companions (docs/architecture.md, note
+2.5).
 
 For a query batch Q (s × d) every key j gets a log-weight per query,
 

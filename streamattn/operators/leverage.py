@@ -1,7 +1,7 @@
 """Leverage scores and the exact one-pass LevAttention universal set (p = 2).
 
-Mathematics (DESIGN 2.1; Kannan, Bhattacharyya, Kacham, Woodruff, arXiv 2410.05462).
-For keys k_j (rows of K) and G = KᵀK, the leverage score is τ_j = k_jᵀ G⁺ k_j. For
+Mathematics (docs/architecture.md, note 2.1; Kannan, Bhattacharyya, Kacham, Woodruff, arXiv
+2410.05462). For keys k_j (rows of K) and G = KᵀK, the leverage score is τ_j = k_jᵀ G⁺ k_j. For
 f(x) = x² attention, A_qj = (q·k_j)² / Σ_l (q·k_l)² ≤ τ_j for every query q
 (Cauchy–Schwarz in the G metric), and Σ_j τ_j = rank(K) ≤ d. Hence
 U_ε = {j : τ_j ≥ ε} holds every key that any query weights ≥ ε, and |U_ε| ≤ rank/ε.
@@ -14,8 +14,8 @@ dropped once never qualifies again: no false negatives, and |C| ≤ rank/thresho
 every step. Merge stacks the two factors and re-prunes. The final set is the offline
 U_ε for any chunking and merge tree, up to float rounding at the threshold itself.
 
-Speed (DESIGN 3): once R is square and well conditioned, a block X updates it by a
-preconditioned Cholesky step (``fast_factor_update``: Y = X R⁻¹, R ← chol(I + YᵀY) R),
+Speed (docs/architecture.md, note 3): once R is square and well conditioned, a block X updates it
+by a preconditioned Cholesky step (``fast_factor_update``: Y = X R⁻¹, R ← chol(I + YᵀY) R),
 QR-accurate at level-3 BLAS speed, and ‖y_j‖² = k_jᵀ G_old⁻¹ k_j bounds every later score
 of row j from above (G only grows; the full inverse dominates the truncated one), so
 only rows with ‖y_j‖² ≥ threshold (less a rounding margin) are scored exactly.
@@ -93,22 +93,34 @@ class ScoringMap:
     offset: float = 0.0
 
     @classmethod
-    def from_factor(cls, r: np.ndarray, rtol: float, d: int) -> ScoringMap:
+    def from_factor(cls, r: np.ndarray, rtol: float, d: int, floor: float = 0.0) -> ScoringMap:
+        """The map on σ_i > max(rtol · σ_max, floor) (``floor``: an absolute noise level)."""
         if r.shape[0] == 0:
             return cls(np.zeros((d, 0)), 0, 0.0, 0.0, 0.0)
         _, s, vt = np.linalg.svd(r, full_matrices=False)
-        tol = rtol * s[0]
+        tol = max(rtol * s[0], floor)
         rank = int(np.count_nonzero(s > tol)) if s[0] > 0 else 0
         w = vt[:rank].T / s[:rank]
         return cls(w, rank, float(s[0]), float(s[rank - 1]) if rank else 0.0, float(tol))
 
     @classmethod
     def from_centred(cls, factor: Any, rtol: float) -> ScoringMap:
-        """The affine map from a ``CentredFactorResult`` (n, μ, R_c): rank on R_c only."""
-        c = cls.from_factor(factor.r_centred, rtol, factor.r_centred.shape[1])
+        """The affine map from a ``CentredFactorResult`` (n, μ, R_c): rank on R_c only.
+
+        R_c is the trailing block of a backward-stable QR of [1, K], so its entries carry
+        rounding of order u·‖[1, K]‖_F (u the float64 unit roundoff), however small R_c
+        itself is: singular values below (d + 1)·u·‖[1, K]‖_F are counted as zero (e.g.
+        identical keys, whose centred rows are exactly zero). ‖[1, K]‖_F² is read off the
+        factor: n + n‖μ‖² + ‖R_c‖_F².
+        """
+        rc = np.asarray(factor.r_centred, dtype=np.float64)
         n = int(factor.n)
+        mean = np.asarray(factor.mean, dtype=np.float64)
+        norm = np.sqrt(n * (1.0 + float(mean @ mean)) + float(np.sum(rc * rc)))
+        floor = (rc.shape[1] + 1) * np.finfo(np.float64).eps * norm
+        c = cls.from_factor(rc, rtol, rc.shape[1], floor)
         return cls(c.w, c.rank + (1 if n else 0), c.sigma_max, c.sigma_min_kept, c.abs_tol,
-                   np.asarray(factor.mean, dtype=np.float64), 1.0 / n if n else 0.0)
+                   mean, 1.0 / n if n else 0.0)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         """τ for each row of ``x`` (float64; raw keys for a centred map)."""

@@ -1,7 +1,7 @@
 """ℓp Lewis weights out of core: one streaming pass per fixed-point iteration.
 
-Mathematics (DESIGN 2.2; Lewis 1978; Cohen & Peng, "ℓp row sampling by Lewis weights",
-STOC 2015). For keys k_j and p > 0 the ℓp Lewis weights are the unique w ≥ 0 with
+Mathematics (docs/architecture.md, note 2.2; Lewis 1978; Cohen & Peng, "ℓp row sampling by Lewis
+weights", STOC 2015). For keys k_j and p > 0 the ℓp Lewis weights are the unique w ≥ 0 with
 
     w_j = τ_j(W^{1/2−1/p} K)   ⇔   w_j^{2/p} = σ_j(w) := k_jᵀ (Kᵀ W^{1−2/p} K)⁺ k_j,
 

@@ -1,7 +1,7 @@
 """Large d: ridge universal sets against a Frequent Directions sketch, and a JL-sketched path.
 
-Mathematics (DESIGN 2.1, 2.6). With G = KᵀK and λ > 0 the ridge leverage score is
-τ^λ_j = k_jᵀ (G + λI)⁻¹ k_j. Cauchy–Schwarz in the G + λI metric gives, for every query q,
+Mathematics (docs/architecture.md, notes 2.1 and 2.6). With G = KᵀK and λ > 0 the ridge leverage
+score is τ^λ_j = k_jᵀ (G + λI)⁻¹ k_j. Cauchy–Schwarz in the G + λI metric gives, for every query q,
 
     A_qj = (q·k_j)² / ‖Kq‖² ≤ τ^λ_j · (1 + λ‖q‖²/‖Kq‖²),
 

@@ -1,4 +1,6 @@
-"""Streaming passes of the kernel-regression solvers (DESIGN 2.7): one operator per pass kind.
+"""Streaming passes of the kernel-regression solvers: one operator per pass kind.
+
+Mathematics: docs/architecture.md, note 2.7.
 
 Every pass over A ∈ R^{n×d} (and, where needed, b ∈ R^n streamed with it as the block's
 value column) is one of these mergeable operators, run by ``streamattn.engines``:

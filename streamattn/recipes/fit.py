@@ -1,4 +1,6 @@
-"""One-layer attention regression (DESIGN 2.8; Song et al., tensor and SVM tricks paper).
+"""One-layer attention regression (Song et al., tensor and SVM tricks paper).
+
+Mathematics: docs/architecture.md, note 2.8.
 
 Fit X, Y ∈ R^{d×d} to minimise
 L(X, Y) = Σ_{j0, i0} (⟨softmax(A1[j0] X A2ᵀ), A3 Y_{*,i0}⟩ − B[j0, i0])²

@@ -1,7 +1,7 @@
 """ℓp universal sets (f(x) = |x|^p attention, any p > 0) from out-of-core Lewis weights.
 
-Mathematics (DESIGN 2.2; Kannan, Bhattacharyya, Kacham, Woodruff, arXiv 2410.05462;
-Cohen & Peng 2015). For f(x) = |x|^p the share of key j under query q is
+Mathematics (docs/architecture.md, note 2.2; Kannan, Bhattacharyya, Kacham, Woodruff, arXiv
+2410.05462; Cohen & Peng 2015). For f(x) = |x|^p the share of key j under query q is
 A_qj = |q·k_j|^p / Σ_l |q·k_l|^p. With the ℓp Lewis weights w of K (Σ w = r = rank K):
 
 - p ≤ 2: A_qj ≤ w_j for every q, so U = {j : w_j ≥ ε} and |U| ≤ r/ε;

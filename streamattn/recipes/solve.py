@@ -1,4 +1,4 @@
-"""Out-of-core solvers for attention kernel regressions (DESIGN 2.7).
+"""Out-of-core solvers for attention kernel regressions (docs/architecture.md, note 2.7).
 
 Problems (A ∈ R^{n×d} on disk, n ≫ d; Song, Yin et al., "Solving Attention Kernel
 Regression Problem via Pre-conditioner", arXiv 2308.14304):

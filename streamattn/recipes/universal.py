@@ -33,7 +33,7 @@ from streamattn.recipes.selection import (
     SOFTMAX_NOTE,
     Selection,
 )
-from streamattn.results import UniversalSet, versions
+from streamattn.results import MultiHeadResult, UniversalSet, versions
 from streamattn.runner import Outcome, Pass, PassContext, Plan, Recipe, run_recipes
 from streamattn.sources import KeySource, open_keys
 
@@ -244,7 +244,7 @@ def universal_set(
     array: str | None = None,
     p: float = 2.0,
     **engine_options: Any,
-) -> UniversalSet:
+) -> UniversalSet | MultiHeadResult:
     """The LevAttention universal set of a key store, exactly, in bounded memory.
 
     Parameters
@@ -274,7 +274,8 @@ def universal_set(
     -------
     UniversalSet
         ``.indices`` sorted int64, ``.scores`` float64, ``.rows``, ``.values``,
-        ``.certificate``.
+        ``.certificate``; for a KV cache, a ``MultiHeadResult`` of them
+        (``result[layer, head]``).
 
     Examples
     --------
