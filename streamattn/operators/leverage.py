@@ -28,6 +28,10 @@ has component ≤ σ_i along each direction, so its final score is at most
 (‖W_fineᵀk‖ + δ)² with δ = ‖σ_dropped‖ / (rtol · σ_max). Rows are dropped only below
 that bound (δ = 0 when no direction is dropped, e.g. for full-rank keys).
 
+The affine factor (R of [1, K]) is updated the same way in the centred frame
+(``centred_fast_update``): y = [1/√n, (k − μ) R_c⁻¹], whose ‖y‖² is the row's affine
+score against the rows before its block, so affine rows are pruned by the same bound.
+
 Affine variant: each key is augmented with a constant 1, k̃_j = (k_j, 1). Its score is
 τ̃_j = 1/n + (k_j − μ)ᵀ S⁺ (k_j − μ) (μ the mean, S the scatter matrix): centred
 leverage. It bounds (q·k_j + c)² shares for every query q and every offset c, and
@@ -47,6 +51,7 @@ import scipy.linalg
 from scipy.linalg import blas, lapack
 
 from streamattn.blas import single_blas_thread
+from streamattn.operators.candidates import candidate_state, load_candidates, stack_values
 from streamattn.operators.factors import centred_factor_result, centred_factor_update, stack_qr
 from streamattn.operators.protocol import Operator, State
 from streamattn.sources import Block
@@ -61,6 +66,9 @@ PIECE_ROWS = 2048
 FAST_COND_LIMIT = 1e8
 #: ... and a moderate growth ‖Y‖₂² ≤ this, Y = X R⁻¹ (else: Householder for the block).
 FAST_GROWTH_LIMIT = 1e4
+#: A block is folded in sub-blocks of at most this many times the rows already seen, so
+#: the free bound (the score against the rows before the sub-block) prunes early rows too.
+SUBBLOCK_GROWTH = 8
 #: Rows of the first block factored by Householder QR before the fast update can start,
 #: in multiples of dim.
 SEED_ROWS_PER_DIM = 4
@@ -150,25 +158,62 @@ def _split_rows(m: int) -> list[tuple[int, int]]:
 
 
 def _gram_pass(
-    rows: np.ndarray, lo: int, hi: int, rinv: np.ndarray, bounds: np.ndarray
-) -> np.ndarray:
-    """Σ yᵀy over rows [lo, hi) with y = x R⁻¹ (upper triangle, F order); fills bounds."""
+    rows: np.ndarray,
+    lo: int,
+    hi: int,
+    rinv: np.ndarray,
+    bounds: np.ndarray,
+    shift: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Σ yᵀy and Σ y over rows [lo, hi), y = (x − shift) R⁻¹ (Gram: upper triangle, F
+    order); fills bounds with ‖y‖². R⁻¹ is upper triangular: for square R the product is
+    a TRMM (m·dim² flops, in place in the float64 piece buffer) rather than a GEMM."""
     d = rows.shape[1]
     dim = rinv.shape[0]
     piece = min(PIECE_ROWS, hi - lo)
     top = np.ascontiguousarray(rinv[:d])
     buf = np.empty((piece, d))
-    y = np.empty((piece, dim))
+    square = d == dim
+    y = buf if square else np.empty((piece, dim))
     gram = np.zeros((dim, dim), order="F")
+    colsum = np.zeros(dim)
     for a in range(lo, hi, piece):
         k = min(piece, hi - a)
-        xb, yb = buf[:k], y[:k]
+        xb = buf[:k]
         np.copyto(xb, rows[a : a + k], casting="safe")
-        np.matmul(xb, top, out=yb)
+        if shift is not None:
+            xb -= shift
+        if square:  # Yᵀ = R⁻ᵀ Xᵀ in place by TRMM: half the flops of a GEMM
+            yb = blas.dtrmm(1.0, top, xb.T, side=0, lower=0, trans_a=1, overwrite_b=1).T
+        else:
+            yb = y[:k]
+            np.matmul(xb, top, out=yb)
         bounds[a : a + k] = np.einsum("ij,ij->i", yb, yb)
+        if shift is not None:
+            colsum += yb.sum(axis=0)
         # SYRK of the F-ordered view yᵀ accumulates YᵀY into the upper triangle in place.
         gram = blas.dsyrk(1.0, yb.T, beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
-    return gram
+    return gram, colsum
+
+
+def _preconditioned_gram(
+    rows: np.ndarray, rinv: np.ndarray, shift: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(YᵀY symmetric, Σ_i y_i, ‖y_i‖²) for Y = (X − shift) R⁻¹, threaded by row spans."""
+    m = rows.shape[0]
+    bounds = np.empty(m)
+    spans = _split_rows(m)
+    if len(spans) == 1:
+        parts = [_gram_pass(rows, 0, m, rinv, bounds, shift)]
+    else:
+        parts = list(
+            _pool().map(lambda ab: _gram_pass(rows, ab[0], ab[1], rinv, bounds, shift), spans)
+        )
+    gram, colsum = parts[0]
+    for g, c in parts[1:]:
+        gram += g
+        colsum += c
+    return np.triu(gram) + np.triu(gram, 1).T, colsum, bounds
 
 
 def map_scores(
@@ -224,7 +269,7 @@ def fast_factor_update(r: np.ndarray, rows: np.ndarray) -> FactorUpdate | None:
     Cholesky factor is as accurate as Householder QR of [R; X] (relative score error
     ~ u·cond(R), u = 2⁻⁵³) — the normal equations' cond² loss is avoided because the
     Gram is formed from the preconditioned Y, not from X. The work is two level-3
-    BLAS calls per piece (Y = X R⁻¹ by GEMM, YᵀY by SYRK), ≈ 3·m·dim² flops, against
+    BLAS calls per piece (Y = X R⁻¹ by TRMM, YᵀY by SYRK), ≈ 2·m·dim² flops, against
     Householder's 4·m·dim² in slower panel code, and the row norms ‖y_i‖² come free.
 
     Returns None (the caller falls back to Householder QR) when R is not square, not
@@ -239,19 +284,7 @@ def fast_factor_update(r: np.ndarray, rows: np.ndarray) -> FactorUpdate | None:
     kappa = float(np.linalg.norm(r) * np.linalg.norm(rinv))
     if not np.isfinite(kappa) or kappa > FAST_COND_LIMIT:
         return None
-    m = rows.shape[0]
-    bounds = np.empty(m)
-    spans = _split_rows(m)
-    if len(spans) == 1:
-        grams = [_gram_pass(rows, 0, m, rinv, bounds)]
-    else:
-        grams = list(
-            _pool().map(lambda ab: _gram_pass(rows, ab[0], ab[1], rinv, bounds), spans)
-        )
-    gram = grams[0]
-    for g in grams[1:]:
-        gram += g
-    gram = np.triu(gram) + np.triu(gram, 1).T
+    gram, _, bounds = _preconditioned_gram(rows, rinv)
     if float(np.linalg.eigvalsh(gram)[-1]) > FAST_GROWTH_LIMIT:
         return None
     gram[np.diag_indices(dim)] += 1.0
@@ -259,6 +292,56 @@ def fast_factor_update(r: np.ndarray, rows: np.ndarray) -> FactorUpdate | None:
     # |rounding of ‖x R⁻¹‖²| <= ~2·dim·u·cond(R) relative (GEMM forward error).
     rel_err = 4.0 * dim * np.finfo(np.float64).eps * kappa
     return FactorUpdate(c @ r, bounds, rel_err)
+
+
+def centred_fast_update(r: np.ndarray, rows: np.ndarray) -> FactorUpdate | None:
+    """The factor of [1, K] after appending ``rows`` by a centred preconditioned step, or None.
+
+    ``r`` is the square TSQR factor of [1, K_old] (``centred_factor_update``); from it
+    n = r₀₀², the mean μ and the centred factor R_c. In the shifted frame the factor of
+    [1, K_old − μ] is diag(√n, R_c) (the ones column is orthogonal to K_old − μ), so for a
+    block X the preconditioned rows are y = [1/√n, (x − μ) R_c⁻¹]: the ones column needs
+    no product, and μ is subtracted before the GEMM, so a common offset ≫ the spread does
+    not enter cond. With CᵀC = I + YᵀY (Cholesky), the factor of [1, K_all − μ] is
+    C diag(√n, R_c), and that of [1, K_all] is it times [[1, μᵀ], [0, I]] (only row 0
+    changes). Accuracy as :func:`fast_factor_update` with cond(R_c) in place of cond(R);
+    the same refusals (None: singular, too ill-conditioned, too much growth) apply.
+
+    ``bounds[i] = 1/n + (‖(x_i − μ) R_c⁻¹‖ + δ)²``, δ covering the rounding of μ, bounds
+    row i's affine score against the old rows, hence its final affine score (the Gram of
+    [1, K] only grows); ``rel_err`` covers the GEMM rounding as in the plain update.
+    """
+    dim = r.shape[1]
+    if r.shape[0] != dim or dim < 2 or r[0, 0] == 0:
+        return None
+    cf = centred_factor_result(r, 1)
+    rc = cf.r_centred
+    rcinv, info = lapack.dtrtri(rc, lower=0)
+    if info != 0:
+        return None
+    kappa = float(np.linalg.norm(rc) * np.linalg.norm(rcinv))
+    if not np.isfinite(kappa) or kappa > FAST_COND_LIMIT:
+        return None
+    root_n = abs(float(r[0, 0]))
+    zz, zsum, znorm = _preconditioned_gram(rows, rcinv, cf.mean)
+    gram = np.empty((dim, dim))
+    gram[0, 0] = rows.shape[0] / root_n**2
+    gram[0, 1:] = gram[1:, 0] = zsum / root_n
+    gram[1:, 1:] = zz
+    if float(np.linalg.eigvalsh(gram)[-1]) > FAST_GROWTH_LIMIT:
+        return None
+    gram[np.diag_indices(dim)] += 1.0
+    c = scipy.linalg.cholesky(gram, lower=False, check_finite=False)
+    shifted = np.zeros((dim, dim))
+    shifted[0, 0] = root_n
+    shifted[1:, 1:] = rc
+    new = c @ shifted
+    new[0, 1:] += new[0, 0] * cf.mean
+    u = np.finfo(np.float64).eps
+    # μ is read off r to within ~4u|μ| per entry: that shifts each z_i by at most δ.
+    delta = float(np.linalg.norm(4.0 * u * np.abs(cf.mean)) * np.linalg.norm(rcinv))
+    bounds = np.square(np.sqrt(znorm) + delta) if delta > 0 else znorm
+    return FactorUpdate(new, bounds + 1.0 / root_n**2, 4.0 * (dim - 1) * u * kappa)
 
 
 @dataclass(frozen=True)
@@ -364,22 +447,27 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
                 self.values = np.zeros((0, block.values.shape[1]))
         m = x.shape[0]
         head = 0
-        if self.spec.affine:  # the centred factor: Householder TSQR of [1, X] (module doc)
-            self.r = centred_factor_update(self.r, x)
-            head = m
-        elif self.r.shape[0] < self.r.shape[1]:  # seed the factor by Householder QR
+        if self.r.shape[0] < self.r.shape[1]:  # seed the factor by Householder QR
             head = min(m, SEED_ROWS_PER_DIM * self.r.shape[1])
-            self.r = stack_qr(self.r, augment(x[:head], False))
-        admitted = np.arange(head)
-        if head < m:
-            step = fast_factor_update(self.r, x[head:])
+            self.r = self._householder(x[:head])
+        spans = [np.arange(head)]
+        fast = centred_fast_update if self.spec.affine else fast_factor_update
+        seen = self.n_rows - m + head  # rows in the factor
+        while head < m:
+            # Sub-blocks of ≤ SUBBLOCK_GROWTH × the rows seen: a bound against the rows
+            # before the sub-block is tight enough to prune most rows even at the start.
+            stop = min(m, head + max(PIECE_ROWS, SUBBLOCK_GROWTH * seen))
+            step = fast(self.r, x[head:stop])
             if step is None:
-                self.r = stack_qr(self.r, augment(x[head:], False))
-                admitted = np.arange(m)
+                self.r = self._householder(x[head:stop])
+                spans.append(np.arange(head, stop))
             else:
                 self.r = step.r
                 cut = self.spec.threshold * (1.0 - step.rel_err)
-                admitted = np.concatenate([admitted, head + np.flatnonzero(step.bounds >= cut)])
+                spans.append(head + np.flatnonzero(step.bounds >= cut))
+            seen += stop - head
+            head = stop
+        admitted = np.concatenate(spans)
         if admitted.size == 0:
             return  # held candidates only lose score; they are re-checked when rows arrive
         values = None
@@ -391,32 +479,27 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
             values,
         )
 
+    def _householder(self, rows: np.ndarray) -> np.ndarray:
+        """The factor after appending ``rows`` by Householder TSQR (affine: of [1, X])."""
+        if self.spec.affine:
+            return centred_factor_update(self.r, rows)
+        return stack_qr(self.r, augment(rows, False))
+
     def _merge(self, other: LeverageScores) -> None:
         self.r = stack_qr(self.r, other.r)
-        values = None
-        if self.values is not None and other.values is not None:
-            values = np.vstack([self.values, other.values])
         self._prune(
-            np.concatenate([self.idx, other.idx]), np.vstack([self.rows, other.rows]), values
+            np.concatenate([self.idx, other.idx]), np.vstack([self.rows, other.rows]),
+            stack_values(self.values, other.values),
         )
 
     def _state(self) -> State:
-        out: State = {
-            "r": self.r,
-            "idx": self.idx,
-            "rows": self.rows,
-            "rows_dtype": np.array(self.rows_dtype),
-        }
-        if self.values is not None:
-            out["values"] = self.values
-        return out
+        return {"r": self.r, "rows_dtype": np.array(self.rows_dtype),
+                **candidate_state(self.idx, self.rows, self.values)}
 
     def _load(self, state: State) -> None:
         self.r = np.array(state["r"], dtype=np.float64)
-        self.idx = np.array(state["idx"], dtype=np.int64)
-        self.rows = np.array(state["rows"], dtype=np.float64)
+        self.idx, self.rows, self.values = load_candidates(state)
         self.rows_dtype = str(state["rows_dtype"])
-        self.values = np.array(state["values"], dtype=np.float64) if "values" in state else None
 
     def scoring_map(self) -> ScoringMap:
         if self.spec.affine:
@@ -512,33 +595,21 @@ class TopScores(Operator[TopScoresSpec, dict[str, Any]]):
         )
 
     def _merge(self, other: TopScores) -> None:
-        values = None
-        if self.values is not None and other.values is not None:
-            values = np.vstack([self.values, other.values])
         self._keep_top(
             np.concatenate([self.idx, other.idx]),
             np.concatenate([self.scores, other.scores]),
             np.vstack([self.rows, other.rows]),
-            values,
+            stack_values(self.values, other.values),
         )
 
     def _state(self) -> State:
-        out: State = {
-            "idx": self.idx,
-            "scores": self.scores,
-            "rows": self.rows,
-            "rows_dtype": np.array(self.rows_dtype),
-        }
-        if self.values is not None:
-            out["values"] = self.values
-        return out
+        return {"scores": self.scores, "rows_dtype": np.array(self.rows_dtype),
+                **candidate_state(self.idx, self.rows, self.values)}
 
     def _load(self, state: State) -> None:
-        self.idx = np.array(state["idx"], dtype=np.int64)
+        self.idx, self.rows, self.values = load_candidates(state)
         self.scores = np.array(state["scores"], dtype=np.float64)
-        self.rows = np.array(state["rows"], dtype=np.float64)
         self.rows_dtype = str(state["rows_dtype"])
-        self.values = np.array(state["values"], dtype=np.float64) if "values" in state else None
 
     def result(self) -> dict[str, Any]:
         return {

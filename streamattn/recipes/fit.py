@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from streamattn.engines import engine_session
 from streamattn.errors import ConfigError, InvalidInputError
 from streamattn.operators.fit_ops import (
     DEFAULT_FIT_TILE,
@@ -48,7 +47,7 @@ from streamattn.operators.fit_ops import (
     AttentionLossGradientSpec,
     softmax_rows,
 )
-from streamattn.runner import run_pass
+from streamattn.runner import run_pass, session
 from streamattn.sources import KeySource, open_keys
 
 FIT_METHODS = ("gauss-newton", "adam", "gd")
@@ -209,7 +208,7 @@ def one_layer_attention(
         least-squares Y for Gauss–Newton and the same start for the baselines);
         ``info["time_history"]`` the seconds since the start at each entry.
     """
-    with engine_session(engine, **engine_options) as options:
+    with session(engine, **engine_options) as options:
         return _one_layer_attention(
             a1, a2, a3, b, seed, method=method, x0=x0, init_scale=init_scale, rtol=rtol,
             gtol=gtol, max_iter=max_iter, restarts=restarts, patience=patience, lr=lr,

@@ -55,7 +55,6 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from streamattn.engines import engine_session
 from streamattn.errors import ConfigError, InvalidInputError
 from streamattn.operators.protocol import Operator
 from streamattn.operators.solve_ops import (
@@ -72,7 +71,7 @@ from streamattn.operators.solve_ops import (
     TallSkinnyQR,
     TallSkinnyQRSpec,
 )
-from streamattn.runner import run_pass
+from streamattn.runner import run_pass, session
 from streamattn.sources import KeySource, open_keys
 
 METHODS = ("direct", "sketch-precondition")
@@ -540,7 +539,7 @@ def gram_power(
     >>> bool(np.allclose(np.linalg.matrix_power(a.T @ a, 2) @ res.x, 1.0))
     True
     """
-    with engine_session(engine, **engine_options) as options:
+    with session(engine, **engine_options) as options:
         return _solve_gram_family(
             "gram-power", a, b, j, method=method, sketch=sketch, sketch_size=sketch_size,
             seed=seed, tol=tol, max_iter=max_iter, compare=compare, verify=verify,
@@ -573,7 +572,7 @@ def a_gram_power(
     :func:`gram_power`; ``sketch-precondition`` solves j + 1 stages (Aᵀb is fused into
     the sketch pass). A full-column-rank A is required: x* = (AᵀA)^{-(j+1)} Aᵀb.
     """
-    with engine_session(engine, **engine_options) as options:
+    with session(engine, **engine_options) as options:
         return _solve_gram_family(
             "a-gram-power", a, b, j, method=method, sketch=sketch, sketch_size=sketch_size,
             seed=seed, tol=tol, max_iter=max_iter, compare=compare, verify=verify,
@@ -665,7 +664,7 @@ def attention_kernel(
     pass), O(rank) vectors of length n, two tiles of ``tile × tile`` float64 — see
     :func:`kernel_matvec_bound`. ``compare=True`` also runs plain CG.
     """
-    with engine_session(engine, **engine_options) as options:
+    with session(engine, **engine_options) as options:
         return _attention_kernel(
             a, b, beta=beta, ridge=ridge, method=method, rank=rank, seed=seed, tol=tol,
             max_iter=max_iter, compare=compare, verify=verify, tile=tile, engine=engine,
