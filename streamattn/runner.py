@@ -176,7 +176,7 @@ def lift(recipe: Recipe[Any], source: MultiHeadSource, chunk_rows: int, engine: 
                     mine[k] = head_op
                 del pending[key]
                 _advance_head(plans[key], key, mine, pending, items)
-        return MultiHeadResult(items)
+        return MultiHeadResult(items, source.layer_ids, source.head_ids)
     finally:
         for plan in plans.values():
             plan.close()
@@ -367,12 +367,13 @@ def _mib(x: int) -> str:
 
 
 def _check_cache_engine(source: MultiHeadSource, engine: str) -> None:
-    if engine != "local" and (source.path is None or source.declared):
+    if engine != "local" and (source.path is None or source.declared or source.subset):
         raise ConfigError(
             f"{source.label}: the {engine} engine's workers open a KV cache by path "
-            "and need its head layout on disk (a 4-D array or keys/layer_{l} arrays with a "
-            "heads attribute); an in-memory cache or a 2-D array split by a declared heads "
-            "setting runs on engine: local."
+            "and read all of it with its head layout from disk (a 4-D array or "
+            "keys/layer_{l} arrays with an n_heads attribute); an in-memory cache, a 2-D "
+            "array split by a declared n_heads, or a layers/heads subset runs on engine: "
+            "local."
         )
 
 

@@ -50,7 +50,7 @@ def config(tmp: Path, store: Path, out: str, *, budget: bool = False) -> Path:
         sets += "  - name: top\n    budget: 30\n    variant: affine\n"
     cfg = tmp / f"{out}.yaml"
     cfg.write_text(f"input:\n  path: {store}\nselect:\n{sets}engine:\n  chunk_rows: {ROWS}\n"
-                   f"output:\n  dir: {tmp / out}\nprogress: false\n")
+                   f"output:\n  dir: {tmp / out}\n  save_state: true\nprogress: false\n")
     return cfg
 
 

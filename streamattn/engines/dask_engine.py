@@ -45,6 +45,7 @@ import os
 import re
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -582,20 +583,25 @@ def _within(timeout: float, fn: Callable[[], Any]) -> Any:
 
 
 def _check_listening(options: DaskOptions) -> None:
-    """A plain TCP connect first: nothing listening is "cannot reach", told apart from a
-    peer that accepts and then stays silent (however slowly distributed retries)."""
-    import socket
-
+    """Plain TCP connects first, retried until the timeout (a scheduler may still be
+    starting): nothing listening is "cannot reach", told apart from a peer that accepts
+    and then stays silent (the identity probe's timeout), however loaded the machine."""
     from distributed.comm.addressing import get_address_host_port
 
     try:
         host, port = get_address_host_port(options.scheduler)
     except (ValueError, TypeError):
         return  # not a TCP address: the identity probe reports it
-    try:
-        socket.create_connection((host, port), timeout=options.timeout).close()
-    except OSError as exc:
-        raise StreamattnError(_unreachable(options, exc)) from exc
+    deadline = time.monotonic() + options.timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            socket.create_connection((host, port), timeout=max(left, 0.1)).close()
+            return
+        except OSError as exc:
+            if time.monotonic() + 0.2 >= deadline:
+                raise StreamattnError(_unreachable(options, exc)) from exc
+            time.sleep(0.2)
 
 
 def _probe_scheduler(address: str, timeout: float) -> None:

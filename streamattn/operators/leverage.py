@@ -51,6 +51,7 @@ import scipy.linalg
 from scipy.linalg import blas, lapack
 
 from streamattn.blas import single_blas_thread
+from streamattn.operators.candidates import candidate_state, load_candidates, stack_values
 from streamattn.operators.factors import centred_factor_result, centred_factor_update, stack_qr
 from streamattn.operators.protocol import Operator, State
 from streamattn.sources import Block
@@ -486,30 +487,19 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
 
     def _merge(self, other: LeverageScores) -> None:
         self.r = stack_qr(self.r, other.r)
-        values = None
-        if self.values is not None and other.values is not None:
-            values = np.vstack([self.values, other.values])
         self._prune(
-            np.concatenate([self.idx, other.idx]), np.vstack([self.rows, other.rows]), values
+            np.concatenate([self.idx, other.idx]), np.vstack([self.rows, other.rows]),
+            stack_values(self.values, other.values),
         )
 
     def _state(self) -> State:
-        out: State = {
-            "r": self.r,
-            "idx": self.idx,
-            "rows": self.rows,
-            "rows_dtype": np.array(self.rows_dtype),
-        }
-        if self.values is not None:
-            out["values"] = self.values
-        return out
+        return {"r": self.r, "rows_dtype": np.array(self.rows_dtype),
+                **candidate_state(self.idx, self.rows, self.values)}
 
     def _load(self, state: State) -> None:
         self.r = np.array(state["r"], dtype=np.float64)
-        self.idx = np.array(state["idx"], dtype=np.int64)
-        self.rows = np.array(state["rows"], dtype=np.float64)
+        self.idx, self.rows, self.values = load_candidates(state)
         self.rows_dtype = str(state["rows_dtype"])
-        self.values = np.array(state["values"], dtype=np.float64) if "values" in state else None
 
     def scoring_map(self) -> ScoringMap:
         if self.spec.affine:
@@ -605,33 +595,21 @@ class TopScores(Operator[TopScoresSpec, dict[str, Any]]):
         )
 
     def _merge(self, other: TopScores) -> None:
-        values = None
-        if self.values is not None and other.values is not None:
-            values = np.vstack([self.values, other.values])
         self._keep_top(
             np.concatenate([self.idx, other.idx]),
             np.concatenate([self.scores, other.scores]),
             np.vstack([self.rows, other.rows]),
-            values,
+            stack_values(self.values, other.values),
         )
 
     def _state(self) -> State:
-        out: State = {
-            "idx": self.idx,
-            "scores": self.scores,
-            "rows": self.rows,
-            "rows_dtype": np.array(self.rows_dtype),
-        }
-        if self.values is not None:
-            out["values"] = self.values
-        return out
+        return {"scores": self.scores, "rows_dtype": np.array(self.rows_dtype),
+                **candidate_state(self.idx, self.rows, self.values)}
 
     def _load(self, state: State) -> None:
-        self.idx = np.array(state["idx"], dtype=np.int64)
+        self.idx, self.rows, self.values = load_candidates(state)
         self.scores = np.array(state["scores"], dtype=np.float64)
-        self.rows = np.array(state["rows"], dtype=np.float64)
         self.rows_dtype = str(state["rows_dtype"])
-        self.values = np.array(state["values"], dtype=np.float64) if "values" in state else None
 
     def result(self) -> dict[str, Any]:
         return {

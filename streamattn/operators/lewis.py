@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from streamattn.operators.candidates import candidate_state, load_candidates
 from streamattn.operators.leverage import (
     DEFAULT_RTOL,
     ScoringMap,
@@ -237,22 +238,17 @@ class LewisPass(Operator[LewisPassSpec, dict[str, Any]]):
             "r": self.r,
             "stats": self.stats,
             "count": np.array(self.count, dtype=np.int64),
-            "idx": self.idx,
             "weights": self.weights,
-            "rows": self.rows,
+            **candidate_state(self.idx, self.rows, self.values),
         }
-        if self.values is not None:
-            out["values"] = self.values
         return out
 
     def _load(self, state: State) -> None:
         self.r = np.array(state["r"], dtype=np.float64)
         self.stats = np.array(state["stats"], dtype=np.float64)
         self.count = int(state["count"])
-        self.idx = np.array(state["idx"], dtype=np.int64)
+        self.idx, self.rows, self.values = load_candidates(state)
         self.weights = np.array(state["weights"], dtype=np.float64)
-        self.rows = np.array(state["rows"], dtype=np.float64)
-        self.values = np.array(state["values"], dtype=np.float64) if "values" in state else None
 
     def result(self) -> dict[str, Any]:
         """Next scoring map, Σw, max log-change, candidates (``overflow`` if > cap)."""

@@ -343,7 +343,7 @@ def leverage_sample(
     """
     check_sample_settings(eps, delta, method, variant, seed, leaf_rows, fan_in)
     source = src if isinstance(src, (KeySource, MultiHeadSource)) else open_source(
-        src, array=array, heads=heads
+        src, array=array, n_heads=heads
     )
     recipe = LeverageSampling(eps, delta, method, variant, seed, check=check,
                               leaf_rows=leaf_rows, fan_in=fan_in, rtol=rtol, ridge=ridge)

@@ -349,6 +349,8 @@ def _save_universal_sets(
                     "values": uset.values,
                 },
                 {"certificate": uset.certificate},
+                dims={"indices": ["rank"], "scores": ["rank"], "rows": ["rank", "dim"],
+                      "values": ["rank", "value_dim"]},
             )
         write_json_atomic(tmp / "report.json", report)
         if extra is not None:
@@ -364,6 +366,9 @@ def load_universal_set(out: Any, name: str) -> UniversalSet:
     try:
         group: Any = zarr.open_group(f"{out}/result.zarr", mode="r")[f"universal_set/{name}"]
     except (KeyError, FileNotFoundError) as exc:
+        head = _stacked_head(out, name)  # a KV cache's "<set>/layer_{l}/head_{h}"
+        if head is not None:
+            return head
         raise InvalidInputError(f"{out}: no universal set named {name!r} in result.zarr.") from exc
     arrays = {k: v[...] for k, v in group.arrays()}
     return UniversalSet(
@@ -373,3 +378,21 @@ def load_universal_set(out: Any, name: str) -> UniversalSet:
         arrays.get("values"),
         dict(group.attrs)["certificate"],
     )
+
+
+def _stacked_head(out: Any, name: str) -> UniversalSet | None:
+    """One head of a stacked cache selection (``streamattn.io.cache_outputs``), if present."""
+    import re
+
+    m = re.fullmatch(r"(.+)/layer_(\d+)/head_(\d+)", name)
+    if m is None:
+        return None
+    from streamattn.errors import InvalidInputError
+    from streamattn.io.cache_outputs import load_cache_selection
+
+    try:
+        res = load_cache_selection(out, m.group(1))
+        head: UniversalSet = res[int(m.group(2)), int(m.group(3))]
+        return head
+    except (InvalidInputError, KeyError):
+        return None

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from streamattn.errors import InvalidInputError, StreamattnError
+from streamattn.sources.cache_layout import TorchArray, is_torch
 from streamattn.sources.keys import KeySource, check_array_name, open_key_source
 from streamattn.sources.kvcache import MultiHeadSource, is_multihead, open_kv
 
@@ -46,6 +47,9 @@ def open_keys(path_or_array: Any, array: str | None = None, *, fill_missing: boo
     def open_it() -> Any:
         if is_multihead(path_or_array, array):
             return open_kv(path_or_array, array=array, fill_missing=fill_missing)
+        if is_torch(path_or_array):  # CPU tensors of any float dtype, upcast block by block
+            return open_key_source(TorchArray(path_or_array, "<Tensor>"), array,
+                                   fill_missing=fill_missing)
         return open_key_source(path_or_array, array, fill_missing=fill_missing)
 
     return _at_the_boundary(path_or_array, open_it)
@@ -76,16 +80,23 @@ def _at_the_boundary(path_or_array: Any, fn: Callable[[], T]) -> T:
 
 
 def open_source(
-    path_or_array: Any, *, array: str | None = None, heads: int | None = None,
+    path_or_array: Any,
+    *,
+    array: str | None = None,
+    n_heads: int | None = None,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    batch: int | None = None,
     fill_missing: bool = False,
 ) -> KeySource | MultiHeadSource:
-    """``open_kv`` when ``heads`` is declared or the input is a cache, else ``open_keys``."""
-    if heads is not None:
+    """``open_kv`` when a cache option is given or the input is a cache, else ``open_keys``."""
+    if any(v is not None for v in (n_heads, layers, heads, batch)):
         if array is not None:
             check_array_name(array)
         return _at_the_boundary(
             path_or_array,
-            lambda: open_kv(path_or_array, heads=heads, array=array, fill_missing=fill_missing),
+            lambda: open_kv(path_or_array, array=array, fill_missing=fill_missing,
+                            n_heads=n_heads, layers=layers, heads=heads, batch=batch),
         )
     out: KeySource | MultiHeadSource = open_keys(path_or_array, array=array,
                                                  fill_missing=fill_missing)
