@@ -344,6 +344,27 @@ def centred_fast_update(r: np.ndarray, rows: np.ndarray) -> FactorUpdate | None:
     return FactorUpdate(new, bounds + 1.0 / root_n**2, 4.0 * (dim - 1) * u * kappa)
 
 
+def _triangular_scores(r: np.ndarray, rows: np.ndarray, rtol: float) -> np.ndarray | None:
+    """‖x R⁻¹‖² per row by a triangular inverse when R is square and well conditioned.
+
+    With κ = ‖R‖_F ‖R⁻¹‖_F < min(FAST_COND_LIMIT, 1 / (PRUNE_RTOL_FACTOR · rtol)) every
+    σ_i ≥ σ_max / κ lies above the pruning range's cut (PRUNE_RTOL_FACTOR · rtol · σ_max),
+    so the fine range is all of R, no slack applies, and x W (W = V Σ⁻¹ from the SVD)
+    equals x R⁻¹ up to an orthogonal factor: the same scores without the SVD. Else None.
+    """
+    dim = r.shape[1]
+    if r.shape[0] != dim or dim == 0 or rows.shape[1] != dim:
+        return None
+    rinv, info = lapack.dtrtri(r, lower=0)
+    if info != 0:
+        return None
+    kappa = float(np.linalg.norm(r) * np.linalg.norm(rinv))
+    if not np.isfinite(kappa) or kappa >= min(FAST_COND_LIMIT, 1 / (PRUNE_RTOL_FACTOR * rtol)):
+        return None
+    y = np.asarray(rows, dtype=np.float64) @ np.triu(rinv)
+    return np.einsum("ij,ij->i", y, y)
+
+
 @dataclass(frozen=True)
 class LeverageSpec:
     """Keep every row whose leverage score can still be ≥ ``threshold``."""
@@ -382,6 +403,9 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         """
         if self.spec.affine:
             return self._centred_pruning_scores(rows)
+        direct = _triangular_scores(self.r, rows, self.spec.rtol)
+        if direct is not None:
+            return direct, self.spec.threshold
         rtol = self.spec.rtol
         fine = ScoringMap.from_factor(self.r, rtol * PRUNE_RTOL_FACTOR, self.r.shape[1])
         cut = self.spec.threshold
@@ -403,10 +427,13 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         rtol = self.spec.rtol
         cf = self._centred()
         rc = cf.r_centred
-        fine = ScoringMap.from_factor(rc, rtol * PRUNE_RTOL_FACTOR, rc.shape[1])
         need = self.spec.threshold - 1.0 / max(1, cf.n)
         if need <= 0:
             return np.ones(rows.shape[0]), 0.0
+        direct = _triangular_scores(rc, np.asarray(rows, dtype=np.float64) - cf.mean, rtol)
+        if direct is not None:
+            return direct, need
+        fine = ScoringMap.from_factor(rc, rtol * PRUNE_RTOL_FACTOR, rc.shape[1])
         slack = 0.0
         if fine.sigma_max > 0 and fine.rank < min(rc.shape):
             dropped = np.linalg.svd(rc, compute_uv=False)[fine.rank :]
