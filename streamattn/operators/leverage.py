@@ -483,7 +483,9 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         while head < m:
             # Sub-blocks of ≤ SUBBLOCK_GROWTH × the rows seen: a bound against the rows
             # before the sub-block is tight enough to prune most rows even at the start.
-            stop = min(m, head + max(PIECE_ROWS, SUBBLOCK_GROWTH * seen))
+            # Bounds ≈ dim / seen cannot prune before seen ≈ dim / threshold: go there first.
+            reach = int(self.r.shape[1] / self.spec.threshold) - seen
+            stop = min(m, head + max(PIECE_ROWS, SUBBLOCK_GROWTH * seen, reach))
             step = fast(self.r, x[head:stop])
             if step is None:
                 self.r = self._householder(x[head:stop])
