@@ -6,11 +6,12 @@ Usage::
     .venv/bin/python scripts/exp_embeddings.py --store my.zarr  # also any store (with queries)
 
 For each store, method (gaussian, sparse-sign, srht, pca, frequent-directions) and m, one
-``reduce_embeddings`` run reports (quality report, DESIGN 2.4): max / mean normalised logit
-error |q·k − (Sᵀq)·(Sᵀk)|/(‖q‖‖k‖), the same for centred keys, and the attention error at
-scale 1/√d (max |p − p̂|, total variation per query row) over a key sample, with the store's
-queries when it has them. A second table covers the d ≫ n regime (streamattn.recipes.columns):
-BSS and column-leverage sampling on a wide synthetic matrix with ‖XXᵀ‖∞ = r.
+``reduce_embeddings`` run reports (quality report, docs/architecture.md, note 2.4): max / mean
+normalised logit error |q·k − (Sᵀq)·(Sᵀk)|/(‖q‖‖k‖), the same for centred keys, and the attention
+error at scale 1/√d (max |p − p̂|, total variation per query row) over a key sample, with the
+store's queries when it has them. A second table covers the d ≫ n regime
+(streamattn.recipes.columns): BSS and column-leverage sampling on a wide synthetic matrix
+with ‖XXᵀ‖∞ = r.
 
 Writes results/exp_embeddings/results.json, results.md and errors_vs_m.png.
 """

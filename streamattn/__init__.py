@@ -4,12 +4,12 @@ Public API: ``open_keys`` (validated read-only key stores), ``universal_set`` /
 ``universal_sets`` (the LevAttention universal set, exact, one pass), the operator
 protocol (``Operator``) and ``run_operators`` (engines); exact attention ground truth
 (``GroundTruth``; selectors in ``streamattn.recipes.selectors``, coverage in
-``streamattn.recipes.evaluate``); whole KV caches (``open_kv``,
-``MultiHeadResult``) and resumable passes (``Checkpointer``); reduced embeddings
-(``reduce_embeddings``) and column sparsifiers for d >> n (``sparsify_columns``);
-weighted leverage samples with (1 ± ε) spectral error (``leverage_sample``);
-kernel-regression solvers (``streamattn.solve``) and the one-layer attention fit
-(``streamattn.fit``).
+``streamattn.recipes.evaluate``); whole KV caches (``open_kv``, ``MultiHeadResult``,
+attention masks ``Mask``, per-key scores ``key_scores``; docs/real-caches.md) and
+resumable passes (``Checkpointer``); reduced embeddings (``reduce_embeddings``) and column
+sparsifiers for d >> n (``sparsify_columns``); weighted leverage samples with (1 ± ε)
+spectral error (``leverage_sample``); kernel-regression solvers (``streamattn.solve``) and
+the one-layer attention fit (``streamattn.fit``).
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -32,10 +32,12 @@ from streamattn.errors import (
     StreamattnError,
 )
 from streamattn.io.checkpoint import Checkpointer
+from streamattn.masks import Mask
 from streamattn.operators import GroundTruth, GroundTruthSpec, LeverageScores, Operator, TopScores
 from streamattn.operators.multihead import MultiHead
 from streamattn.recipes.columns import ColumnSelection, sparsify_columns
 from streamattn.recipes.embeddings import ReduceConfig, ReducedEmbeddings, reduce_embeddings
+from streamattn.recipes.key_scores import key_scores
 from streamattn.recipes.lp import lp_universal_set, softmax_entry_bound
 from streamattn.recipes.ridge import ridge_universal_set
 from streamattn.recipes.samplers import (
@@ -63,6 +65,7 @@ __all__ = [
     "LeverageSample",
     "LeverageSampler",
     "LeverageScores",
+    "Mask",
     "MemoryBudgetError",
     "MultiHead",
     "MultiHeadResult",
@@ -81,6 +84,7 @@ __all__ = [
     "__version__",
     "approximate_universal_set",
     "fit",
+    "key_scores",
     "leverage_sample",
     "lp_universal_set",
     "open_keys",

@@ -16,6 +16,12 @@ in one pass), ``ground-truth`` (exact heavy attention for 256 queries), ``dask-t
 ``dask-cluster`` (the Dask engine), and the peers ``dask-gram`` (two passes: Gram K^T K
 by dask.array, then scores by map_blocks) and ``dask-tsqr`` (``da.linalg.tsqr``, row
 norms of Q).
+
+Each configuration with a target of issue 16 (``TARGETS``: the exact one-pass set ≤ 1.0×
+the zarr loop and ≤ 2.0× the parallel read; with JL embeddings ≤ 1.5× the loop) gets a
+``target`` and ``meets_target`` entry. Results go to ``--out`` (default: a fresh
+``runs/bench-<UTC time>``, never over earlier results); generated stores live in
+``--data-dir`` and are reused by later runs, or deleted at the end with ``--remove-data``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,6 +58,12 @@ KINDS = (
     "dask-tsqr",
 )
 READ_THREADS = 4
+#: Issue 16's single-head targets: (max × zarr loop, max × parallel read) per configuration.
+TARGETS: dict[str, tuple[float, float | None]] = {
+    "uset-plain": (1.0, 2.0),
+    "uset-affine": (1.0, 2.0),
+    "uset+jl": (1.5, None),
+}
 
 
 class NotAvailable(Exception):
@@ -120,8 +133,10 @@ def run_parallel_read(path: Path) -> dict[str, Any]:
 
 def run_uset(path: Path, variant: str, **engine: Any) -> dict[str, Any]:
     from streamattn.recipes.universal import universal_set
+    from streamattn.results import UniversalSet
 
     u = universal_set(str(path), eps=EPS, variant=variant, **engine)
+    assert isinstance(u, UniversalSet)  # the bench stores are single-head
     return {"selected": len(u), "rank": u.certificate["numerical_rank"]}
 
 
@@ -148,12 +163,12 @@ def run_ground_truth(path: Path) -> dict[str, Any]:
         from streamattn.operators.ground_truth import GroundTruth, GroundTruthSpec
     except ImportError as exc:
         raise NotAvailable(str(exc)) from exc
-    from streamattn.engines import run_operators
+    from streamattn.runner import run_pass
     from streamattn.sources import open_keys
 
     src = open_keys(str(path))
     q = np.random.default_rng(0).standard_normal((256, src.d))
-    (op,) = run_operators(src, [GroundTruth(GroundTruthSpec(q, eps=EPS))])
+    (op,) = run_pass(src, [GroundTruth(GroundTruthSpec(q, eps=EPS))])
     return {"queries": 256, "heavy": int(op.result()["counts"].sum())}
 
 
@@ -323,9 +338,23 @@ def bench_rows(
                     row["ratio_to_zarr_loop"] = sec / base["zarr-loop"]
                 if "parallel-read" in base:
                     row["ratio_to_parallel_read"] = sec / base["parallel-read"]
+                row.update(target_check(kind, row))
             rows.append(row)
             log(format_row(row))
     return rows
+
+
+def target_check(kind: str, row: dict[str, Any]) -> dict[str, Any]:
+    """``target`` (the stated limits) and ``meets_target`` for a configuration that has one."""
+    if kind not in TARGETS or "ratio_to_zarr_loop" not in row:
+        return {}
+    loop, par = TARGETS[kind]
+    ok = row["ratio_to_zarr_loop"] <= loop
+    text = f"≤ {loop:g}× loop"
+    if par is not None and "ratio_to_parallel_read" in row:
+        ok = ok and row["ratio_to_parallel_read"] <= par
+        text += f", ≤ {par:g}× parallel read"
+    return {"target": text, "meets_target": bool(ok)}
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -339,19 +368,22 @@ def format_row(row: dict[str, Any]) -> str:
         f"x{row.get('ratio_to_parallel_read', float('nan')):5.2f} par  "
         f"{row['gb_per_s']:5.2f} GB/s  RSS {row['peak_rss_bytes'] / 2**20:7.0f} MiB  "
         f"idle {100 * (row.get('cpu_idle_share') or 0):3.0f}%"
+        + ("" if "meets_target" not in row else
+           f"  target {'met' if row['meets_target'] else 'MISSED'}")
     )
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| n | d | store | configuration | time (s) | × zarr loop | × parallel read | "
-        "rows/s | GB/s | peak RSS (MiB) | CPU idle |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "rows/s | GB/s | peak RSS (MiB) | CPU idle | target |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
         cells = [f"2^{int(np.log2(r['n']))}", str(r["d"]), r["compressor"], r["config"]]
         if r.get("status") != "ok":
-            lines.append("| " + " | ".join(cells + [r.get("status", "?")] + [""] * 6) + " |")
+            lines.append("| " + " | ".join(cells + [r.get("status", "?")] + [""] * 7) + " |")
             continue
         cells += [
             f"{r['seconds']:.2f}",
@@ -361,6 +393,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"{r['gb_per_s']:.2f}",
             f"{r['peak_rss_bytes'] / 2**20:.0f}",
             f"{100 * r['cpu_idle_share']:.0f}%" if r.get("cpu_idle_share") is not None else "",
+            "" if "meets_target" not in r else
+            f"{r['target']}: {'met' if r['meets_target'] else 'missed'}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -421,14 +455,42 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--one", nargs=2, metavar=("KIND", "STORE"), help=argparse.SUPPRESS)
-    parser.add_argument("--data-dir", default="data/bench", help="where stores are generated")
-    parser.add_argument("--out", default="results/bench", help="results directory")
+    parser.add_argument("--data-dir", default="data/bench",
+                        help="where stores are generated (reused by later runs)")
+    parser.add_argument("--out", default=None,
+                        help="results directory (default: a fresh runs/bench-<UTC time>)")
+    parser.add_argument("--remove-data", action="store_true",
+                        help="delete the stores this run generated when it ends")
+    parser.add_argument("--log2n", type=int, nargs="+", default=None,
+                        help="row counts as powers of two (default: 20 22)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration (min)")
     parser.add_argument("--big", action="store_true", help="also n = 2^24 (8 GB store)")
     parser.add_argument("--quick", action="store_true", help="one small store only")
     parser.add_argument(
         "--only", nargs="+", choices=KINDS, help="run only these configurations (d=128, 2^22)"
     )
+
+
+def at_sizes(
+    cases: list[tuple[int, int, str, list[str]]], sizes: list[int]
+) -> list[tuple[int, int, str, list[str]]]:
+    """Each (d, store) of ``cases`` with its largest configuration list, at every size."""
+    widest: dict[tuple[int, str], list[str]] = {}
+    for _, d, comp, kinds in cases:
+        if len(kinds) > len(widest.get((d, comp), [])):
+            widest[(d, comp)] = kinds
+    return [(n, d, comp, kinds) for n in sizes for (d, comp), kinds in widest.items()]
+
+
+def fresh_run_dir(root: Path) -> Path:
+    """A new, not yet existing ``root/bench-<UTC time>[-k]`` (never over earlier results)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path = root / f"bench-{stamp}"
+    k = 1
+    while path.exists():
+        path = root / f"bench-{stamp}-{k}"
+        k += 1
+    return path
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -438,12 +500,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cases = default_cases(args.big, args.quick)
     if args.only:
         cases = [(2**22, 128, "none", ["zarr-loop", "parallel-read", *args.only])]
-    rows = bench_rows(cases, Path(args.data_dir), args.repeat)
+    if args.log2n:
+        cases = at_sizes(cases, [2**k for k in args.log2n])
+    out = Path(args.out) if args.out else fresh_run_dir(Path("runs"))
+    data_dir = Path(args.data_dir)
+    made = [store_path(data_dir, n, d, comp) for n, d, comp, _ in cases
+            if not store_path(data_dir, n, d, comp).exists()]
+    try:
+        rows = bench_rows(cases, data_dir, args.repeat)
+    finally:
+        if args.remove_data:
+            for path in made:
+                shutil.rmtree(path, ignore_errors=True)
     command = "streamattn bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else
                                              sys.argv[1:])
-    write_results(Path(args.out), rows, {"command": command.strip(), "eps": EPS,
-                                         "repeat": args.repeat})
-    print(f"wrote {args.out}/results.json and results.md")
+    write_results(out, rows, {"command": command.strip(), "eps": EPS, "repeat": args.repeat})
+    print(f"wrote {out}/results.json and results.md")
     return 0
 
 

@@ -41,8 +41,17 @@ class InputConfig:
     path: str = "data/default-keys.zarr"
     array: str | None = None
     generate: SyntheticSpec | None = None
-    heads: int | None = None  # KV cache: split the key columns into heads (kvcache.py)
+    # KV caches (streamattn.sources.kvcache.open_kv, docs/real-caches.md):
+    n_heads: int | None = None  # the head count of a 2-D (n, H*d) array
+    layers: tuple[int, ...] | None = None  # real layer indices to read (null: all)
+    heads: tuple[int, ...] | None = None  # KV heads (select) / query heads (evaluate)
+    batch: int | None = None  # the sequence of a batched (5-D) cache
     fill_missing_chunks: bool = False  # missing zarr chunk files: error (false) or fill value
+
+    def cache_options(self) -> dict[str, Any]:
+        """``open_source`` keyword options besides ``array``."""
+        return {"n_heads": self.n_heads, "layers": self.layers, "heads": self.heads,
+                "batch": self.batch, "fill_missing": self.fill_missing_chunks}
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,9 @@ class OutputConfig:
 
     dir: str = "runs/default"
     overwrite: bool = True
+    keep_mask: bool = False  # KV caches: also the (layer, head, key) boolean keep-mask
+    per_head: bool = False  # KV caches: also one group per (layer, head)
+    save_state: bool = False  # KV caches: also state.npz (for `streamattn update`)
 
 
 @dataclass(frozen=True)

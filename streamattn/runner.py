@@ -29,7 +29,8 @@ from __future__ import annotations
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -65,7 +66,7 @@ class PassContext:
     """What a recipe may know about the run: the source (one head of a cache when lifted),
     the resolved block size and the engine's name (for certificates)."""
 
-    source: KeySource | HeadView
+    source: KeySource | HeadView | MultiHeadSource
     chunk_rows: int
     engine: str
 
@@ -176,7 +177,7 @@ def lift(recipe: Recipe[Any], source: MultiHeadSource, chunk_rows: int, engine: 
                     mine[k] = head_op
                 del pending[key]
                 _advance_head(plans[key], key, mine, pending, items)
-        return MultiHeadResult(items)
+        return MultiHeadResult(items, source.layer_ids, source.head_ids)
     finally:
         for plan in plans.values():
             plan.close()
@@ -296,7 +297,7 @@ def run_recipes(
                 )
             lifted = r.on_cache == "lift"
             plans.append(lift(r, src, rows, engine) if lifted else
-                         r.plan(PassContext(src, rows, engine)))  # type: ignore[arg-type]
+                         r.plan(PassContext(src, rows, engine)))
     else:
         ctx = PassContext(src, rows, engine)
         plans = [r.plan(ctx) for r in recipes]
@@ -327,18 +328,20 @@ def _drive(
         if checkpoint is not None and volatile and len(volatile) < len(step.ops):
             groups = [[k for k in step.ops if k not in volatile],
                       [k for k in step.ops if k in volatile]]
-        done: dict[str, Operator] = {}
-        for names in groups:
-            ops = [step.ops[k] for k in names]
-            need = projected_bytes(src, ops, rows)
+        needs = [projected_bytes(src, [step.ops[k] for k in names], rows) for names in groups]
+        for need in needs:  # every read of this round is checked before the first one
             if limit is not None and need["total"] > limit:
+                what = "nothing was read" if not report.passes else "it was not started"
                 raise MemoryBudgetError(
                     f"{src.label}: the pass '{step.description}' needs up to "
                     f"{_mib(need['total'])} ({_mib(need['operators'])} of operator state, "
                     f"{_mib(need['blocks'])} of blocks of {rows} rows), over memory_limit = "
-                    f"{_mib(limit)}; nothing was read. Lower chunk_rows, ask for fewer or "
-                    "smaller sets, or raise memory_limit."
+                    f"{_mib(limit)}; {what}. Lower chunk_rows, ask for fewer or smaller "
+                    "sets, or raise memory_limit."
                 )
+        done: dict[str, Operator] = {}
+        for names, need in zip(groups, needs, strict=True):
+            ops = [step.ops[k] for k in names]
             resumable = not any(k in volatile for k in names)
             t0 = time.perf_counter()
             finished = run_operators(
@@ -365,13 +368,24 @@ def _mib(x: int) -> str:
 
 
 def _check_cache_engine(source: MultiHeadSource, engine: str) -> None:
-    if engine != "local" and (source.path is None or source.declared):
+    if engine != "local" and (source.path is None or source.declared or source.subset):
         raise ConfigError(
             f"{source.label}: the {engine} engine's workers open a KV cache by path "
-            "and need its head layout on disk (a 4-D array or keys/layer_{l} arrays with a "
-            "heads attribute); an in-memory cache or a 2-D array split by a declared heads "
-            "setting runs on engine: local."
+            "and read all of it with its head layout from disk (a 4-D array or "
+            "keys/layer_{l} arrays with an n_heads attribute); an in-memory cache, a 2-D "
+            "array split by a declared n_heads, or a layers/heads subset runs on engine: "
+            "local."
         )
+
+
+@contextmanager
+def session(engine: str = "local", *, progress: bool = False, **engine_options: Any
+            ) -> Iterator[dict[str, Any]]:
+    """One engine session across several planner calls (an iterative solver's passes):
+    yields the options to give ``run_pass`` / ``run_recipes`` (a live Dask client
+    included), so the cluster is started once."""
+    with engine_session(engine, progress=progress, **engine_options) as options:
+        yield options
 
 
 # ---------------------------------------------------------------------------- small recipes
@@ -425,4 +439,5 @@ __all__ = [
     "projected_bytes",
     "run_pass",
     "run_recipes",
+    "session",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
+from conftest import svd_leverage
 
 import streamattn as sa
 import streamattn.io.checkpoint as ck
@@ -144,6 +145,17 @@ def test_kill_during_a_run_then_resume_is_bit_identical(tmp_path: Path) -> None:
     ref = write_config(tmp_path, store, "ref", budget=False, every_blocks=2)
     assert main(["run", str(ref), "--quiet"]) == 0
     assert_same_outputs(tmp_path / "out", tmp_path / "ref", ("plain", "affine"))
+    assert_offline(tmp_path / "out", store, {"plain": 0.05, "affine": 0.03})
+
+
+def assert_offline(out: Path, store: Path, eps: dict[str, float]) -> None:
+    """Saved sets against the independent reference: a dense SVD of the whole store."""
+    x = np.asarray(zarr.open_array(str(store), mode="r")[...], dtype=np.float64)
+    for name, e in eps.items():
+        tau, _ = svd_leverage(x, name == "affine")
+        u = load_universal_set(out, name)
+        np.testing.assert_array_equal(u.indices, np.flatnonzero(tau >= e))
+        np.testing.assert_allclose(u.scores, tau[u.indices], rtol=1e-7, atol=1e-9)
 
 
 def test_crash_in_the_second_pass_resumes_without_redoing_the_first(

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
+from conftest import svd_leverage
 from dask_helpers import SlowGram, SlowGramSpec, rerun_tasks, transitions_so_far
 
 import streamattn
@@ -246,6 +247,15 @@ def test_merge_tree_shape_independence(
         np.testing.assert_array_equal(a.indices, b.indices)
         np.testing.assert_allclose(a.scores, b.scores, rtol=1e-9, atol=1e-12)
         np.testing.assert_array_equal(a.rows, b.rows)
+    # and both against the independent reference: a dense SVD of K (plain) / of K - mean
+    for u, affine in zip(out, (False, True), strict=True):
+        assert_offline(u, keys, affine)
+
+
+def assert_offline(u: UniversalSet, keys: np.ndarray, affine: bool) -> None:
+    tau, _ = svd_leverage(np.asarray(keys, dtype=np.float64), affine)
+    np.testing.assert_array_equal(u.indices, np.flatnonzero(tau >= u.certificate["eps"]))
+    np.testing.assert_allclose(u.scores, tau[u.indices], rtol=1e-7, atol=1e-9)
 
 
 def test_in_memory_values_reach_the_operators(capsys: pytest.CaptureFixture[str]) -> None:
@@ -258,6 +268,7 @@ def test_in_memory_values_reach_the_operators(capsys: pytest.CaptureFixture[str]
         src, 0.05, variant="affine", chunk_rows=128, engine="dask", progress=True
     )
     assert_same(out, ref)
+    assert_offline(out, keys, True)
     np.testing.assert_array_equal(out.values, values[out.indices])
     assert "100% Completed" in capsys.readouterr().err
 

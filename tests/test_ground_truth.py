@@ -222,7 +222,8 @@ def test_sub_blocking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_gaussian_sparsity_prediction() -> None:
-    """DESIGN 2.9: logits N(0, σ²) give #{j : A_ij >= ε} ≈ n Φ̄((ln(nε) + σ²/2)/σ)."""
+    """docs/architecture.md, note 2.9: logits N(0, σ²) give
+    #{j : A_ij >= ε} ≈ n Φ̄((ln(nε) + σ²/2)/σ)."""
     from scipy.stats import norm
 
     rng = np.random.default_rng(7)

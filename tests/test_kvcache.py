@@ -9,13 +9,14 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
+from conftest import svd_leverage
 
 import streamattn as sa
-from streamattn.cli import main
+from streamattn.cli.main import main
 from streamattn.errors import ConfigError, InvalidInputError
+from streamattn.io.cache_outputs import load_cache_selection
 from streamattn.operators import LeverageScores, LeverageSpec
 from streamattn.operators.multihead import MultiHead
-from streamattn.recipes.universal import load_universal_set
 from streamattn.results import MultiHeadResult, UniversalSet
 from streamattn.sources import MultiHeadSource, open_kv
 from streamattn.synthetic import SyntheticSpec, generate_kv_store, head_spec, synthetic_rows
@@ -58,6 +59,13 @@ def assert_same_set(a: UniversalSet, b: UniversalSet) -> None:
     np.testing.assert_array_equal(a.rows, b.rows)
 
 
+def assert_offline(u: UniversalSet, rows: np.ndarray, eps: float) -> None:
+    """The set against the independent reference: a dense SVD of the head's keys."""
+    tau, _ = svd_leverage(np.asarray(rows, dtype=np.float64))
+    np.testing.assert_array_equal(u.indices, np.flatnonzero(tau >= eps))
+    np.testing.assert_allclose(u.scores, tau[u.indices], rtol=1e-7, atol=1e-9)
+
+
 def test_4d_cache_one_read_per_block_and_per_head_equals_single_head_runs() -> None:
     x = cache()
     counted = CountingArray(x)
@@ -85,6 +93,8 @@ def test_open_keys_of_a_4d_store_returns_an_indexable_result(tmp_path: Path) -> 
     assert isinstance(res[1, 2], UniversalSet)
     assert_same_set(res[1, 2], sa.universal_set(np.ascontiguousarray(x[1, 2]), eps=0.05,
                                                  chunk_rows=100))
+    for (lay, h), uset in res:
+        assert_offline(uset, x[lay, h], 0.05)
 
 
 def test_layered_zarr_group_reads_each_layer_once_per_block(tmp_path: Path) -> None:
@@ -95,7 +105,7 @@ def test_layered_zarr_group_reads_each_layer_once_per_block(tmp_path: Path) -> N
         arr = keys.create_array(f"layer_{lay}", shape=(N, HEADS * D), dtype="float32",
                                 chunks=(128, HEADS * D))
         arr[...] = x[lay].transpose(1, 0, 2).reshape(N, HEADS * D)
-    src = open_kv(tmp_path / "kv.zarr", heads=HEADS)
+    src = open_kv(tmp_path / "kv.zarr", n_heads=HEADS)
     assert src.storage_chunk_rows == 128
     counted = [CountingArray(a) for a in src._keys.arrays]
     src._keys = dataclasses.replace(src._keys, arrays=tuple(counted))
@@ -114,11 +124,12 @@ def test_layered_zarr_group_reads_each_layer_once_per_block(tmp_path: Path) -> N
 def test_2d_array_with_declared_heads_is_split_by_columns() -> None:
     x = cache(3)[0]  # (heads, n, d)
     wide = x.transpose(1, 0, 2).reshape(N, HEADS * D)
-    res = sa.universal_set(open_kv(wide, heads=HEADS), eps=0.05, chunk_rows=50)
+    res = sa.universal_set(open_kv(wide, n_heads=HEADS), eps=0.05, chunk_rows=50)
     assert res.layers == 1
     for h in range(HEADS):
         assert_same_set(res[0, h], sa.universal_set(np.ascontiguousarray(x[h]), eps=0.05,
                                                      chunk_rows=50))
+        assert_offline(res[0, h], x[h], 0.05)
     three_d = sa.universal_set(open_kv(x), eps=0.05, chunk_rows=50)  # (heads, n, d)
     for h in range(HEADS):
         assert_same_set(three_d[0, h], res[0, h])
@@ -177,22 +188,25 @@ def test_generate_layers_heads_cli_writes_a_kv_cache(tmp_path: Path) -> None:
     cfg.write_text(f"input:\n  path: {out}\nselect:\n  - name: s\n    eps: 0.1\n"
                    f"output:\n  dir: {tmp_path / 'res'}\nprogress: false\n")
     assert main(["run", str(cfg), "--quiet"]) == 0
-    saved = load_universal_set(tmp_path / "res", "s/layer_1/head_2")
-    assert_same_set(saved, sa.universal_set(np.ascontiguousarray(block[:, 1, 2]), eps=0.1))
+    saved = load_cache_selection(tmp_path / "res", "s")  # stacked (layer, head, rank) arrays
+    assert_same_set(saved[1, 2], sa.universal_set(np.ascontiguousarray(block[:, 1, 2]),
+                                                  eps=0.1))
+    assert_offline(saved[1, 2], block[:, 1, 2], 0.1)
+    assert not (tmp_path / "res" / "result.zarr" / "universal_set").exists()
 
 
 def test_heads_that_do_not_divide_the_width_are_refused(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     wide = np.ones((10, 12), dtype=np.float32)
-    with pytest.raises(ConfigError, match=r"heads = 5 does not divide the key width 12"):
-        open_kv(wide, heads=5)
+    with pytest.raises(ConfigError, match=r"n_heads = 5 does not divide the key width 12"):
+        open_kv(wide, n_heads=5)
     with pytest.raises(ConfigError, match=r"needs a declared head count"):
         open_kv(wide)
     np.save(tmp_path / "k.npy", wide)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"input:\n  path: {tmp_path / 'k.npy'}\n  heads: 5\n"
+    cfg.write_text(f"input:\n  path: {tmp_path / 'k.npy'}\n  n_heads: 5\n"
                    f"output:\n  dir: {tmp_path / 'o'}\n")
     assert main(["run", str(cfg), "--quiet"]) == 2
-    assert "heads = 5 does not divide the key width 12" in capsys.readouterr().err
+    assert "n_heads = 5 does not divide the key width 12" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -224,8 +238,9 @@ def test_nan_in_one_head_names_row_layer_and_head() -> None:
 def test_values_of_a_kv_cache_follow_their_heads(tmp_path: Path) -> None:
     spec = SyntheticSpec(n=500, d=4, rank=2, chunk_rows=128, outliers=2, values_dim=3)
     generate_kv_store(tmp_path / "kv.zarr", spec, layers=1, heads=2)
-    res = sa.universal_set(tmp_path / "kv.zarr", eps=0.1)
-    block = sa.open_keys(tmp_path / "kv.zarr").read(0, 500)
+    assert open_kv(tmp_path / "kv.zarr").read(0, 10).values is None  # keys only by default
+    res = sa.universal_set(open_kv(tmp_path / "kv.zarr", values=True), eps=0.1)
+    block = open_kv(tmp_path / "kv.zarr", values=True).read(0, 500)
     for h in range(2):
         u = res[0, h]
         np.testing.assert_array_equal(u.values, block.values[u.indices, 0, h])

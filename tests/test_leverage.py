@@ -1,4 +1,5 @@
-"""The leverage operators against the mathematics (DESIGN 2.1), on small seeded data.
+"""The leverage operators against the mathematics (docs/architecture.md, note 2.1), on small seeded
+data.
 
 Checked: the one-pass candidate set equals the offline SVD set {τ ≥ ε} for any chunking
 (hypothesis); candidates never exceed rank/ε at any step; Cauchy–Schwarz bound A_qj ≤ τ_j

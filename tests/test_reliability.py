@@ -380,3 +380,127 @@ def test_outputs_get_the_permissions_of_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "OUT2").stat().st_mode & 0o777 == 0o700
+
+
+# ---------------------------------------------------------------------------- item 8
+def _one_clean_line(err: str) -> None:
+    assert err.startswith("streamattn: error: ") and "Traceback" not in err
+    assert err.strip().count("\n") == 0
+
+
+def test_unreadable_metadata_is_one_clean_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_array("keys", data=keys())
+    # zarr.json with mode 000 (root can read anything, so the OS error is injected)
+    def denied(self: Any, key: Any) -> bool:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "g.zarr/keys/zarr.json"))
+
+    monkeypatch.setattr(zarr.Group, "__contains__", denied)
+    assert select(tmp_path / "g.zarr", tmp_path / "OUT") == 2
+    err = capsys.readouterr().err
+    _one_clean_line(err)
+    assert "Permission denied" in err
+    monkeypatch.undo()
+    # a data type zarr cannot read
+    import json
+
+    meta_path = tmp_path / "g.zarr" / "keys" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["data_type"] = "bfloat16"
+    meta_path.write_text(json.dumps(meta))
+    for extra in ([], ["--heads", "2"]):
+        assert select(tmp_path / "g.zarr", tmp_path / "OUT", *extra) == 2
+        err = capsys.readouterr().err
+        _one_clean_line(err)
+        assert "bfloat16" in err
+
+
+def test_bad_npy_with_heads_and_bad_heads_attributes_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    np.save(tmp_path / "ok.npy", keys()[:, :6])
+    raw = (tmp_path / "ok.npy").read_bytes()
+    (tmp_path / "truncated.npy").write_bytes(raw[:100])
+    np.save(tmp_path / "object.npy", np.array([[1, "a"]], dtype=object), allow_pickle=True)
+    for name in ("truncated.npy", "object.npy"):
+        assert select(tmp_path / name, tmp_path / "OUT", "--heads", "2") == 2
+        err = capsys.readouterr().err
+        _one_clean_line(err)
+        assert name in err
+    for bad in ("abc", 2.5, 0):
+        store = tmp_path / f"kv-{bad}.zarr"
+        group = zarr.open_group(str(store), mode="w")
+        layers = group.require_group("keys")
+        layers.attrs["heads"] = bad
+        layers.create_array("layer_0", data=np.ascontiguousarray(keys()[:, :6]))
+        assert select(store, tmp_path / "OUT") == 2
+        err = capsys.readouterr().err
+        _one_clean_line(err)
+        assert "'heads' attribute must be a whole number" in err  # 2.5 is not split into 2
+
+
+@pytest.mark.parametrize("array", ["../X.zarr", "keys/../../X.zarr", "/abs", "a//b", "."])
+def test_array_names_that_leave_the_store_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], array: str
+) -> None:
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_array("keys", data=keys())
+    make_store(tmp_path / "X.zarr")
+    assert select(tmp_path / "g.zarr", tmp_path / "OUT", "--array", array) == 2
+    err = capsys.readouterr().err
+    _one_clean_line(err)
+    assert "not a plain name inside the store" in err
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "../evil", ".hidden", ""])
+def test_selection_names_are_validated_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    store = make_store(tmp_path / "X.zarr")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"input:\n  path: {store}\nselect:\n  - name: '{name}'\n    eps: 0.05\n"
+                   f"output:\n  dir: {tmp_path / 'OUT'}\nprogress: false\n")
+    original = KeySource.read
+    reads: list[int] = []
+    KeySource.read = lambda self, a, b: (reads.append(a), original(self, a, b))[1]  # type: ignore[method-assign]
+    try:
+        assert main(["run", str(cfg), "--quiet"]) == 2
+    finally:
+        KeySource.read = original  # type: ignore[method-assign]
+    err = capsys.readouterr().err
+    _one_clean_line(err)
+    assert "select[0].name" in err and reads == []
+    assert not (tmp_path / "OUT.checkpoint").exists()  # nothing left to block a rerun
+
+
+def test_empty_select_and_a_window_every_off_the_block_grid_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = make_store(tmp_path / "X.zarr")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"input:\n  path: {store}\nselect: []\noutput:\n  dir: {tmp_path / 'O'}\n")
+    assert main(["run", str(cfg), "--quiet"]) == 2
+    assert "select: is empty" in capsys.readouterr().err
+    assert not (tmp_path / "O").exists()
+    argv = ["window", str(store), "--window", "300", "--block", "100", "--every", "250",
+            "--eps", "0.1", "--out", str(tmp_path / "W"), "--quiet"]
+    assert main(argv) == 2
+    assert "not a multiple of --block 100" in capsys.readouterr().err
+    assert not (tmp_path / "W").exists()
+
+
+def test_a_symlinked_checkpoint_directory_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = make_store(tmp_path / "X.zarr")
+    elsewhere = tmp_path / "precious"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    os.symlink(elsewhere, tmp_path / "OUT.checkpoint")
+    assert select(store, tmp_path / "OUT") == 2
+    err = capsys.readouterr().err
+    _one_clean_line(err)
+    assert "symlink" in err
+    assert (elsewhere / "keep.txt").read_text() == "mine" and not (tmp_path / "OUT").exists()

@@ -166,9 +166,19 @@ def test_local_equals_dask(sketch_eps: float | None, tmp_path: Path) -> None:
     dask = ridge_universal_set(str(path), 0.05, engine="dask", scheduler="threads", **kw)
     tau = exact_ridge(k, lam_of(k, 0.2))
     # FD sketches depend on the merge tree, so the two sets may differ; both keep the
-    # guarantee, and the same run repeated is deterministic.
-    for u in (local, dask):
+    # guarantee against the exact ridge scores, and the same run repeated is deterministic.
+    for u, engine in ((local, "local"), (dask, "dask")):
         assert set(np.flatnonzero(tau >= 0.05).tolist()) <= set(u.indices.tolist())
-        assert u.certificate["engine"] in ("local", "dask")
+        if sketch_eps is None:  # FD scores upper-bound the ridge scores (no JL sketch)
+            assert np.all(u.scores >= tau[u.indices] * (1 - 1e-9))
+        assert u.certificate["engine"] == engine
     again = ridge_universal_set(str(path), 0.05, engine="dask", scheduler="threads", **kw)
     np.testing.assert_array_equal(again.indices, dask.indices)
+    # with ell > d the sketch keeps every direction (no shrinkage): both engines must then
+    # give the exact ridge set and scores, so a Dask-only regression cannot hide
+    exact = dict(kw, ell=13, sketch_eps=None)
+    for engine in ("local", "dask"):
+        u = ridge_universal_set(str(path), 0.05, engine=engine, scheduler="threads", **exact) \
+            if engine == "dask" else ridge_universal_set(str(path), 0.05, **exact)
+        np.testing.assert_array_equal(u.indices, np.flatnonzero(tau >= 0.05))
+        np.testing.assert_allclose(u.scores, tau[u.indices], rtol=1e-9)

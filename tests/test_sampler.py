@@ -218,6 +218,20 @@ def test_online_ridge_bound_and_log_det_size_law() -> None:
         sa.leverage_sample(keys("gaussian", 100, 3, 0), method="merge-reduce", ridge=1.0)
 
 
+@pytest.mark.parametrize("method", ["online", "merge-reduce"])
+def test_state_stays_within_the_projected_memory(method: str) -> None:
+    n, d = 40000, 4
+    x = keys("student-t", n, d, 3)
+    spec = plan_spec(n, d, eps=0.5, delta=0.05, method=method, variant="plain", seed=0,
+                     leaf_rows=None if method == "online" else 1024)
+    op = LeverageSampler(spec)
+    peak = 0
+    for block in blocks_of(x, list(range(1500, n, 1500))):
+        op.update(block)
+        peak = max(peak, sum(v.nbytes for v in op.to_state().values()))
+    assert peak <= op.nbytes_bound(d)
+
+
 def test_bounds_are_the_documented_formulas() -> None:
     c, eps, dim = 200.0, 0.3, 5
     assert online_delta_bound(c, eps, dim) == pytest.approx(

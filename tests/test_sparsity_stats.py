@@ -79,7 +79,8 @@ def test_causal_mode_and_censored_k_delta_bound() -> None:
 
 
 def compare(a: dict, b: dict) -> None:
-    np.testing.assert_array_equal(a["top"], b["top"])
+    # logits come from one GEMM per block: another chunking may round them 1 ulp apart
+    np.testing.assert_allclose(a["top"], b["top"], rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(a["n_keys"], b["n_keys"])
     for key in ("lse", "entropy", "max_prob", "logit_mean", "logit_std"):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-10, atol=1e-12)

@@ -275,3 +275,21 @@ def test_random_structured_inputs_match_offline_svd(
     differ = np.setxor1d(top.indices, offline_top(tau, budget))
     assert np.all(np.abs(tau[differ] - kth) < 1e-9)  # only near-ties at the cut may differ
     assert len(top) == budget
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+@pytest.mark.parametrize("chunk_rows", [1, 3])
+def test_affine_identical_keys_have_rank_one(scale: float, chunk_rows: int) -> None:
+    """Identical keys: [K, 1] has rank 1 and every τ̃ = 1/n (offline SVD), at any scale.
+
+    The centred factor of identical rows is rounding noise (~1e-20 at scale 1e-3, as a
+    hypothesis run found); it must not count as a direction.
+    """
+    row = scale * np.random.default_rng(3).standard_normal(4)
+    x = np.tile(row, (5, 1))
+    tau, rank = svd_leverage(x, True)
+    assert rank == 1
+    u = universal_set(x, eps=0.15, variant="affine", chunk_rows=chunk_rows)
+    assert u.certificate["numerical_rank"] == 1
+    np.testing.assert_array_equal(u.indices, np.arange(5))
+    np.testing.assert_allclose(u.scores, tau, rtol=1e-9)

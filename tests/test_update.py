@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
+from conftest import svd_leverage
 
 from streamattn.cli import main
 from streamattn.errors import InvalidInputError, StateFormatError
@@ -49,7 +50,7 @@ def config(tmp: Path, store: Path, out: str, *, budget: bool = False) -> Path:
         sets += "  - name: top\n    budget: 30\n    variant: affine\n"
     cfg = tmp / f"{out}.yaml"
     cfg.write_text(f"input:\n  path: {store}\nselect:\n{sets}engine:\n  chunk_rows: {ROWS}\n"
-                   f"output:\n  dir: {tmp / out}\nprogress: false\n")
+                   f"output:\n  dir: {tmp / out}\n  save_state: true\nprogress: false\n")
     return cfg
 
 
@@ -103,6 +104,13 @@ def test_update_folds_only_appended_rows_and_equals_a_fresh_run(
     assert main(["run", str(config(tmp_path, store, "fresh")), "--quiet"]) == 0
     assert_equal_sets(tmp_path / "out", tmp_path / "fresh", ["plain", "affine"])
     assert 1123 in load_universal_set(tmp_path / "out", "plain")
+    # the independent reference: a dense SVD of all 1700 rows
+    x = np.asarray(zarr.open_array(str(store), mode="r")[...], dtype=np.float64)
+    for name, eps in (("plain", 0.05), ("affine", 0.03)):
+        tau, _ = svd_leverage(x, name == "affine")
+        u = load_universal_set(tmp_path / "out", name)
+        np.testing.assert_array_equal(u.indices, np.flatnonzero(tau >= eps))
+        np.testing.assert_allclose(u.scores, tau[u.indices], rtol=1e-7, atol=1e-9)
     # a second update with nothing new rewrites nothing
     assert update_output(tmp_path / "out", store)["sets"] == {}
     # and updates chain: append again, update again, still a fresh run's answer

@@ -16,7 +16,7 @@ from streamattn.io.update import state_writer
 from streamattn.memory import peak_rss_bytes
 from streamattn.recipes.selection import Selection
 from streamattn.recipes.universal import save_universal_sets, universal_sets_outcome
-from streamattn.results import UniversalSet, flatten_results
+from streamattn.results import MultiHeadResult, UniversalSet, flatten_results
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -62,6 +62,29 @@ def quality_lines(info: dict[str, Any]) -> list[str]:
 
 def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def _index_list(text: str) -> tuple[int, ...]:
+    """``"3,15"`` -> (3, 15) for --layers / --heads."""
+    try:
+        out = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 0,2; got {text!r}"
+        ) from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one index")
+    return out
+
+
+def add_cache_flags(p: argparse.ArgumentParser, *, heads_help: str) -> None:
+    """KV-cache input flags shared by select, inspect and evaluate (docs/real-caches.md)."""
+    p.add_argument("--layers", type=_index_list, help="KV cache: real layer indices, e.g. 3,15")
+    p.add_argument("--heads", type=_index_list, help=heads_help)
+    p.add_argument("--n-heads", type=int,
+                   help="the head count of a 2-D (n, H*d) key array (per-layer zarr arrays "
+                   "carry it as an attribute)")
+    p.add_argument("--batch", type=int, help="KV cache with a batch axis: the sequence to read")
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -111,6 +134,27 @@ def engine_from_args(base: EngineConfig, args: argparse.Namespace) -> EngineConf
     return out
 
 
+def _cache_writer(
+    caches: dict[str, MultiHeadResult], n: int, keep_mask: bool, then: Any
+) -> Any:
+    """``extra`` for ``save_universal_sets``: stacked cache selections, then ``then``."""
+    if not caches:
+        return then
+
+    def write(tmp: Path) -> None:
+        import zarr
+
+        from streamattn.io.cache_outputs import write_cache_selection
+
+        root = zarr.open_group(str(tmp / "result.zarr"), mode="a")
+        for name, res in caches.items():
+            write_cache_selection(root, name, res, n=n, keep_mask=keep_mask)
+        if then is not None:
+            then(tmp)
+
+    return write
+
+
 def compute_and_save(
     args: argparse.Namespace,
     source: Any,
@@ -125,8 +169,11 @@ def compute_and_save(
     engine_options: dict[str, Any] | None = None,
     memory_limit: int | str | None = None,
     checkpoint: Checkpointer | None = None,
-    heads: int | None = None,
+    n_heads: int | None = None,
     array: str | None = None,
+    keep_mask: bool = False,
+    per_head: bool = False,
+    save_state: bool = False,
 ) -> dict[str, UniversalSet]:
     """Universal sets of ``named`` selections written to ``out`` (with state.npz), summarised."""
     check_writable(out, overwrite)
@@ -143,6 +190,7 @@ def compute_and_save(
     )
     results = outcome.results
     seconds = time.perf_counter() - t0
+    caches = {k: r for k, r in zip(named, results, strict=True) if isinstance(r, MultiHeadResult)}
     sets = flatten_results(list(named), results)  # KV caches: name/layer_{l}/head_{h}
     report = {
         "config": config,
@@ -154,8 +202,14 @@ def compute_and_save(
         },
         "plan": outcome.report.as_dict(),
     }
-    writer = state_writer(checkpoint, named, array=array, heads=heads)
-    save_universal_sets(out, sets, report=report, overwrite=overwrite, extra=writer)
+    # a KV cache's state.npz (every head's factor) only on request; a single store's always
+    keep_state = save_state or not caches
+    writer = state_writer(checkpoint, named, array=array, n_heads=n_heads) if keep_state \
+        else None
+    # KV caches: stacked (layer, head, rank) arrays; per-head groups only on request
+    groups = {k: u for k, u in sets.items() if per_head or k.split("/")[0] not in caches}
+    save_universal_sets(out, groups, report=report, overwrite=overwrite,
+                        extra=_cache_writer(caches, source.n, keep_mask, writer))
     if checkpoint is not None:
         for k, row in sorted(checkpoint.resumed_from.items()):
             say(args, f"streamattn: pass {k + 1} resumed from its checkpoint at row {row}")

@@ -13,8 +13,10 @@ import sys
 from streamattn import __version__
 from streamattn.cli import (
     bench,
+    downstream,
     evaluate,
     experiment,
+    extract,
     generate,
     inspect,
     reduce,
@@ -31,7 +33,7 @@ from streamattn.errors import StreamattnError
 #: The commands, in the order ``streamattn --help`` lists them.
 COMMANDS = (
     run, select, sample, generate, update, evaluate, reduce, inspect, window, bench, experiment,
-    solve,
+    solve, extract, downstream,
 )
 
 

@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.input.generate is not None:
         _, made = ensure_store(path, cfg.input.generate)
         say(args, f"streamattn: {'generated' if made else 'using cached'} store {path}")
-    source = open_source(path, array=cfg.input.array, heads=cfg.input.heads,
-                         fill_missing=cfg.input.fill_missing_chunks)
+    source = open_source(path, array=cfg.input.array, **cfg.input.cache_options())
     say(args, f"streamattn: {source.label}: n = {source.n}, d = {source.d}, {source.dtype}")
     named = {s.name: s.selection() for s in cfg.select}
     out, overwrite = Path(cfg.output.dir), cfg.output.overwrite or args.overwrite
@@ -87,8 +86,11 @@ def run(args: argparse.Namespace) -> int:
             engine_options=cfg.engine.options(),
             memory_limit=cfg.engine.memory_limit,
             checkpoint=Checkpointer.from_config(cfg.checkpoint, out, resume=args.resume),
-            heads=cfg.input.heads,
+            n_heads=cfg.input.n_heads,
             array=cfg.input.array,
+            keep_mask=cfg.output.keep_mask,
+            per_head=cfg.output.per_head,
+            save_state=cfg.output.save_state,
         )
     if cfg.sample is not None:  # a leverage sample into <output.dir>/sample (cli/sample.py)
         from streamattn.cli.sample import run_config_sample

@@ -15,6 +15,7 @@ from typing import Any
 
 from streamattn.cli.common import (
     HelpFormatter,
+    add_cache_flags,
     add_engine_flags,
     add_quiet,
     engine_from_args,
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = SampleConfig(args.eps, args.delta, args.method, args.variant, args.seed, args.check,
                        args.leaf_rows, args.fan_in, args.rtol, args.ridge)
     cfg.validate()
-    source = open_source(args.input, array=args.array, heads=args.heads)
+    source = open_source(args.input, array=args.array, n_heads=args.n_heads,
+                         layers=args.layers, heads=args.heads, batch=args.batch)
     config = {"command": "sample", **{k: v for k, v in vars(args).items() if k != "func"}}
     compute_and_save(args, source, cfg, out=Path(args.out), overwrite=args.overwrite,
                      config=config, chunk_rows=args.chunk_rows, engine=engine.kind,
@@ -127,7 +129,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--ridge", type=float, default=d.ridge,
                    help="online, plain: ridge lambda (bound on G + lambda I)")
     p.add_argument("--array", help="key array name inside a zarr group (default keys)")
-    p.add_argument("--heads", type=int, help="KV cache: split the key columns into H heads")
+    add_cache_flags(p, heads_help="KV cache: KV heads to sample, e.g. 0,2 (default all)")
     p.add_argument("--chunk-rows", type=int, help="rows per block (default: storage-aligned)")
     add_engine_flags(p)
     p.add_argument("--out", required=True, help="output directory")

@@ -7,6 +7,7 @@ from typing import Any
 
 from streamattn.cli.common import (
     HelpFormatter,
+    add_cache_flags,
     add_engine_flags,
     add_quiet,
     compute_and_save,
@@ -31,7 +32,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--array", help="key array name inside a zarr group (default keys)")
     p.add_argument("--eps", type=float, help="threshold: keep keys with score >= eps")
     p.add_argument("--variant", choices=["plain", "affine"], default="plain",
-                   help="plain leverage, or affine (keys augmented with a constant 1)")
+                   help="plain leverage, or affine (shift-invariant: 1/n + centred leverage)")
     p.add_argument("--budget", type=int, help="keep the top-B keys by score")
     p.add_argument("--rtol", type=float, default=1e-10, help="numerical-rank tolerance")
     p.add_argument("--p", type=float, default=2.0,
@@ -40,7 +41,13 @@ def add_parser(sub: Any) -> None:
     add_engine_flags(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--heads", type=int, help="KV cache: split the key columns into H heads")
+    add_cache_flags(p, heads_help="KV cache: KV heads to select, e.g. 0,2 (default all)")
+    p.add_argument("--keep-mask", action="store_true",
+                   help="KV cache: also write the (layer, head, key) boolean keep-mask")
+    p.add_argument("--per-head", action="store_true",
+                   help="KV cache: also write one group per (layer, head)")
+    p.add_argument("--save-state", action="store_true",
+                   help="KV cache: also write state.npz (for streamattn update)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--fill-missing-chunks", action="store_true",
                    help="read missing zarr chunk files as the fill value (default: an error)")
@@ -50,7 +57,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     engine = engine_from_args(EngineConfig(chunk_rows=args.chunk_rows), args)
-    source = open_source(args.input, array=args.array, heads=args.heads,
+    source = open_source(args.input, array=args.array, n_heads=args.n_heads,
+                         layers=args.layers, heads=args.heads, batch=args.batch,
                          fill_missing=args.fill_missing_chunks)
     sel = Selection(args.eps, args.variant, args.budget, args.rtol, args.p)
     sel.check(source.n)
@@ -71,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
             engine_options=engine.options(),
             memory_limit=engine.memory_limit,
             checkpoint=Checkpointer.from_config(CheckpointConfig(), out, resume=args.resume),
-            heads=args.heads,
+            n_heads=args.n_heads,
             array=args.array,
+            keep_mask=args.keep_mask,
+            per_head=args.per_head,
+            save_state=args.save_state,
         )
     return 0

@@ -42,11 +42,14 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import re
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +62,8 @@ from streamattn.operators.protocol import Operator, State
 from streamattn.sources import Block, BlockStream, KeySource, open_keys
 
 SCHEDULERS = ("threads", "local-cluster")
+#: A scheduler address: tcp:// or tls://, a host name, IPv4 or [IPv6] address, and a port.
+SCHEDULER_ADDRESS = re.compile(r"(tcp|tls)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):[0-9]{1,5}")
 DEFAULT_SPLIT_EVERY = 8
 DEFAULT_RETRIES = 2
 DEFAULT_TIMEOUT = 30.0
@@ -111,11 +116,14 @@ class DaskOptions:
     def check(self) -> None:
         """Raise ConfigError naming the first bad setting."""
         s = self.scheduler
-        if not isinstance(s, str) or not (s in SCHEDULERS or "://" in s):
+        if not isinstance(s, str) or not (s in SCHEDULERS or SCHEDULER_ADDRESS.fullmatch(s)):
             raise ConfigError(
                 f"engine.scheduler must be 'threads', 'local-cluster' or a scheduler address "
-                f"like 'tcp://host:8786', got {s!r}."
+                f"'tcp://HOST:PORT' or 'tls://HOST:PORT' (port 1-65535; tls needs the "
+                f"distributed.comm.tls settings), got {s!r}."
             )
+        if s not in SCHEDULERS and not 0 < int(s.rsplit(":", 1)[1]) < 65536:
+            raise ConfigError(f"engine.scheduler {s!r}: the port must be in 1..65535.")
         for name in ("n_workers", "threads_per_worker", "blocks_per_task"):
             value = getattr(self, name)
             if value is not None and (_not_int(value) or value < 1):
@@ -467,14 +475,32 @@ def _array_leaves(
 
 
 # ---------------------------------------------------------------------------- sessions
+#: The interface a LocalCluster (scheduler, workers, dashboard) binds.
+LOCAL_HOST = "127.0.0.1"
+
+
 def _dashboard_address() -> str:
-    """Dask's usual :8787 when free, else any free port (no port-in-use warning)."""
+    """Dask's usual :8787 on 127.0.0.1 when free, else any free port there."""
     with socket.socket() as s:
         try:
-            s.bind(("127.0.0.1", 8787))
+            s.bind((LOCAL_HOST, 8787))
         except OSError:
-            return ":0"
-    return ":8787"
+            return f"{LOCAL_HOST}:0"
+    return f"{LOCAL_HOST}:8787"
+
+
+def _stop_worker_http(dask_worker: Any) -> None:
+    server = getattr(dask_worker, "http_server", None)
+    if server is not None:
+        server.stop()
+
+
+def _stop_http(cluster: Any, client: Any) -> None:
+    """Close the HTTP listeners of a LocalCluster's scheduler and workers."""
+    server = getattr(cluster.scheduler, "http_server", None)
+    if server is not None:
+        server.stop()
+    client.run(_stop_worker_http)
 
 
 @contextmanager
@@ -497,34 +523,116 @@ def dask_session(
     from distributed import Client, LocalCluster
 
     if options.scheduler == "local-cluster":
-        # The scheduler serves HTTP (health, metrics) even without the dashboard, on
-        # :8787 unless told otherwise; ":0" keeps a run from clashing with another cluster.
+        # Everything binds 127.0.0.1 (dask's default host is every interface). The
+        # scheduler and workers start HTTP servers (health, metrics) even without the
+        # dashboard; without it they are stopped as soon as the cluster is up, so nothing
+        # is served. "127.0.0.1:0" keeps a run from clashing with another cluster.
         with (
             LocalCluster(
                 n_workers=options.n_workers,
                 threads_per_worker=options.threads_per_worker,
                 processes=True,
-                dashboard_address=_dashboard_address() if options.dashboard else ":0",
+                host=LOCAL_HOST,
+                dashboard_address=_dashboard_address() if options.dashboard
+                else f"{LOCAL_HOST}:0",
+                worker_dashboard_address=None,
                 scheduler_kwargs={"dashboard": options.dashboard},
             ) as cluster,
             Client(cluster) as started,
         ):
+            if not options.dashboard:
+                _stop_http(cluster, started)
             if progress and options.dashboard:
                 bokeh = importlib.util.find_spec("bokeh") is not None
                 note = "" if bokeh else " (pip install bokeh to serve it)"
                 print(f"streamattn: dask dashboard {started.dashboard_link}{note}", file=sys.stderr)
             yield started
         return
+    _probe_scheduler(options.scheduler, options.timeout)
     try:
-        connected = Client(options.scheduler, timeout=options.timeout)
-    except (OSError, TimeoutError) as exc:
-        raise StreamattnError(
-            f"cannot reach the Dask scheduler at {options.scheduler} within "
-            f"{options.timeout:g} s ({type(exc).__name__}: {exc}). Start it with "
-            "`dask scheduler` and check the address, port and firewall."
-        ) from exc
+        connected = _within(options.timeout, lambda: Client(options.scheduler,
+                                                            timeout=options.timeout))
+    except (OSError, TimeoutError, ValueError, TypeError) as exc:
+        raise StreamattnError(_unreachable(options, exc)) from exc
     with connected:
         yield connected
+
+
+def _unreachable(options: DaskOptions, exc: BaseException) -> str:
+    return (
+        f"cannot reach the Dask scheduler at {options.scheduler} within {options.timeout:g} s "
+        f"({type(exc).__name__}: {exc}). Start it with `dask scheduler --host HOST` and check "
+        "the address, port, firewall and (tls://) the distributed.comm.tls settings."
+    )
+
+
+def _within(timeout: float, fn: Callable[[], Any]) -> Any:
+    """``fn()`` in a helper thread, given up after ``timeout`` (+1 s) with TimeoutError.
+
+    distributed's own timeouts cover the TCP connect, not a peer that accepts and then
+    never answers; this deadline does (the helper thread ends with distributed's own
+    timeout or the process).
+    """
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamattn-connect")
+    try:
+        return pool.submit(fn).result(timeout=timeout + 1.0)
+    except FuturesTimeout:
+        raise TimeoutError(f"no answer within {timeout:g} s") from None
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _check_listening(options: DaskOptions) -> None:
+    """Plain TCP connects first, retried until the timeout (a scheduler may still be
+    starting): nothing listening is "cannot reach", told apart from a peer that accepts
+    and then stays silent (the identity probe's timeout), however loaded the machine."""
+    from distributed.comm.addressing import get_address_host_port
+
+    try:
+        host, port = get_address_host_port(options.scheduler)
+    except (ValueError, TypeError):
+        return  # not a TCP address: the identity probe reports it
+    deadline = time.monotonic() + options.timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            socket.create_connection((host, port), timeout=max(left, 0.1)).close()
+            return
+        except OSError as exc:
+            if time.monotonic() + 0.2 >= deadline:
+                raise StreamattnError(_unreachable(options, exc)) from exc
+            time.sleep(0.2)
+
+
+def _probe_scheduler(address: str, timeout: float) -> None:
+    """Ask the scheduler for its identity within ``timeout``; one clear error otherwise."""
+    import asyncio
+
+    from distributed.core import rpc
+    from distributed.security import Security
+
+    async def identity() -> Any:
+        args = Security().get_connection_args("client")
+        async with rpc(address, timeout=timeout, connection_args=args) as remote:
+            return await asyncio.wait_for(remote.identity(), timeout)
+
+    options = DaskOptions(scheduler=address, timeout=timeout)
+    _check_listening(options)
+    try:
+        info = _within(timeout, lambda: asyncio.run(identity()))
+    except (OSError, TimeoutError, ValueError, TypeError) as exc:
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+            raise StreamattnError(
+                f"the Dask scheduler at {address} did not answer within {timeout:g} s "
+                "(something accepts connections there but does not speak the Dask protocol, "
+                "or the scheduler is hung). Check the address and port."
+            ) from exc
+        raise StreamattnError(_unreachable(options, exc)) from exc
+    if not isinstance(info, dict) or info.get("type") != "Scheduler":
+        raise StreamattnError(
+            f"{address} answered, but not as a Dask scheduler ({str(info)[:80]!r}); check the "
+            "address and port."
+        )
 
 
 def _wait_for_workers(client: Any, timeout: float) -> None:
@@ -670,6 +778,16 @@ def _compute_threads(graph: MergeGraph, options: DaskOptions, progress: bool) ->
             bar.unregister()
 
 
+def _lost_scheduler_errors() -> tuple[type[BaseException], ...]:
+    """What a client sees when the scheduler dies: cancelled futures, closed comms."""
+    import asyncio
+
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+
+    return (FutureCancelledError, asyncio.CancelledError, CommClosedError)
+
+
 def _compute_distributed(
     client: Any, graph: MergeGraph, options: DaskOptions, progress: bool, description: str
 ) -> list[State]:
@@ -687,6 +805,13 @@ def _compute_distributed(
             )
             progress_bar(future)
         return future.result()
+    except _lost_scheduler_errors() as exc:
+        raise StreamattnError(
+            f"lost the Dask scheduler at {client.scheduler.address} during the pass "
+            f"({type(exc).__name__}: {' '.join(str(exc).split()) or 'cancelled'}); no output "
+            "was written (with "
+            "checkpoints on, rerun with --resume to continue from the last one)."
+        ) from exc
     except KilledWorker as exc:
         key = getattr(exc, "task", None)
         where = graph.rows_of(key)

@@ -1,7 +1,7 @@
 """``gaussian-sparsity``: attention sparsity under Gaussian inputs against its prediction.
 
-Model (seed paper 004, DESIGN 2.9): keys k_j ~ N(0, σ_k² I_d), queries q ~ N(0, σ_q² I_d),
-logits ℓ_j = β q·k_j. Given q, the logits are i.i.d. N(0, σ_q̂²) exactly, with
+Model (seed paper 004, docs/architecture.md, note 2.9): keys k_j ~ N(0, σ_k² I_d), queries q ~ N(0,
+σ_q² I_d), logits ℓ_j = β q·k_j. Given q, the logits are i.i.d. N(0, σ_q̂²) exactly, with
 σ_q̂ = β σ_k ‖q‖ (unconditionally σ² = β² σ_q² σ_k² d is the swept "sigma"). If the
 normaliser Z = Σ_j e^{ℓ_j} is close to its mean n e^{σ²/2}, i.e. L = ln Z ≈ ln n + σ²/2,
 

@@ -7,8 +7,8 @@ rerun sees the same rows. ``GeneratedSource`` is a ``KeySource`` over a lazy arr
 generates the chunks a read covers, so it streams through ``run_operators`` like a store
 on disk, with the same validation, and memory for one read block only.
 
-Two generators: ``GaussianRows`` (k_j ~ N(0, σ_k² I_d), the model of DESIGN 2.9) and
-``SyntheticRows`` (the rows of ``streamattn.synthetic``, identical to the store that
+Two generators: ``GaussianRows`` (k_j ~ N(0, σ_k² I_d), the model of docs/architecture.md, note
+2.9) and ``SyntheticRows`` (the rows of ``streamattn.synthetic``, identical to the store that
 ``streamattn generate`` writes for the same spec, so a generated pass and a pass over the
 written store can be compared bit for bit).
 """

@@ -37,6 +37,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -463,17 +464,27 @@ class RowWindow:
     """``source`` restricted to rows ``[start, stop)``, with global row numbers.
 
     ``block_ranges`` yields only the window's blocks; ``keys``/``values`` are the window's
-    rows (lazy slices for zarr/dask arrays); everything else (``n``, path, dtype, ``read``)
-    is the source's, so blocks keep their global ``start``.
+    rows, sliced once when first asked for (an engine that reads the store by path, e.g. Dask
+    workers, never touches them: slicing a zarr array would read the whole segment on
+    the client); everything else (``n``, path, dtype, ``read``) is the source's, so
+    blocks keep their global ``start``.
     """
 
     def __init__(self, source: Any, start: int, stop: int) -> None:
         self._source = source
         self._start, self._stop = start, stop
-        keys = getattr(source, "keys", None)
-        values = getattr(source, "values", None)
-        self.keys = None if keys is None else keys[start:stop]
-        self.values = None if values is None else values[start:stop]
+
+    # Sliced on first access, never at construction: slicing a zarr array reads it, and a
+    # store on disk is read by the engine's workers themselves (by path), not the client.
+    @cached_property
+    def keys(self) -> Any:
+        keys = getattr(self._source, "keys", None)
+        return None if keys is None else keys[self._start : self._stop]
+
+    @cached_property
+    def values(self) -> Any:
+        values = getattr(self._source, "values", None)
+        return None if values is None else values[self._start : self._stop]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._source, name)

@@ -44,10 +44,14 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def check_writable(out: Path, overwrite: bool, *, what: str = "output") -> None:
-    """Refuse early (before any work): an output over/inside/around an input, or an
-    existing output without ``overwrite`` or without streamattn's marker."""
-    safety.refuse_overlap(out, what=what)
+def check_writable(
+    out: Path, overwrite: bool, *, what: str = "output",
+    inputs: list[str | os.PathLike[str]] | None = None,
+) -> None:
+    """Refuse early (before any work): an output over/inside/around an input (the opened
+    ones, and ``inputs`` not opened yet), or an existing output without ``overwrite`` or
+    without streamattn's marker."""
+    safety.refuse_overlap(out, what=what, inputs=inputs)
     safety.check_replaceable(out, overwrite)
 
 
@@ -114,12 +118,23 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
             os.unlink(tmp)
 
 
-def write_arrays(group: Any, arrays: dict[str, np.ndarray | None], attrs: dict[str, Any]) -> None:
-    """Write named arrays (None skipped) into a zarr group and set its attributes."""
+def write_arrays(
+    group: Any,
+    arrays: dict[str, np.ndarray | None],
+    attrs: dict[str, Any],
+    dims: dict[str, list[str]] | None = None,
+) -> None:
+    """Write named arrays (None skipped) into a zarr group and set its attributes.
+
+    Every array gets zarr v3 ``dimension_names`` (``dims[name]``, else ``name_0, ...``)
+    so ``xarray.open_zarr`` opens the group.
+    """
     for name, arr in arrays.items():
         if arr is None:
             continue
         arr = np.ascontiguousarray(arr)
         chunks = tuple(max(1, min(s, 65536)) for s in arr.shape) if arr.ndim else ()
-        group.create_array(name, data=arr, chunks=chunks or "auto")
+        names = (dims or {}).get(name) or [f"{name}_{i}" for i in range(arr.ndim)]
+        group.create_array(name, data=arr, chunks=chunks or "auto",
+                           dimension_names=names if arr.ndim else None)
     group.attrs.update(to_jsonable(attrs))

@@ -54,7 +54,7 @@ def state_writer(
     named: dict[str, Any],
     *,
     array: str | None,
-    heads: int | None,
+    n_heads: int | None,
 ) -> Callable[[Path], None] | None:
     """A function writing ``state.npz`` into the output being built (None: nothing kept).
 
@@ -72,7 +72,7 @@ def state_writer(
         "chunk_rows": rec.chunk_rows,
         "fingerprint": rec.fingerprint,
         "array": array,
-        "heads": heads,
+        "n_heads": n_heads,
         # a list: the order must match the operators' (the meta JSON sorts dict keys)
         "selections": [[name, dataclasses.asdict(sel)] for name, sel in named.items()],
     }
@@ -130,7 +130,8 @@ def _update_output(
     from streamattn.sources import open_source
 
     meta, ops = load_state(out)
-    source = open_source(store, array=meta["array"], heads=meta["heads"])
+    source = open_source(store, array=meta["array"],
+                         n_heads=meta.get("n_heads", meta.get("heads")))
     refuse_overlap(out)
     saved = split_reads(meta, ops, Path(out) / STATE_FILE)
     n_old, n_new = saved.position, source.n
@@ -176,7 +177,7 @@ def _update_output(
             },
         }
     )
-    writer = state_writer(ckpt, named, array=meta["array"], heads=meta["heads"])
+    writer = state_writer(ckpt, named, array=meta["array"], n_heads=meta.get("n_heads"))
     save_universal_sets(out, sets, report=report, overwrite=True, extra=writer)
     return {"sets": sets, "report": report}
 

@@ -1,4 +1,6 @@
-"""Streaming passes of the one-layer attention fit (DESIGN 2.8), one operator per pass kind.
+"""Streaming passes of the one-layer attention fit, one operator per pass kind.
+
+Mathematics: docs/architecture.md, note 2.8.
 
 The loss (Song et al., "tensor and SVM tricks" paper) is
 L(X, Y) = Σ_{j0} ‖softmax(A1[j0] X A2ᵀ) A3 Y − B[j0]‖², X, Y ∈ R^{d×d}, the Kronecker
@@ -111,6 +113,7 @@ class AttentionFeatures(Operator):
 
     family = "attention-features"
     Spec = AttentionFeaturesSpec
+    spec: AttentionFeaturesSpec
     needs_values = True
 
     def __init__(self, spec: AttentionFeaturesSpec) -> None:
@@ -172,6 +175,7 @@ class AttentionGaussNewton(_Additive):
 
     family = "attention-gauss-newton"
     Spec = AttentionGaussNewtonSpec
+    spec: AttentionGaussNewtonSpec
     needs_values = True
 
     def __init__(self, spec: AttentionGaussNewtonSpec) -> None:
@@ -259,6 +263,7 @@ class AttentionLossGradient(_Additive):
 
     family = "attention-loss-gradient"
     Spec = AttentionLossGradientSpec
+    spec: AttentionLossGradientSpec
     needs_values = True
 
     def _update(self, block: Block) -> None:

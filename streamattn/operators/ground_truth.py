@@ -1,4 +1,5 @@
-"""Exact heavy-attention ground truth in one pass, and two companions (DESIGN 2.5).
+"""Exact heavy-attention ground truth in one pass, and two companions (docs/architecture.md, note
+2.5).
 
 For a query batch Q (s × d) every key j gets a log-weight per query,
 
@@ -81,6 +82,8 @@ class AttentionSpec:
     ``queries`` (s × d, float64); ``scale`` β (None: 1/√d; softmax only); ``kind``
     ``"softmax"`` or ``"power"`` (f(x) = |x|^p); ``mode`` ``"global"`` or ``"causal"``
     with ``positions`` (int64, one per query); ``values_dim`` d_v (0: no outputs).
+    ``key_lo`` / ``key_hi`` (int64, one per query, optional): query i sees only key rows
+    in ``[key_lo_i, key_hi_i]`` (a ``streamattn.masks.Mask`` interval), on top of ``mode``.
     """
 
     queries: np.ndarray
@@ -90,12 +93,21 @@ class AttentionSpec:
     mode: str = "global"
     positions: np.ndarray | None = None
     values_dim: int = 0
+    key_lo: np.ndarray | None = None
+    key_hi: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _check_attention(
             self.queries, self.scale, self.kind, self.p, self.mode, self.positions,
             self.values_dim,
         )
+        if (self.key_lo is None) != (self.key_hi is None):
+            raise ConfigError("key_lo and key_hi go together (one key interval per query).")
+        s = self.queries.shape[0]
+        for name in ("key_lo", "key_hi"):
+            b = getattr(self, name)
+            if b is not None and (np.asarray(b).shape != (s,) or np.asarray(b).dtype != np.int64):
+                raise ConfigError(f"{name} must be int64 with one entry per query ({s}).")
 
     @property
     def beta(self) -> float:
@@ -112,9 +124,13 @@ def log_weights(spec: Any, start: int, rows: np.ndarray) -> np.ndarray:
     else:
         with np.errstate(divide="ignore"):
             out = spec.p * np.log(np.abs(x))
+    cols = np.arange(start, start + rows.shape[0])
     if spec.mode == "causal":
-        cols = np.arange(start, start + rows.shape[0])
         out[cols[None, :] > spec.positions[:, None]] = -np.inf
+    if spec.key_lo is not None:
+        out[(cols[None, :] < spec.key_lo[:, None]) | (cols[None, :] > spec.key_hi[:, None])] = (
+            -np.inf
+        )
     return out
 
 

@@ -1,7 +1,7 @@
 """Leverage scores and the exact one-pass LevAttention universal set (p = 2).
 
-Mathematics (DESIGN 2.1; Kannan, Bhattacharyya, Kacham, Woodruff, arXiv 2410.05462).
-For keys k_j (rows of K) and G = KᵀK, the leverage score is τ_j = k_jᵀ G⁺ k_j. For
+Mathematics (docs/architecture.md, note 2.1; Kannan, Bhattacharyya, Kacham, Woodruff, arXiv
+2410.05462). For keys k_j (rows of K) and G = KᵀK, the leverage score is τ_j = k_jᵀ G⁺ k_j. For
 f(x) = x² attention, A_qj = (q·k_j)² / Σ_l (q·k_l)² ≤ τ_j for every query q
 (Cauchy–Schwarz in the G metric), and Σ_j τ_j = rank(K) ≤ d. Hence
 U_ε = {j : τ_j ≥ ε} holds every key that any query weights ≥ ε, and |U_ε| ≤ rank/ε.
@@ -14,8 +14,8 @@ dropped once never qualifies again: no false negatives, and |C| ≤ rank/thresho
 every step. Merge stacks the two factors and re-prunes. The final set is the offline
 U_ε for any chunking and merge tree, up to float rounding at the threshold itself.
 
-Speed (DESIGN 3): once R is square and well conditioned, a block X updates it by a
-preconditioned Cholesky step (``fast_factor_update``: Y = X R⁻¹, R ← chol(I + YᵀY) R),
+Speed (docs/architecture.md, note 3): once R is square and well conditioned, a block X updates it
+by a preconditioned Cholesky step (``fast_factor_update``: Y = X R⁻¹, R ← chol(I + YᵀY) R),
 QR-accurate at level-3 BLAS speed, and ‖y_j‖² = k_jᵀ G_old⁻¹ k_j bounds every later score
 of row j from above (G only grows; the full inverse dominates the truncated one), so
 only rows with ‖y_j‖² ≥ threshold (less a rounding margin) are scored exactly.
@@ -27,6 +27,10 @@ finer range (σ_i > PRUNE_RTOL_FACTOR · rtol · σ_max) and a margin: a row see
 has component ≤ σ_i along each direction, so its final score is at most
 (‖W_fineᵀk‖ + δ)² with δ = ‖σ_dropped‖ / (rtol · σ_max). Rows are dropped only below
 that bound (δ = 0 when no direction is dropped, e.g. for full-rank keys).
+
+The affine factor (R of [1, K]) is updated the same way in the centred frame
+(``centred_fast_update``): y = [1/√n, (k − μ) R_c⁻¹], whose ‖y‖² is the row's affine
+score against the rows before its block, so affine rows are pruned by the same bound.
 
 Affine variant: each key is augmented with a constant 1, k̃_j = (k_j, 1). Its score is
 τ̃_j = 1/n + (k_j − μ)ᵀ S⁺ (k_j − μ) (μ the mean, S the scatter matrix): centred
@@ -47,6 +51,7 @@ import scipy.linalg
 from scipy.linalg import blas, lapack
 
 from streamattn.blas import single_blas_thread
+from streamattn.operators.candidates import candidate_state, load_candidates, stack_values
 from streamattn.operators.factors import centred_factor_result, centred_factor_update, stack_qr
 from streamattn.operators.protocol import Operator, State
 from streamattn.sources import Block
@@ -61,6 +66,9 @@ PIECE_ROWS = 2048
 FAST_COND_LIMIT = 1e8
 #: ... and a moderate growth ‖Y‖₂² ≤ this, Y = X R⁻¹ (else: Householder for the block).
 FAST_GROWTH_LIMIT = 1e4
+#: A block is folded in sub-blocks of at most this many times the rows already seen, so
+#: the free bound (the score against the rows before the sub-block) prunes early rows too.
+SUBBLOCK_GROWTH = 8
 #: Rows of the first block factored by Householder QR before the fast update can start,
 #: in multiples of dim.
 SEED_ROWS_PER_DIM = 4
@@ -93,22 +101,34 @@ class ScoringMap:
     offset: float = 0.0
 
     @classmethod
-    def from_factor(cls, r: np.ndarray, rtol: float, d: int) -> ScoringMap:
+    def from_factor(cls, r: np.ndarray, rtol: float, d: int, floor: float = 0.0) -> ScoringMap:
+        """The map on σ_i > max(rtol · σ_max, floor) (``floor``: an absolute noise level)."""
         if r.shape[0] == 0:
             return cls(np.zeros((d, 0)), 0, 0.0, 0.0, 0.0)
         _, s, vt = np.linalg.svd(r, full_matrices=False)
-        tol = rtol * s[0]
+        tol = max(rtol * s[0], floor)
         rank = int(np.count_nonzero(s > tol)) if s[0] > 0 else 0
         w = vt[:rank].T / s[:rank]
         return cls(w, rank, float(s[0]), float(s[rank - 1]) if rank else 0.0, float(tol))
 
     @classmethod
     def from_centred(cls, factor: Any, rtol: float) -> ScoringMap:
-        """The affine map from a ``CentredFactorResult`` (n, μ, R_c): rank on R_c only."""
-        c = cls.from_factor(factor.r_centred, rtol, factor.r_centred.shape[1])
+        """The affine map from a ``CentredFactorResult`` (n, μ, R_c): rank on R_c only.
+
+        R_c is the trailing block of a backward-stable QR of [1, K], so its entries carry
+        rounding of order u·‖[1, K]‖_F (u the float64 unit roundoff), however small R_c
+        itself is: singular values below (d + 1)·u·‖[1, K]‖_F are counted as zero (e.g.
+        identical keys, whose centred rows are exactly zero). ‖[1, K]‖_F² is read off the
+        factor: n + n‖μ‖² + ‖R_c‖_F².
+        """
+        rc = np.asarray(factor.r_centred, dtype=np.float64)
         n = int(factor.n)
+        mean = np.asarray(factor.mean, dtype=np.float64)
+        norm = np.sqrt(n * (1.0 + float(mean @ mean)) + float(np.sum(rc * rc)))
+        floor = (rc.shape[1] + 1) * np.finfo(np.float64).eps * norm
+        c = cls.from_factor(rc, rtol, rc.shape[1], floor)
         return cls(c.w, c.rank + (1 if n else 0), c.sigma_max, c.sigma_min_kept, c.abs_tol,
-                   np.asarray(factor.mean, dtype=np.float64), 1.0 / n if n else 0.0)
+                   mean, 1.0 / n if n else 0.0)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         """τ for each row of ``x`` (float64; raw keys for a centred map)."""
@@ -138,25 +158,62 @@ def _split_rows(m: int) -> list[tuple[int, int]]:
 
 
 def _gram_pass(
-    rows: np.ndarray, lo: int, hi: int, rinv: np.ndarray, bounds: np.ndarray
-) -> np.ndarray:
-    """Σ yᵀy over rows [lo, hi) with y = x R⁻¹ (upper triangle, F order); fills bounds."""
+    rows: np.ndarray,
+    lo: int,
+    hi: int,
+    rinv: np.ndarray,
+    bounds: np.ndarray,
+    shift: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Σ yᵀy and Σ y over rows [lo, hi), y = (x − shift) R⁻¹ (Gram: upper triangle, F
+    order); fills bounds with ‖y‖². R⁻¹ is upper triangular: for square R the product is
+    a TRMM (m·dim² flops, in place in the float64 piece buffer) rather than a GEMM."""
     d = rows.shape[1]
     dim = rinv.shape[0]
     piece = min(PIECE_ROWS, hi - lo)
     top = np.ascontiguousarray(rinv[:d])
     buf = np.empty((piece, d))
-    y = np.empty((piece, dim))
+    square = d == dim
+    y = buf if square else np.empty((piece, dim))
     gram = np.zeros((dim, dim), order="F")
+    colsum = np.zeros(dim)
     for a in range(lo, hi, piece):
         k = min(piece, hi - a)
-        xb, yb = buf[:k], y[:k]
+        xb = buf[:k]
         np.copyto(xb, rows[a : a + k], casting="safe")
-        np.matmul(xb, top, out=yb)
+        if shift is not None:
+            xb -= shift
+        if square:  # Yᵀ = R⁻ᵀ Xᵀ in place by TRMM: half the flops of a GEMM
+            yb = blas.dtrmm(1.0, top, xb.T, side=0, lower=0, trans_a=1, overwrite_b=1).T
+        else:
+            yb = y[:k]
+            np.matmul(xb, top, out=yb)
         bounds[a : a + k] = np.einsum("ij,ij->i", yb, yb)
+        if shift is not None:
+            colsum += yb.sum(axis=0)
         # SYRK of the F-ordered view yᵀ accumulates YᵀY into the upper triangle in place.
         gram = blas.dsyrk(1.0, yb.T, beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
-    return gram
+    return gram, colsum
+
+
+def _preconditioned_gram(
+    rows: np.ndarray, rinv: np.ndarray, shift: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(YᵀY symmetric, Σ_i y_i, ‖y_i‖²) for Y = (X − shift) R⁻¹, threaded by row spans."""
+    m = rows.shape[0]
+    bounds = np.empty(m)
+    spans = _split_rows(m)
+    if len(spans) == 1:
+        parts = [_gram_pass(rows, 0, m, rinv, bounds, shift)]
+    else:
+        parts = list(
+            _pool().map(lambda ab: _gram_pass(rows, ab[0], ab[1], rinv, bounds, shift), spans)
+        )
+    gram, colsum = parts[0]
+    for g, c in parts[1:]:
+        gram += g
+        colsum += c
+    return np.triu(gram) + np.triu(gram, 1).T, colsum, bounds
 
 
 def map_scores(
@@ -212,7 +269,7 @@ def fast_factor_update(r: np.ndarray, rows: np.ndarray) -> FactorUpdate | None:
     Cholesky factor is as accurate as Householder QR of [R; X] (relative score error
     ~ u·cond(R), u = 2⁻⁵³) — the normal equations' cond² loss is avoided because the
     Gram is formed from the preconditioned Y, not from X. The work is two level-3
-    BLAS calls per piece (Y = X R⁻¹ by GEMM, YᵀY by SYRK), ≈ 3·m·dim² flops, against
+    BLAS calls per piece (Y = X R⁻¹ by TRMM, YᵀY by SYRK), ≈ 2·m·dim² flops, against
     Householder's 4·m·dim² in slower panel code, and the row norms ‖y_i‖² come free.
 
     Returns None (the caller falls back to Householder QR) when R is not square, not
@@ -227,19 +284,7 @@ def fast_factor_update(r: np.ndarray, rows: np.ndarray) -> FactorUpdate | None:
     kappa = float(np.linalg.norm(r) * np.linalg.norm(rinv))
     if not np.isfinite(kappa) or kappa > FAST_COND_LIMIT:
         return None
-    m = rows.shape[0]
-    bounds = np.empty(m)
-    spans = _split_rows(m)
-    if len(spans) == 1:
-        grams = [_gram_pass(rows, 0, m, rinv, bounds)]
-    else:
-        grams = list(
-            _pool().map(lambda ab: _gram_pass(rows, ab[0], ab[1], rinv, bounds), spans)
-        )
-    gram = grams[0]
-    for g in grams[1:]:
-        gram += g
-    gram = np.triu(gram) + np.triu(gram, 1).T
+    gram, _, bounds = _preconditioned_gram(rows, rinv)
     if float(np.linalg.eigvalsh(gram)[-1]) > FAST_GROWTH_LIMIT:
         return None
     gram[np.diag_indices(dim)] += 1.0
@@ -247,6 +292,77 @@ def fast_factor_update(r: np.ndarray, rows: np.ndarray) -> FactorUpdate | None:
     # |rounding of ‖x R⁻¹‖²| <= ~2·dim·u·cond(R) relative (GEMM forward error).
     rel_err = 4.0 * dim * np.finfo(np.float64).eps * kappa
     return FactorUpdate(c @ r, bounds, rel_err)
+
+
+def centred_fast_update(r: np.ndarray, rows: np.ndarray) -> FactorUpdate | None:
+    """The factor of [1, K] after appending ``rows`` by a centred preconditioned step, or None.
+
+    ``r`` is the square TSQR factor of [1, K_old] (``centred_factor_update``); from it
+    n = r₀₀², the mean μ and the centred factor R_c. In the shifted frame the factor of
+    [1, K_old − μ] is diag(√n, R_c) (the ones column is orthogonal to K_old − μ), so for a
+    block X the preconditioned rows are y = [1/√n, (x − μ) R_c⁻¹]: the ones column needs
+    no product, and μ is subtracted before the GEMM, so a common offset ≫ the spread does
+    not enter cond. With CᵀC = I + YᵀY (Cholesky), the factor of [1, K_all − μ] is
+    C diag(√n, R_c), and that of [1, K_all] is it times [[1, μᵀ], [0, I]] (only row 0
+    changes). Accuracy as :func:`fast_factor_update` with cond(R_c) in place of cond(R);
+    the same refusals (None: singular, too ill-conditioned, too much growth) apply.
+
+    ``bounds[i] = 1/n + (‖(x_i − μ) R_c⁻¹‖ + δ)²``, δ covering the rounding of μ, bounds
+    row i's affine score against the old rows, hence its final affine score (the Gram of
+    [1, K] only grows); ``rel_err`` covers the GEMM rounding as in the plain update.
+    """
+    dim = r.shape[1]
+    if r.shape[0] != dim or dim < 2 or r[0, 0] == 0:
+        return None
+    cf = centred_factor_result(r, 1)
+    rc = cf.r_centred
+    rcinv, info = lapack.dtrtri(rc, lower=0)
+    if info != 0:
+        return None
+    kappa = float(np.linalg.norm(rc) * np.linalg.norm(rcinv))
+    if not np.isfinite(kappa) or kappa > FAST_COND_LIMIT:
+        return None
+    root_n = abs(float(r[0, 0]))
+    zz, zsum, znorm = _preconditioned_gram(rows, rcinv, cf.mean)
+    gram = np.empty((dim, dim))
+    gram[0, 0] = rows.shape[0] / root_n**2
+    gram[0, 1:] = gram[1:, 0] = zsum / root_n
+    gram[1:, 1:] = zz
+    if float(np.linalg.eigvalsh(gram)[-1]) > FAST_GROWTH_LIMIT:
+        return None
+    gram[np.diag_indices(dim)] += 1.0
+    c = scipy.linalg.cholesky(gram, lower=False, check_finite=False)
+    shifted = np.zeros((dim, dim))
+    shifted[0, 0] = root_n
+    shifted[1:, 1:] = rc
+    new = c @ shifted
+    new[0, 1:] += new[0, 0] * cf.mean
+    u = np.finfo(np.float64).eps
+    # μ is read off r to within ~4u|μ| per entry: that shifts each z_i by at most δ.
+    delta = float(np.linalg.norm(4.0 * u * np.abs(cf.mean)) * np.linalg.norm(rcinv))
+    bounds = np.square(np.sqrt(znorm) + delta) if delta > 0 else znorm
+    return FactorUpdate(new, bounds + 1.0 / root_n**2, 4.0 * (dim - 1) * u * kappa)
+
+
+def _triangular_scores(r: np.ndarray, rows: np.ndarray, rtol: float) -> np.ndarray | None:
+    """‖x R⁻¹‖² per row by a triangular inverse when R is square and well conditioned.
+
+    With κ = ‖R‖_F ‖R⁻¹‖_F < min(FAST_COND_LIMIT, 1 / (PRUNE_RTOL_FACTOR · rtol)) every
+    σ_i ≥ σ_max / κ lies above the pruning range's cut (PRUNE_RTOL_FACTOR · rtol · σ_max),
+    so the fine range is all of R, no slack applies, and x W (W = V Σ⁻¹ from the SVD)
+    equals x R⁻¹ up to an orthogonal factor: the same scores without the SVD. Else None.
+    """
+    dim = r.shape[1]
+    if r.shape[0] != dim or dim == 0 or rows.shape[1] != dim:
+        return None
+    rinv, info = lapack.dtrtri(r, lower=0)
+    if info != 0:
+        return None
+    kappa = float(np.linalg.norm(r) * np.linalg.norm(rinv))
+    if not np.isfinite(kappa) or kappa >= min(FAST_COND_LIMIT, 1 / (PRUNE_RTOL_FACTOR * rtol)):
+        return None
+    y = np.asarray(rows, dtype=np.float64) @ np.triu(rinv)
+    return np.einsum("ij,ij->i", y, y)
 
 
 @dataclass(frozen=True)
@@ -287,6 +403,9 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         """
         if self.spec.affine:
             return self._centred_pruning_scores(rows)
+        direct = _triangular_scores(self.r, rows, self.spec.rtol)
+        if direct is not None:
+            return direct, self.spec.threshold
         rtol = self.spec.rtol
         fine = ScoringMap.from_factor(self.r, rtol * PRUNE_RTOL_FACTOR, self.r.shape[1])
         cut = self.spec.threshold
@@ -308,10 +427,13 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         rtol = self.spec.rtol
         cf = self._centred()
         rc = cf.r_centred
-        fine = ScoringMap.from_factor(rc, rtol * PRUNE_RTOL_FACTOR, rc.shape[1])
         need = self.spec.threshold - 1.0 / max(1, cf.n)
         if need <= 0:
             return np.ones(rows.shape[0]), 0.0
+        direct = _triangular_scores(rc, np.asarray(rows, dtype=np.float64) - cf.mean, rtol)
+        if direct is not None:
+            return direct, need
+        fine = ScoringMap.from_factor(rc, rtol * PRUNE_RTOL_FACTOR, rc.shape[1])
         slack = 0.0
         if fine.sigma_max > 0 and fine.rank < min(rc.shape):
             dropped = np.linalg.svd(rc, compute_uv=False)[fine.rank :]
@@ -352,22 +474,29 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
                 self.values = np.zeros((0, block.values.shape[1]))
         m = x.shape[0]
         head = 0
-        if self.spec.affine:  # the centred factor: Householder TSQR of [1, X] (module doc)
-            self.r = centred_factor_update(self.r, x)
-            head = m
-        elif self.r.shape[0] < self.r.shape[1]:  # seed the factor by Householder QR
+        if self.r.shape[0] < self.r.shape[1]:  # seed the factor by Householder QR
             head = min(m, SEED_ROWS_PER_DIM * self.r.shape[1])
-            self.r = stack_qr(self.r, augment(x[:head], False))
-        admitted = np.arange(head)
-        if head < m:
-            step = fast_factor_update(self.r, x[head:])
+            self.r = self._householder(x[:head])
+        spans = [np.arange(head)]
+        fast = centred_fast_update if self.spec.affine else fast_factor_update
+        seen = self.n_rows - m + head  # rows in the factor
+        while head < m:
+            # Sub-blocks of ≤ SUBBLOCK_GROWTH × the rows seen: a bound against the rows
+            # before the sub-block is tight enough to prune most rows even at the start.
+            # Bounds ≈ dim / seen cannot prune before seen ≈ dim / threshold: go there first.
+            reach = int(self.r.shape[1] / self.spec.threshold) - seen
+            stop = min(m, head + max(PIECE_ROWS, SUBBLOCK_GROWTH * seen, reach))
+            step = fast(self.r, x[head:stop])
             if step is None:
-                self.r = stack_qr(self.r, augment(x[head:], False))
-                admitted = np.arange(m)
+                self.r = self._householder(x[head:stop])
+                spans.append(np.arange(head, stop))
             else:
                 self.r = step.r
                 cut = self.spec.threshold * (1.0 - step.rel_err)
-                admitted = np.concatenate([admitted, head + np.flatnonzero(step.bounds >= cut)])
+                spans.append(head + np.flatnonzero(step.bounds >= cut))
+            seen += stop - head
+            head = stop
+        admitted = np.concatenate(spans)
         if admitted.size == 0:
             return  # held candidates only lose score; they are re-checked when rows arrive
         values = None
@@ -379,32 +508,27 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
             values,
         )
 
+    def _householder(self, rows: np.ndarray) -> np.ndarray:
+        """The factor after appending ``rows`` by Householder TSQR (affine: of [1, X])."""
+        if self.spec.affine:
+            return centred_factor_update(self.r, rows)
+        return stack_qr(self.r, augment(rows, False))
+
     def _merge(self, other: LeverageScores) -> None:
         self.r = stack_qr(self.r, other.r)
-        values = None
-        if self.values is not None and other.values is not None:
-            values = np.vstack([self.values, other.values])
         self._prune(
-            np.concatenate([self.idx, other.idx]), np.vstack([self.rows, other.rows]), values
+            np.concatenate([self.idx, other.idx]), np.vstack([self.rows, other.rows]),
+            stack_values(self.values, other.values),
         )
 
     def _state(self) -> State:
-        out: State = {
-            "r": self.r,
-            "idx": self.idx,
-            "rows": self.rows,
-            "rows_dtype": np.array(self.rows_dtype),
-        }
-        if self.values is not None:
-            out["values"] = self.values
-        return out
+        return {"r": self.r, "rows_dtype": np.array(self.rows_dtype),
+                **candidate_state(self.idx, self.rows, self.values)}
 
     def _load(self, state: State) -> None:
         self.r = np.array(state["r"], dtype=np.float64)
-        self.idx = np.array(state["idx"], dtype=np.int64)
-        self.rows = np.array(state["rows"], dtype=np.float64)
+        self.idx, self.rows, self.values = load_candidates(state)
         self.rows_dtype = str(state["rows_dtype"])
-        self.values = np.array(state["values"], dtype=np.float64) if "values" in state else None
 
     def scoring_map(self) -> ScoringMap:
         if self.spec.affine:
@@ -500,33 +624,21 @@ class TopScores(Operator[TopScoresSpec, dict[str, Any]]):
         )
 
     def _merge(self, other: TopScores) -> None:
-        values = None
-        if self.values is not None and other.values is not None:
-            values = np.vstack([self.values, other.values])
         self._keep_top(
             np.concatenate([self.idx, other.idx]),
             np.concatenate([self.scores, other.scores]),
             np.vstack([self.rows, other.rows]),
-            values,
+            stack_values(self.values, other.values),
         )
 
     def _state(self) -> State:
-        out: State = {
-            "idx": self.idx,
-            "scores": self.scores,
-            "rows": self.rows,
-            "rows_dtype": np.array(self.rows_dtype),
-        }
-        if self.values is not None:
-            out["values"] = self.values
-        return out
+        return {"scores": self.scores, "rows_dtype": np.array(self.rows_dtype),
+                **candidate_state(self.idx, self.rows, self.values)}
 
     def _load(self, state: State) -> None:
-        self.idx = np.array(state["idx"], dtype=np.int64)
+        self.idx, self.rows, self.values = load_candidates(state)
         self.scores = np.array(state["scores"], dtype=np.float64)
-        self.rows = np.array(state["rows"], dtype=np.float64)
         self.rows_dtype = str(state["rows_dtype"])
-        self.values = np.array(state["values"], dtype=np.float64) if "values" in state else None
 
     def result(self) -> dict[str, Any]:
         return {

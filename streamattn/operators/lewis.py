@@ -1,7 +1,7 @@
 """ℓp Lewis weights out of core: one streaming pass per fixed-point iteration.
 
-Mathematics (DESIGN 2.2; Lewis 1978; Cohen & Peng, "ℓp row sampling by Lewis weights",
-STOC 2015). For keys k_j and p > 0 the ℓp Lewis weights are the unique w ≥ 0 with
+Mathematics (docs/architecture.md, note 2.2; Lewis 1978; Cohen & Peng, "ℓp row sampling by Lewis
+weights", STOC 2015). For keys k_j and p > 0 the ℓp Lewis weights are the unique w ≥ 0 with
 
     w_j = τ_j(W^{1/2−1/p} K)   ⇔   w_j^{2/p} = σ_j(w) := k_jᵀ (Kᵀ W^{1−2/p} K)⁺ k_j,
 
@@ -9,10 +9,11 @@ and Σ_j w_j = rank(K). Writing x = log w and T(x) = (p/2)·log σ(w), the itera
 
     x ← (1 − β)·x + β·T(x),   i.e.   w ← w^{1−β} · σ(w)^{βp/2}.
 
-- β = 1 is the Cohen–Peng iteration, used for p < 4: T is a contraction of the sup-norm of
+- β = 1 is the Cohen–Peng iteration, used for p ≤ 3.5: T is a contraction of the sup-norm of
   log w with factor c = |p/2 − 1| < 1, so it converges from any start, and after a step
   that moved log w by δ (sup-norm) the limit is within c·δ/(1 − c) of the new iterate.
-- β = 4/(p + 2) (a damped iteration), used for p ≥ 4 where Cohen–Peng can oscillate. The
+- β = 4/(p + 2) (a damped iteration), used for p > 3.5: from p = 4 on Cohen–Peng can
+  oscillate, and just below 4 its factor |p/2 − 1| → 1 makes it too slow. The
   Jacobian of T is −(p/2 − 1)·S with S = diag(σ)⁻¹ H diag(w^{1−2/p}), H the entrywise
   square of K M⁺ Kᵀ (PSD by the Schur product theorem): S is row-stochastic and similar to
   a PSD matrix, so its eigenvalues lie in [0, 1] and those of the damped map's Jacobian
@@ -22,7 +23,10 @@ and Σ_j w_j = rank(K). Writing x = log w and T(x) = (p/2)·log σ(w), the itera
   fall below ``tol`` within ``max_iter`` passes, else an error). The high-precision methods
   with global proofs for p ≥ 4 are Fazel–Lee–Padmanabhan–Sidford (SODA 2022) and the
   one-sided-then-round scheme of Apers–Gribling–Sidford (2024); this damped map is
-  simpler and, on the tested inputs, converges at the predicted rate.
+  simpler and, on the tested inputs, converges at the predicted rate. Because the rate is
+  not a sup-norm contraction, no error margin on the weights is derived from it: the ℓp
+  recipe certifies damped runs by an a-posteriori bound valid for any weights
+  (:mod:`streamattn.recipes.lp`).
 
 The tempting update w ← τ(W^{1/2−1/p} K)^{p/2} is *not* this iteration for p ≠ 2: its fixed
 points satisfy w_j^{2/p} = τ_j(W^{1/2−1/p} K) = w_j^{1−2/p} σ_j(w), i.e. w_j^{4/p − 1} = σ_j,
@@ -51,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from streamattn.operators.candidates import candidate_state, load_candidates
 from streamattn.operators.leverage import (
     DEFAULT_RTOL,
     ScoringMap,
@@ -61,10 +66,15 @@ from streamattn.operators.leverage import (
 from streamattn.operators.protocol import Operator, State
 from streamattn.sources import Block
 
+#: Above this p the damped iteration is used: Cohen–Peng's factor |p/2 − 1| > 3/4 makes it
+#: too slow near p = 4 (p = 3.9: c = 0.95, ~400 passes for tol 1e-9) and it can oscillate
+#: from p = 4 on.
+DAMPED_FROM_P = 3.5
+
 
 def damping(p: float) -> float:
-    """β of the iteration: 1 (Cohen–Peng) for p < 4, 4/(p + 2) for p ≥ 4."""
-    return 1.0 if p < 4 else 4.0 / (p + 2.0)
+    """β of the iteration: 1 (Cohen–Peng) for p ≤ 3.5, 4/(p + 2) above."""
+    return 1.0 if p <= DAMPED_FROM_P else 4.0 / (p + 2.0)
 
 
 def contraction_factor(p: float, beta: float) -> float:
@@ -228,22 +238,17 @@ class LewisPass(Operator[LewisPassSpec, dict[str, Any]]):
             "r": self.r,
             "stats": self.stats,
             "count": np.array(self.count, dtype=np.int64),
-            "idx": self.idx,
             "weights": self.weights,
-            "rows": self.rows,
+            **candidate_state(self.idx, self.rows, self.values),
         }
-        if self.values is not None:
-            out["values"] = self.values
         return out
 
     def _load(self, state: State) -> None:
         self.r = np.array(state["r"], dtype=np.float64)
         self.stats = np.array(state["stats"], dtype=np.float64)
         self.count = int(state["count"])
-        self.idx = np.array(state["idx"], dtype=np.int64)
+        self.idx, self.rows, self.values = load_candidates(state)
         self.weights = np.array(state["weights"], dtype=np.float64)
-        self.rows = np.array(state["rows"], dtype=np.float64)
-        self.values = np.array(state["values"], dtype=np.float64) if "values" in state else None
 
     def result(self) -> dict[str, Any]:
         """Next scoring map, Σw, max log-change, candidates (``overflow`` if > cap)."""

@@ -1,7 +1,7 @@
 """Reduced embeddings Y = K S: seeded oblivious sketches, data-aware maps, and their operators.
 
-Mathematics (DESIGN 2.4). For a map S ∈ R^{d×m} the reduced keys are Y = K S and queries
-use the same map, so logits become (Sᵀq)·(Sᵀk) = qᵀ S Sᵀ k. The oblivious maps satisfy
+Mathematics (docs/architecture.md, note 2.4). For a map S ∈ R^{d×m} the reduced keys are Y = K S
+and queries use the same map, so logits become (Sᵀq)·(Sᵀk) = qᵀ S Sᵀ k. The oblivious maps satisfy
 E[S Sᵀ] = I:
 
 - ``gaussian``: S_ij ~ N(0, 1/m) i.i.d.

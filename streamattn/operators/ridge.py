@@ -1,7 +1,7 @@
 """Large d: ridge universal sets against a Frequent Directions sketch, and a JL-sketched path.
 
-Mathematics (DESIGN 2.1, 2.6). With G = KᵀK and λ > 0 the ridge leverage score is
-τ^λ_j = k_jᵀ (G + λI)⁻¹ k_j. Cauchy–Schwarz in the G + λI metric gives, for every query q,
+Mathematics (docs/architecture.md, notes 2.1 and 2.6). With G = KᵀK and λ > 0 the ridge leverage
+score is τ^λ_j = k_jᵀ (G + λI)⁻¹ k_j. Cauchy–Schwarz in the G + λI metric gives, for every query q,
 
     A_qj = (q·k_j)² / ‖Kq‖² ≤ τ^λ_j · (1 + λ‖q‖²/‖Kq‖²),
 
@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from streamattn.errors import ConfigError
+from streamattn.operators.candidates import candidate_state, load_candidates, stack_values
 from streamattn.operators.frequent_directions import FDSketch, FDSpec, FrequentDirections
 from streamattn.operators.protocol import Operator, State
 from streamattn.sources import Block
@@ -148,27 +149,21 @@ class RidgeFD(Operator[RidgeFDSpec, dict[str, Any]]):
 
     def _merge(self, other: RidgeFD) -> None:
         self.fd.merge(other.fd)
-        values = None
-        if self.values is not None and other.values is not None:
-            values = np.vstack([self.values, other.values])
         self._prune(
-            np.concatenate([self.idx, other.idx]), np.vstack([self.rows, other.rows]), values
+            np.concatenate([self.idx, other.idx]), np.vstack([self.rows, other.rows]),
+            stack_values(self.values, other.values),
         )
 
     def _state(self) -> State:
         out: State = {f"fd.{k}": v for k, v in self.fd.to_state().items()}
-        out.update({"idx": self.idx, "rows": self.rows})
-        if self.values is not None:
-            out["values"] = self.values
+        out.update(candidate_state(self.idx, self.rows, self.values))
         return out
 
     def _load(self, state: State) -> None:
         fd = Operator.from_state({k[3:]: v for k, v in state.items() if k.startswith("fd.")})
         assert isinstance(fd, FrequentDirections)
         self.fd = fd
-        self.idx = np.array(state["idx"], dtype=np.int64)
-        self.rows = np.array(state["rows"], dtype=np.float64)
-        self.values = np.array(state["values"], dtype=np.float64) if "values" in state else None
+        self.idx, self.rows, self.values = load_candidates(state)
 
     def result(self) -> dict[str, Any]:
         """Candidates with their final τ̂ (≥ τ^λ), the sketch, λ and the size bound S/ε."""
@@ -248,22 +243,13 @@ class SketchedScores(Operator[SketchedScoresSpec, dict[str, Any]]):
         self._add(other.idx, other.scores, other.rows, other.values)
 
     def _state(self) -> State:
-        out: State = {
-            "idx": self.idx,
-            "scores": self.scores,
-            "rows": self.rows,
-            "total": np.array(self.total),
-        }
-        if self.values is not None:
-            out["values"] = self.values
-        return out
+        return {"scores": self.scores, "total": np.array(self.total),
+                **candidate_state(self.idx, self.rows, self.values)}
 
     def _load(self, state: State) -> None:
-        self.idx = np.array(state["idx"], dtype=np.int64)
+        self.idx, self.rows, self.values = load_candidates(state)
         self.scores = np.array(state["scores"], dtype=np.float64)
-        self.rows = np.array(state["rows"], dtype=np.float64)
         self.total = float(state["total"])
-        self.values = np.array(state["values"], dtype=np.float64) if "values" in state else None
 
     def result(self) -> dict[str, Any]:
         return {

@@ -1,6 +1,7 @@
 """Leverage-score row samplers: a small weighted set of keys whose Gram is (1 ± ε) KᵀK.
 
-Goal (DESIGN 2.10). Rows k_s with weights w_s such that, with probability ≥ 1 − δ,
+Goal (docs/architecture.md, note 2.10). Rows k_s with weights w_s such that, with probability ≥ 1 −
+δ,
 
     (1 − ε) KᵀK ⪯ G̃ = Σ_s w_s k_s k_sᵀ ⪯ (1 + ε) KᵀK,
 
@@ -56,8 +57,8 @@ node samples per level, each with E[size] ≤ c·dim: O((b + fan_in·c·dim·log
 Numerics: leverage is computed from Householder QR factors in float64 with the
 pseudo-inverse on the numerical range (σ > rtol·σ_max); the affine variant scores
 [k, 1] through the exact centred identity τ̃ = w(1/W + (k − μ_w)ᵀS_w⁺(k − μ_w)) (μ_w, S_w
-the weighted mean and scatter), never through an appended column (DESIGN 2.1). The
-guarantees above are in exact arithmetic with independent uniform coins.
+the weighted mean and scatter), never through an appended column (docs/architecture.md, note 2.1).
+The guarantees above are in exact arithmetic with independent uniform coins.
 """
 
 from __future__ import annotations
@@ -272,7 +273,8 @@ class SamplerSpec:
     variant: ``plain`` (K) or ``affine`` ([K, 1], scored through the centred identity);
     seed: the coins' key; leaf_rows, fan_in: the merge-reduce tree; rtol: numerical rank;
     ridge: λ ≥ 0 (online, plain only): scores against G̃ + λI and the guarantee
-    (1 − ε)(G + λI) ⪯ G̃ + λI ⪯ (1 + ε)(G + λI) — additive ελ — with size ∝ ln det(I + G/λ).
+    (1 − ε)(G + λI) ⪯ G̃ + λI ⪯ (1 + ε)(G + λI) — additive ελ — with size ∝ ln det(I + G/λ);
+    plan_rows: the n the plan was made for (memory projection only; 0: unknown, 2⁴⁰).
     """
 
     method: str
@@ -285,6 +287,7 @@ class SamplerSpec:
     fan_in: int = 8
     rtol: float = DEFAULT_RTOL
     ridge: float = 0.0
+    plan_rows: int = 0
 
     def __post_init__(self) -> None:
         if not (self.ridge >= 0):
@@ -652,14 +655,22 @@ class LeverageSampler(Operator):
         }
 
     def nbytes_bound(self, d: int) -> int:
-        """Merge-reduce: a projection (expected sizes) for trees up to 32 levels; online:
-        the same projection for c·dim·ln(n) rows at n = 2⁴⁰ (no hard bound exists)."""
+        """A projection, not a hard bound (sample sizes are random), for ``plan_rows`` rows.
+
+        Merge-reduce: 2b raw rows plus 2(f − 1) node samples per level and one merge input
+        (f samples), each at its w.h.p. size bound; online: the i.i.d.-keys law
+        c·dim·(1 + ε)/(1 − ε)·(1 + ln(n/dim)) rows (log κ can make it larger).
+        """
+        spec = self.spec
         dim = d + 1 if self.affine else d
-        per = self.spec.c * dim
-        if self.spec.method == "online":
-            return int(8 * (dim * dim + per * 40 * (d + 2)))
-        f = self.spec.fan_in
-        rows = 2 * self.spec.leaf_rows + 2 * (f - 1) * 32 * per + f * per
+        n = spec.plan_rows or 2**40
+        per = size_bound(spec.c * dim, spec.delta)
+        if spec.method == "online":
+            law = spec.c * dim * (1 + spec.eps) / (1 - spec.eps) * (1 + math.log(max(n / dim, 1)))
+            return int(8 * (2 * dim * dim + law * (d + 2)))
+        f = spec.fan_in
+        levels = math.ceil(math.log(max(n / spec.leaf_rows, 1.0), f)) + 1
+        rows = 2 * spec.leaf_rows + (2 * (f - 1) * levels + f) * per
         return int(8 * rows * (d + 2))
 
 

@@ -1,4 +1,6 @@
-"""Streaming passes of the kernel-regression solvers (DESIGN 2.7): one operator per pass kind.
+"""Streaming passes of the kernel-regression solvers: one operator per pass kind.
+
+Mathematics: docs/architecture.md, note 2.7.
 
 Every pass over A ∈ R^{n×d} (and, where needed, b ∈ R^n streamed with it as the block's
 value column) is one of these mergeable operators, run by ``streamattn.engines``:
@@ -77,6 +79,7 @@ class TallSkinnyQR(Operator):
 
     family = "tsqr"
     Spec = TallSkinnyQRSpec
+    spec: TallSkinnyQRSpec
     needs_values = True
 
     def __init__(self, spec: TallSkinnyQRSpec) -> None:
@@ -182,6 +185,7 @@ class RowSketch(Operator):
 
     family = "row-sketch"
     Spec = RowSketchSpec
+    spec: RowSketchSpec
 
     def __init__(self, spec: RowSketchSpec) -> None:
         super().__init__(spec)
@@ -238,6 +242,7 @@ class GramMatvec(Operator):
 
     family = "gram-matvec"
     Spec = GramMatvecSpec
+    spec: GramMatvecSpec
 
     def __init__(self, spec: GramMatvecSpec) -> None:
         super().__init__(spec)
@@ -290,6 +295,7 @@ class LeastSquaresResidual(Operator):
 
     family = "ls-residual"
     Spec = LeastSquaresResidualSpec
+    spec: LeastSquaresResidualSpec
     needs_values = True
 
     def __init__(self, spec: LeastSquaresResidualSpec) -> None:
@@ -351,6 +357,7 @@ class ExpKernelMatvec(Operator):
 
     family = "exp-kernel-matvec"
     Spec = ExpKernelMatvecSpec
+    spec: ExpKernelMatvecSpec
 
     def __init__(self, spec: ExpKernelMatvecSpec) -> None:
         super().__init__(spec)

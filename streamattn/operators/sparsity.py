@@ -1,4 +1,4 @@
-"""Exact per-query sparsity statistics of attention in one pass (DESIGN 2.9).
+"""Exact per-query sparsity statistics of attention in one pass (docs/architecture.md, note 2.9).
 
 For queries q_i (s × d) and keys k_j the log-weights are ℓ_ij (``log_weights``: β q_i·k_j
 for softmax) and A_ij = exp(ℓ_ij − L_i), L_i = log Σ_j exp(ℓ_ij), over the keys query i

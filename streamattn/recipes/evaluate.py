@@ -27,7 +27,9 @@ carries no guarantee there; softmax has no guarantee at all — this report meas
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,7 @@ from streamattn.config import (
 )
 from streamattn.errors import ConfigError
 from streamattn.io.outputs import atomic_dir, write_json_atomic
+from streamattn.masks import Mask
 from streamattn.operators.ground_truth import (
     KINDS,
     MODES,
@@ -54,6 +57,7 @@ from streamattn.operators.ground_truth import (
     RestrictedAttentionSpec,
 )
 from streamattn.operators.protocol import Operator
+from streamattn.recipes.cache_evaluate import CACHE_SELECTORS, check_budgets
 from streamattn.recipes.selection import Selection
 from streamattn.recipes.selectors import (
     SELECTORS,
@@ -120,7 +124,8 @@ class SelectorConfig:
     """Which selectors, at which budgets, with their parameters."""
 
     names: tuple[str, ...] = SELECTORS
-    budgets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
+    # counts, or fractions < 1 of the keys a query can attend (KV caches: cache_evaluate)
+    budgets: tuple[int | float, ...] = (16, 32, 64, 128, 256, 512, 1024)
     universal_eps: float = 0.01
     universal_variant: str = "plain"
     sinks: int = 4
@@ -147,20 +152,21 @@ class EvaluateConfig:
         for kind in a.kinds:
             if kind not in KINDS:
                 raise ConfigError(f"attention.kinds: {kind!r} is not one of {list(KINDS)}.")
-        for mode in a.modes:
-            if mode not in MODES:
-                raise ConfigError(f"attention.modes: {mode!r} is not one of {list(MODES)}.")
+        for mode in a.modes:  # masks; native and local:W need a KV cache (cache_evaluate)
+            Mask.parse(mode)
         if not a.kinds or not a.modes:
             raise ConfigError("attention.kinds and attention.modes must not be empty.")
         if not 0 < a.eps <= 1:
             raise ConfigError(f"attention.eps must be in (0, 1], got {a.eps}.")
         if a.p <= 0:
             raise ConfigError(f"attention.p must be > 0, got {a.p}.")
+        known = SELECTORS + tuple(x for x in CACHE_SELECTORS if x not in SELECTORS)
         for name in s.names:
-            if name not in SELECTORS:
-                raise ConfigError(f"selectors.names: {name!r} is not one of {list(SELECTORS)}.")
-        if not s.budgets or any(b < 1 for b in s.budgets):
-            raise ConfigError(f"selectors.budgets must be integers >= 1, got {s.budgets}.")
+            if name not in known:
+                raise ConfigError(f"selectors.names: {name!r} is not one of {list(known)}.")
+        if not s.budgets:
+            raise ConfigError("selectors.budgets must not be empty.")
+        check_budgets(tuple(s.budgets))
         if not 0 < s.universal_eps <= 1:
             raise ConfigError(f"selectors.universal_eps must be in (0, 1], got {s.universal_eps}.")
         if s.sinks < 0:
@@ -171,11 +177,6 @@ class EvaluateConfig:
             raise ConfigError(f"queries.count must be >= 1 or null, got {q.count}.")
         if self.input.generate is not None:
             self.input.generate.check()
-        if self.input.heads is not None:
-            raise ConfigError(
-                "input.heads: evaluate measures one head at a time; point input.path/array "
-                "at one head's keys (with its queries and values)."
-            )
         self.engine.check()
 
 
@@ -260,7 +261,7 @@ def set_metrics(
 def _global_sets(src: KeySource, cfg: EvaluateConfig) -> Plan[list[KeySet]]:
     """Every query-independent selector's sets (heavy hitters come later)."""
     s = cfg.selectors
-    budgets = [b for b in s.budgets if b <= src.n]
+    budgets = [int(b) for b in s.budgets if b <= src.n]  # counts (_single_store_config)
     names = set(s.names)
     out: list[KeySet] = []
     # All leverage selections share one read of the store (and one second pass), and
@@ -321,6 +322,24 @@ def evaluate(
     return report
 
 
+def _single_store_config(src: KeySource, cfg: EvaluateConfig) -> EvaluateConfig:
+    """Refuse cache-only masks and selectors; fractional budgets become counts of n."""
+    for mode in cfg.attention.modes:
+        if mode not in MODES:
+            raise ConfigError(
+                f"attention.modes: {mode!r} needs a KV cache with segments (input.path in "
+                "the layout of docs/real-caches.md); a single key store has "
+                f"{list(MODES)}."
+            )
+    only = [x for x in cfg.selectors.names if x not in SELECTORS]
+    if only:
+        raise ConfigError(f"selectors.names: {only} need a KV cache input (docs/real-caches.md).")
+    budgets = tuple(b if isinstance(b, int) else max(1, math.ceil(b * src.n))
+                    for b in cfg.selectors.budgets)
+    return dataclasses.replace(cfg, selectors=dataclasses.replace(cfg.selectors,
+                                                                  budgets=budgets))
+
+
 class Evaluation(Recipe[dict[str, Any]]):
     """Coverage of every selector against exact attention, in three rounds of reads:
     (1) leverage, key norms and the ground truth; (2) top-B second passes and observed
@@ -335,8 +354,9 @@ class Evaluation(Recipe[dict[str, Any]]):
         return "evaluate"
 
     def plan(self, ctx: PassContext) -> Plan[dict[str, Any]]:
-        src, cfg = ctx.source, self.cfg
+        src = ctx.source
         assert isinstance(src, KeySource)
+        cfg = _single_store_config(src, self.cfg)
         queries, positions = load_queries(src, cfg.queries)
         a = cfg.attention
         if "causal" in a.modes and positions is None:
@@ -352,7 +372,7 @@ class Evaluation(Recipe[dict[str, Any]]):
             [_global_sets(src, cfg), _truth(src, cfg, queries, positions, dv, combos)]
         )
         sets: dict[tuple[str, str], list[KeySet]] = {c: list(common) for c in combos}
-        budgets = [b for b in cfg.selectors.budgets if b <= src.n]
+        budgets = [int(b) for b in cfg.selectors.budgets if b <= src.n]
         for c, res in zip(combos, observed, strict=False):
             order = rank_by_score(res["indices"], res["scores"])
             sets[c] += ranked_sets("heavy-hitters", order, budgets, src.n)
@@ -433,7 +453,7 @@ def _truth(
     truths = [done[f"{m}/{k}"].result() for m, k in combos]
     observed: list[dict[str, Any]] = []
     if "heavy-hitters" in cfg.selectors.names:
-        budgets = [b for b in cfg.selectors.budgets if b <= src.n]
+        budgets = [int(b) for b in cfg.selectors.budgets if b <= src.n]
         hh: dict[str, Operator[Any, Any]] = {
             f"{m}/{k}": ObservedAttentionTop(
                 ObservedAttentionSpec(queries, lse=t["lse"], budget=max(budgets),

@@ -1,4 +1,6 @@
-"""One-layer attention regression (DESIGN 2.8; Song et al., tensor and SVM tricks paper).
+"""One-layer attention regression (Song et al., tensor and SVM tricks paper).
+
+Mathematics: docs/architecture.md, note 2.8.
 
 Fit X, Y ∈ R^{d×d} to minimise
 L(X, Y) = Σ_{j0, i0} (⟨softmax(A1[j0] X A2ᵀ), A3 Y_{*,i0}⟩ − B[j0, i0])²
@@ -19,7 +21,8 @@ quadratically near the solution; it is a local method (no global guarantee).
 Methods ``adam`` and ``gd`` (fixed step) are the first-order baselines from the same
 start, on (X, Y) jointly, one loss-and-gradient pass per iteration.
 
-A1 (with B) is streamed in row blocks by the engine (``streamattn.engines``); A2 and A3
+A1 (with B) is streamed in row blocks through the runner (``streamattn.runner.run_pass``,
+one engine session for the whole fit); A2 and A3
 are read once and held (n·d floats each); the n × n attention is never held, only
 ``tile × n`` logits at a time.
 """
@@ -33,7 +36,6 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from streamattn.engines import run_operators
 from streamattn.errors import ConfigError, InvalidInputError
 from streamattn.operators.fit_ops import (
     DEFAULT_FIT_TILE,
@@ -45,6 +47,7 @@ from streamattn.operators.fit_ops import (
     AttentionLossGradientSpec,
     softmax_rows,
 )
+from streamattn.runner import run_pass, session
 from streamattn.sources import KeySource, open_keys
 
 FIT_METHODS = ("gauss-newton", "adam", "gd")
@@ -92,7 +95,7 @@ class _Problem:
 
     def run(self, op: Any) -> Any:
         self.passes += 1
-        (out,) = run_operators(
+        (out,) = run_pass(
             self.source, [op], engine=self.engine, chunk_rows=self.chunk_rows, **self.options
         )
         return out.result()
@@ -205,6 +208,21 @@ def one_layer_attention(
         least-squares Y for Gauss–Newton and the same start for the baselines);
         ``info["time_history"]`` the seconds since the start at each entry.
     """
+    with session(engine, **engine_options) as options:
+        return _one_layer_attention(
+            a1, a2, a3, b, seed, method=method, x0=x0, init_scale=init_scale, rtol=rtol,
+            gtol=gtol, max_iter=max_iter, restarts=restarts, patience=patience, lr=lr,
+            target_loss=target_loss, tile=tile, engine=engine, chunk_rows=chunk_rows,
+            engine_options=options,
+        )
+
+
+def _one_layer_attention(
+    a1: Any, a2: Any, a3: Any, b: Any, seed: int, *, method: str, x0: np.ndarray | None,
+    init_scale: float, rtol: float, gtol: float, max_iter: int, restarts: int, patience: int,
+    lr: float, target_loss: float | None, tile: int, engine: str, chunk_rows: int | None,
+    engine_options: dict[str, Any],
+) -> FitResult:
     if method not in FIT_METHODS:
         raise ConfigError(f"unknown fit method {method!r}; choose one of {list(FIT_METHODS)}.")
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 0:

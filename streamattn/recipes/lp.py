@@ -1,7 +1,7 @@
 """ℓp universal sets (f(x) = |x|^p attention, any p > 0) from out-of-core Lewis weights.
 
-Mathematics (DESIGN 2.2; Kannan, Bhattacharyya, Kacham, Woodruff, arXiv 2410.05462;
-Cohen & Peng 2015). For f(x) = |x|^p the share of key j under query q is
+Mathematics (docs/architecture.md, note 2.2; Kannan, Bhattacharyya, Kacham, Woodruff, arXiv
+2410.05462; Cohen & Peng 2015). For f(x) = |x|^p the share of key j under query q is
 A_qj = |q·k_j|^p / Σ_l |q·k_l|^p. With the ℓp Lewis weights w of K (Σ w = r = rank K):
 
 - p ≤ 2: A_qj ≤ w_j for every q, so U = {j : w_j ≥ ε} and |U| ≤ r/ε;
@@ -9,13 +9,30 @@ A_qj = |q·k_j|^p / Σ_l |q·k_l|^p. With the ℓp Lewis weights w of K (Σ w = 
   U = {j : r^{p/2−1} w_j ≥ ε} and |U| ≤ r^{p/2}/ε.
 
 Either way A_qj ≥ ε ⇒ j ∈ U, for every query. The weights come from the iteration of
-:mod:`streamattn.operators.lewis` (Cohen–Peng for p < 4, damped for p ≥ 4), one pass of
+:mod:`streamattn.operators.lewis` (Cohen–Peng for p ≤ 3.5, damped above), one pass of
 the store per iteration (plus one first pass for the unweighted factor), with the per-row
 weights in two zarr arrays in a work directory (never an n-sized array in memory).
-The iteration stops when the largest change of log w in a pass is ≤ ``tol``. The
-remaining error of the weights is bounded by m = c·δ/(1 − c) in log (c the contraction
-factor, δ the last change: a proof for p < 4, the local rate for p ≥ 4), and the set uses
-the inflated bound e^m·bound_j ≥ ε, so the approximation cannot drop a key.
+The iteration stops when the largest change of log w in a pass is ≤ ``tol``.
+
+What is certified, and why.
+
+- **Cohen–Peng (β = 1, p ≤ 3.5, c = |p/2 − 1| ≤ 3/4).** T is a sup-norm contraction with
+  factor c, so after a step that moved log w by δ the fixed point is within
+  m = c·δ/(1 − c) in log of the iterate; the set uses the inflated bound e^m·bound_j ≥ ε
+  (``weights_log_error_bound`` = m), so the approximation cannot drop a key.
+- **Damped (p > 3.5).** Its rate (p−2)/(p+2) is only a *local* spectral radius, not a
+  sup-norm contraction, and an error margin derived from it is not a bound (it was exceeded
+  by 1.4–2× in tests). So no margin on the weights is claimed
+  (``weights_log_error_bound`` = None). Instead the set is certified by an inequality that
+  holds for **any** positive weights v, proved here. Let p ≥ 2, M = Kᵀ V^{1−2/p} K and
+  σ_j(v) = k_jᵀ M⁺ k_j. For any query q, Cauchy–Schwarz in the M metric gives
+  (q·k_j)² ≤ σ_j(v) · qᵀMq, and Hölder with exponents p/(p−2) and p/2 gives
+  qᵀMq = Σ_l v_l^{1−2/p} (q·k_l)² ≤ (Σ_l v_l)^{1−2/p} (Σ_l |q·k_l|^p)^{2/p}. Raising to
+  p/2: A_qj = |q·k_j|^p / Σ_l |q·k_l|^p ≤ b_j(v) := σ_j(v)^{p/2} (Σ_l v_l)^{p/2−1}.
+  (At the fixed point σ^{p/2} = w and Σw = rank, which is the bound above.) One extra pass
+  computes b_j(v) at the final iterate v, and U = {j : b_j(v) ≥ ε}; |U| ≤ Σ_j b_j(v)/ε,
+  which the certificate reports. Only float64 rounding of σ remains, covered by a relative
+  allowance of ``ROUND_SLACK`` (scores are compared as b_j·(1 + ROUND_SLACK) ≥ ε).
 """
 
 from __future__ import annotations
@@ -45,6 +62,8 @@ DEFAULT_TOL = 1e-9
 DEFAULT_MAX_ITER = 200
 #: Candidates are collected during every pass down to e^{-COLLECT_SLACK} × the threshold.
 COLLECT_SLACK = 0.25
+#: Relative allowance for float64 rounding of the a-posteriori bound b_j(v) (damped runs).
+ROUND_SLACK = 1e-9
 
 
 class LewisConvergenceError(StreamattnError):
@@ -56,7 +75,51 @@ def bound_factor(p: float, rank: int) -> float:
     return 1.0 if p <= 2 else float(max(rank, 1)) ** (p / 2.0 - 1.0)
 
 
-def guarantee_text(p: float) -> str:
+def _scores_text(p: float, beta: float) -> str:
+    if beta != 1.0:
+        return "bound_j = sigma_j(v)^(p/2) (sum v)^(p/2-1), v the final weights"
+    return "bound_j = w_j" if p <= 2 else "bound_j = rank^(p/2-1) w_j"
+
+
+def _size_bound(
+    p: float, beta: float, rank: int, inflate: float, eps: float, factor: float,
+    res: dict[str, Any],
+) -> float:
+    """|U| <= sum_j bound_j / eps (damped: the certificate pass's sum, rounding allowed)."""
+    if beta != 1.0:
+        return factor * float(res["sum_weights"]) * (1.0 + ROUND_SLACK) / eps
+    return (rank if p <= 2 else rank ** (p / 2.0)) * inflate / eps
+
+
+def _no_convergence(
+    p: float, beta: float, c: float, history: list[float], tol: float, max_iter: int
+) -> str:
+    """The error of a run that did not reach ``tol``: which method, its rate, what to do."""
+    last = history[-1]
+    if beta == 1.0 and 0 < c < 1 and last > 0:
+        need = len(history) + math.log(last / tol) / math.log(1.0 / c)
+        why = (f"Cohen-Peng contracts only by c = |p/2 - 1| = {c:.3g} per pass, so about "
+               f"{need:.0f} passes are needed in all")
+    elif beta == 1.0:
+        why = f"Cohen-Peng's rate is c = |p/2 - 1| = {c:.3g}"
+    else:
+        why = (f"the damped fixed point (beta = {beta:.3g}, local rate (p-2)/(p+2) = {c:.3g}; "
+               "global convergence is not proved) did not settle")
+    return (
+        f"l_p Lewis weights (p = {p:g}) did not converge within max_iter = {max_iter} "
+        f"passes: last max |log change| = {last:.3g} > tol = {tol:g}; {why}. Raise max_iter "
+        "or tol."
+    )
+
+
+def guarantee_text(p: float, beta: float = 1.0) -> str:
+    if beta != 1.0:
+        return (
+            f"For f(x) = |x|^{p:g} attention, A_qj <= b_j(v) = sigma_j(v)^(p/2) (sum_l v_l)^"
+            "(p/2-1) for every query q and any positive weights v (Cauchy-Schwarz and Hoelder),"
+            " evaluated at the final iterate v: every key that any query weights >= eps is in"
+            " U, and |U| <= sum_j b_j(v)/eps."
+        )
     if p <= 2:
         return (
             f"For f(x) = |x|^{p:g} attention, A_qj = |q.k_j|^p / sum_l |q.k_l|^p <= w_j (l_p "
@@ -212,15 +275,29 @@ class LewisSet(Recipe[UniversalSet]):
                 converged = True
                 break
         if not converged:
-            raise LewisConvergenceError(
-                f"l_p Lewis weights (p = {p:g}) did not converge within max_iter = "
-                f"{max_iter} passes: last max |log change| = {history[-1]:.3g} > tol = "
-                f"{tol:g}. Raise max_iter or tol."
-            )
+            raise LewisConvergenceError(_no_convergence(p, beta, c, history, tol, max_iter))
         final = paths[k % 2]
-        margin = c * history[-1] / (1.0 - c)
         passes = k + 1
-        if res["overflow"] or margin > COLLECT_SLACK:
+        margin: float | None = None
+        if beta != 1.0:  # damped: certify by the a-posteriori bound b_j(v), one pass
+            g = float(res["sum_weights"]) ** (p / 2.0 - 1.0)
+            t_s = eps / (g * (1.0 + ROUND_SLACK))  # threshold on sigma_j(v)^(p/2)
+            cap = int(4 * max(rank, 1) ** (p / 2.0) / eps) + 16
+            while True:
+                res = yield from one_pass(
+                    LewisPassSpec(p, smap.w, weights_in=final, beta=1.0, collect=t_s,
+                                  cap=cap, affine=affine, rtol=rtol),
+                    "lewis certificate",
+                )
+                passes += 1
+                if not res["overflow"]:
+                    break
+                cap = int(res["count"]) + 1
+            factor = g
+            t_w = t_s
+        else:
+            margin = c * history[-1] / (1.0 - c)
+        if margin is not None and (res["overflow"] or margin > COLLECT_SLACK):
             res = yield from one_pass(
                 LewisPassSpec(
                     p,
@@ -234,7 +311,8 @@ class LewisSet(Recipe[UniversalSet]):
                 "lewis candidates",
             )
             passes += 1
-        keep = np.flatnonzero(res["weights"] * math.exp(margin) >= t_w)
+        inflate = math.exp(margin) if margin is not None else 1.0
+        keep = np.flatnonzero(res["weights"] * inflate >= t_w)
         scores = factor * res["weights"][keep]
         smap0 = first["scoring_map"]
         cert: dict[str, Any] = {
@@ -260,9 +338,15 @@ class LewisSet(Recipe[UniversalSet]):
                 "variant": variant,
                 "p": p,
                 "selected": int(keep.size),
-                "scores": "bound_j = w_j" if p <= 2 else "bound_j = rank^(p/2-1) w_j",
+                "scores": _scores_text(p, beta),
                 "bound_factor": factor,
                 "method": "cohen-peng" if beta == 1.0 else "damped fixed point",
+                "certified_by": "sup-norm contraction of Cohen-Peng: weights within "
+                "weights_log_error_bound in log" if beta == 1.0 else "a-posteriori bound "
+                "b_j(v) = sigma_j(v)^(p/2) (sum v)^(p/2-1) >= A_qj for every q, any v > 0 "
+                "(Cauchy-Schwarz + Hoelder; proof in streamattn.recipes.lp); no error "
+                "margin on the weights is claimed",
+                "round_slack": ROUND_SLACK if beta != 1.0 else 0.0,
                 "update": f"w <- w^(1-beta) * sigma(w)^(beta*p/2), beta = {beta:g}",
                 "beta": beta,
                 "contraction_factor": c,
@@ -276,8 +360,8 @@ class LewisSet(Recipe[UniversalSet]):
                 "sum_weights": res["sum_weights"],
                 "sum_weights_note": "sum_j w_j = rank at the fixed point",
                 "sum_scores_selected": float(scores.sum()),
-                "size_bound": (rank if p <= 2 else rank ** (p / 2.0)) * math.exp(margin) / eps,
-                "guarantee": guarantee_text(p),
+                "size_bound": _size_bound(p, beta, rank, inflate, eps, factor, res),
+                "guarantee": guarantee_text(p, beta),
                 "weights_path": None if own_dir else final,
                 "engine": ctx.engine,
             }

@@ -254,7 +254,8 @@ def plan_spec(
     dim = d + 1 if variant == "affine" else d
     if method == "online":
         c = online_oversampling(eps, delta, dim, parts)
-        return SamplerSpec(method, c, eps, delta, variant, seed, rtol=rtol, ridge=ridge)
+        return SamplerSpec(method, c, eps, delta, variant, seed, rtol=rtol, ridge=ridge,
+                           plan_rows=n)
     def c_for(rows: int) -> float:
         return merge_reduce_oversampling(eps, delta, dim, TreeShape.for_rows(max(n, 1), rows,
                                                                              fan_in))
@@ -266,7 +267,7 @@ def plan_spec(
             if new == b:
                 break
             b = new
-    return SamplerSpec(method, c_for(b), eps, delta, variant, seed, b, fan_in, rtol, ridge)
+    return SamplerSpec(method, c_for(b), eps, delta, variant, seed, b, fan_in, rtol, ridge, n)
 
 
 def _finish(res: dict[str, Any], factor: CentredFactorResult | None, rtol: float,
@@ -342,7 +343,7 @@ def leverage_sample(
     """
     check_sample_settings(eps, delta, method, variant, seed, leaf_rows, fan_in)
     source = src if isinstance(src, (KeySource, MultiHeadSource)) else open_source(
-        src, array=array, heads=heads
+        src, array=array, n_heads=heads
     )
     recipe = LeverageSampling(eps, delta, method, variant, seed, check=check,
                               leaf_rows=leaf_rows, fan_in=fan_in, rtol=rtol, ridge=ridge)

@@ -48,8 +48,9 @@ from streamattn.operators.ground_truth import (
 )
 from streamattn.operators.leverage import TopScores, TopScoresSpec
 from streamattn.recipes.universal import universal_set
+from streamattn.results import UniversalSet
 from streamattn.runner import FromPlan, Pass, Plan, run_pass, run_recipes
-from streamattn.sources import open_keys
+from streamattn.sources import open_key_source, open_keys
 
 SELECTORS = (
     "universal-threshold",
@@ -125,14 +126,16 @@ def rank_by_score(indices: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 def universal_threshold(source: Any, eps: float, variant: str = "plain", **run: Any) -> KeySet:
     """U_ε = {j : τ_j ≥ ε}, exact (its size is |U_ε| ≤ rank/ε, not a budget)."""
-    src = open_keys(source)
+    src = open_key_source(source)
     u = universal_set(src, eps, variant=variant, **run)
+    assert isinstance(u, UniversalSet)  # a single-head source gives one set
     return KeySet("universal-threshold", None, u.indices.astype(np.int64), src.n)
 
 
 def leverage_ranking(source: Any, budget: int, variant: str = "affine", **run: Any) -> np.ndarray:
     """The exact top-``budget`` keys by leverage, best first (ties: smaller index)."""
-    u = universal_set(source, budget=budget, variant=variant, **run)
+    u = universal_set(open_key_source(source), budget=budget, variant=variant, **run)
+    assert isinstance(u, UniversalSet)  # a single-head source gives one set
     return rank_by_score(u.indices, u.scores)
 
 

@@ -1,4 +1,4 @@
-"""Out-of-core solvers for attention kernel regressions (DESIGN 2.7).
+"""Out-of-core solvers for attention kernel regressions (docs/architecture.md, note 2.7).
 
 Problems (A ∈ R^{n×d} on disk, n ≫ d; Song, Yin et al., "Solving Attention Kernel
 Regression Problem via Pre-conditioner", arXiv 2308.14304):
@@ -8,7 +8,9 @@ Regression Problem via Pre-conditioner", arXiv 2308.14304):
 - :func:`attention_kernel`: x* = argmin ‖(exp(β AAᵀ) + λI) x − b‖₂, b ∈ R^n, exp entrywise.
 
 Every pass over A is a set of operators (``streamattn.operators.solve_ops``) run by
-``streamattn.engines.run_operators``, so the local and Dask engines give the same answer.
+the runner (``streamattn.runner.run_pass``: block size, memory budget, engine), so the local
+and Dask engines give the same answer; one engine session (e.g. one Dask cluster) serves
+every pass of a solve.
 
 Methods and what they guarantee (G = AᵀA, κ = cond(A), u = 2⁻⁵³):
 
@@ -53,7 +55,6 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from streamattn.engines import run_operators
 from streamattn.errors import ConfigError, InvalidInputError
 from streamattn.operators.protocol import Operator
 from streamattn.operators.solve_ops import (
@@ -70,6 +71,7 @@ from streamattn.operators.solve_ops import (
     TallSkinnyQR,
     TallSkinnyQRSpec,
 )
+from streamattn.runner import run_pass, session
 from streamattn.sources import KeySource, open_keys
 
 METHODS = ("direct", "sketch-precondition")
@@ -201,7 +203,7 @@ class _Passes:
 
     def run(self, source: KeySource, ops: Sequence[Operator], what: str) -> list[Operator]:
         self.count += 1
-        return run_operators(
+        return run_pass(
             source, ops, engine=self.engine, chunk_rows=self.chunk_rows,
             description=what, **self.options,
         )
@@ -537,11 +539,12 @@ def gram_power(
     >>> bool(np.allclose(np.linalg.matrix_power(a.T @ a, 2) @ res.x, 1.0))
     True
     """
-    return _solve_gram_family(
-        "gram-power", a, b, j, method=method, sketch=sketch, sketch_size=sketch_size,
-        seed=seed, tol=tol, max_iter=max_iter, compare=compare, verify=verify,
-        engine=engine, chunk_rows=chunk_rows, engine_options=engine_options,
-    )
+    with session(engine, **engine_options) as options:
+        return _solve_gram_family(
+            "gram-power", a, b, j, method=method, sketch=sketch, sketch_size=sketch_size,
+            seed=seed, tol=tol, max_iter=max_iter, compare=compare, verify=verify,
+            engine=engine, chunk_rows=chunk_rows, engine_options=options,
+        )
 
 
 def a_gram_power(
@@ -569,11 +572,12 @@ def a_gram_power(
     :func:`gram_power`; ``sketch-precondition`` solves j + 1 stages (Aᵀb is fused into
     the sketch pass). A full-column-rank A is required: x* = (AᵀA)^{-(j+1)} Aᵀb.
     """
-    return _solve_gram_family(
-        "a-gram-power", a, b, j, method=method, sketch=sketch, sketch_size=sketch_size,
-        seed=seed, tol=tol, max_iter=max_iter, compare=compare, verify=verify,
-        engine=engine, chunk_rows=chunk_rows, engine_options=engine_options,
-    )
+    with session(engine, **engine_options) as options:
+        return _solve_gram_family(
+            "a-gram-power", a, b, j, method=method, sketch=sketch, sketch_size=sketch_size,
+            seed=seed, tol=tol, max_iter=max_iter, compare=compare, verify=verify,
+            engine=engine, chunk_rows=chunk_rows, engine_options=options,
+        )
 
 
 # ---------------------------------------------------------------------- exp(β AAᵀ)
@@ -660,6 +664,19 @@ def attention_kernel(
     pass), O(rank) vectors of length n, two tiles of ``tile × tile`` float64 — see
     :func:`kernel_matvec_bound`. ``compare=True`` also runs plain CG.
     """
+    with session(engine, **engine_options) as options:
+        return _attention_kernel(
+            a, b, beta=beta, ridge=ridge, method=method, rank=rank, seed=seed, tol=tol,
+            max_iter=max_iter, compare=compare, verify=verify, tile=tile, engine=engine,
+            chunk_rows=chunk_rows, engine_options=options,
+        )
+
+
+def _attention_kernel(
+    a: Any, b: Any, *, beta: float, ridge: float, method: str, rank: int, seed: int,
+    tol: float, max_iter: int, compare: bool, verify: bool, tile: int, engine: str,
+    chunk_rows: int | None, engine_options: dict[str, Any],
+) -> SolveResult:
     if method not in KERNEL_METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {list(KERNEL_METHODS)}.")
     if not np.isfinite(beta) or beta <= 0:

@@ -33,7 +33,7 @@ from streamattn.recipes.selection import (
     SOFTMAX_NOTE,
     Selection,
 )
-from streamattn.results import UniversalSet, versions
+from streamattn.results import MultiHeadResult, UniversalSet, versions
 from streamattn.runner import Outcome, Pass, PassContext, Plan, Recipe, run_recipes
 from streamattn.sources import KeySource, open_keys
 
@@ -244,7 +244,7 @@ def universal_set(
     array: str | None = None,
     p: float = 2.0,
     **engine_options: Any,
-) -> UniversalSet:
+) -> UniversalSet | MultiHeadResult:
     """The LevAttention universal set of a key store, exactly, in bounded memory.
 
     Parameters
@@ -274,7 +274,8 @@ def universal_set(
     -------
     UniversalSet
         ``.indices`` sorted int64, ``.scores`` float64, ``.rows``, ``.values``,
-        ``.certificate``.
+        ``.certificate``; for a KV cache, a ``MultiHeadResult`` of them
+        (``result[layer, head]``).
 
     Examples
     --------
@@ -348,6 +349,8 @@ def _save_universal_sets(
                     "values": uset.values,
                 },
                 {"certificate": uset.certificate},
+                dims={"indices": ["rank"], "scores": ["rank"], "rows": ["rank", "dim"],
+                      "values": ["rank", "value_dim"]},
             )
         write_json_atomic(tmp / "report.json", report)
         if extra is not None:
@@ -363,6 +366,9 @@ def load_universal_set(out: Any, name: str) -> UniversalSet:
     try:
         group: Any = zarr.open_group(f"{out}/result.zarr", mode="r")[f"universal_set/{name}"]
     except (KeyError, FileNotFoundError) as exc:
+        head = _stacked_head(out, name)  # a KV cache's "<set>/layer_{l}/head_{h}"
+        if head is not None:
+            return head
         raise InvalidInputError(f"{out}: no universal set named {name!r} in result.zarr.") from exc
     arrays = {k: v[...] for k, v in group.arrays()}
     return UniversalSet(
@@ -372,3 +378,21 @@ def load_universal_set(out: Any, name: str) -> UniversalSet:
         arrays.get("values"),
         dict(group.attrs)["certificate"],
     )
+
+
+def _stacked_head(out: Any, name: str) -> UniversalSet | None:
+    """One head of a stacked cache selection (``streamattn.io.cache_outputs``), if present."""
+    import re
+
+    m = re.fullmatch(r"(.+)/layer_(\d+)/head_(\d+)", name)
+    if m is None:
+        return None
+    from streamattn.errors import InvalidInputError
+    from streamattn.io.cache_outputs import load_cache_selection
+
+    try:
+        res = load_cache_selection(out, m.group(1))
+        head: UniversalSet = res[int(m.group(2)), int(m.group(3))]
+        return head
+    except (InvalidInputError, KeyError):
+        return None

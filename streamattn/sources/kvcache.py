@@ -1,15 +1,21 @@
 """Whole KV caches: multi-layer, multi-head key stores read once for every head.
 
 A KV cache holds, per layer ``l`` and head ``h``, an ``n × d_head`` key matrix. Layouts
-opened by :func:`open_kv` (and by ``open_keys``, which hands them here):
+opened by :func:`open_kv` (and by ``open_keys``, which hands them here; the array layouts
+and torch/transformers adapters live in :mod:`streamattn.sources.cache_layout`):
 
-- a 4-D array ``(layers, heads, n, d)`` (numpy, ``.npy``, zarr array or a group's
-  ``keys`` array), or a 3-D array ``(heads, n, d)`` (one layer);
-- a 2-D array ``(n, heads·d_head)`` with a declared head split (``heads=8``: columns
-  ``[h·d_head, (h+1)·d_head)`` are head ``h``);
-- a zarr group with per-layer arrays ``keys/layer_{l}`` of shape ``(n, heads·d_head)``
-  (and optionally ``values/layer_{l}`` of shape ``(n, heads·d_v)``), the head count
-  declared by ``heads=`` or the group's ``heads`` attribute.
+- the documented zarr layout (docs/real-caches.md): per-layer arrays ``keys/layer_{l}``
+  ``(n, H_kv·hd)`` with attributes ``n_heads``, ``head_dim``, ``layer`` (any subset of
+  layers), optional ``queries/layer_{l}``, ``values/layer_{l}``, ``tokens/window``,
+  ``tokens/pos`` and the group attribute ``model``;
+- a 4-D array ``(layers, heads, n, d)`` or 5-D ``(batch, layers, heads, n, d)`` (numpy,
+  ``.npy``, zarr, dask, CPU torch), or a 3-D array ``(heads, n, d)`` (one layer);
+- a 2-D array ``(n, heads·d_head)`` split by a declared ``n_heads``;
+- a transformers cache: a tuple per layer of ``(k, v)`` tensors
+  ``(batch, kv_heads, seq, head_dim)``, or a ``DynamicCache``.
+
+``layers=`` / ``heads=`` choose real layer and KV-head indices (only their arrays and
+columns are read); values are read only with ``values=True``.
 
 :class:`MultiHeadSource` yields ``Block(start, rows)`` with ``rows`` of shape
 ``(r, layers, heads, d)``: each block of rows is read once — one read of the 4-D/2-D
@@ -21,7 +27,7 @@ cache without knowing about heads.
 
 from __future__ import annotations
 
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,15 @@ import numpy as np
 
 from streamattn.errors import ConfigError, InvalidInputError
 from streamattn.io.safety import register_input
+from streamattn.masks import Segments
+from streamattn.sources.cache_layout import (
+    Part,
+    part_of_array,
+    part_of_layer_arrays,
+    part_of_tensors,
+    transformers_entries,
+    zarr_layer_arrays,
+)
 from streamattn.sources.chunkfiles import ChunkFiles, missing_chunk_message
 from streamattn.sources.keys import (
     DEFAULT_BLOCK_ROWS,
@@ -37,136 +52,8 @@ from streamattn.sources.keys import (
     Block,
     BlockStream,
     KeySource,
-    _check_float_array,
     _chunk_rows_of,
 )
-
-LAYER_NAME = re.compile(r"^layer_(\d+)$")
-
-
-# ---------------------------------------------------------------------------- layouts
-@dataclass(frozen=True)
-class _Part:
-    """The key (or value) arrays of a cache in one layout.
-
-    ``layout`` is ``"lhnd"`` (one 4-D array), ``"hnd"`` (one 3-D array), ``"split"`` (one
-    2-D array ``(n, heads·d)``) or ``"layers"`` (one 2-D array per layer).
-    """
-
-    arrays: tuple[Any, ...]
-    layout: str
-    layers: int
-    heads: int
-    n: int
-    d: int
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` as an ``(r, layers, heads, d)`` view of an
-        ``(layers, heads, r, d)`` buffer (each head's rows contiguous)."""
-        r = stop - start
-        if self.layout == "lhnd":
-            buf = _compute(self.arrays[0][:, :, start:stop])
-        elif self.layout == "hnd":
-            buf = _compute(self.arrays[0][:, start:stop])[None]
-        else:
-            parts = [_compute(arr[start:stop]) for arr in self.arrays]
-            buf = np.empty((self.layers, self.heads, r, self.d), dtype=parts[0].dtype)
-            for layer, x in enumerate(parts):
-                if x.shape[0] != r:
-                    buf = x  # reported as a truncated read below
-                    break
-                buf[layer] = x.reshape(r, self.heads, self.d).transpose(1, 0, 2)
-        if buf.ndim != 4 or buf.shape[2] != r:
-            got = buf.shape[2] if buf.ndim == 4 else buf.shape[0]
-            raise InvalidInputError(
-                f"reading rows [{start}, {stop}) returned {got} rows; the store changed or "
-                "is truncated."
-            )
-        return buf.transpose(2, 0, 1, 3)
-
-    def shapes(self) -> tuple[int, ...]:
-        return (self.n, self.layers, self.heads, self.d)
-
-
-def _compute(x: Any) -> np.ndarray:
-    if type(x).__module__.startswith("dask."):
-        x = x.compute()
-    return np.asarray(x)
-
-
-def _split_width(width: int, heads: int | None, label: str) -> int:
-    if heads is None:
-        raise ConfigError(
-            f"{label}: a 2-D key array of width {width} needs a declared head count to be "
-            "read as a KV cache (heads: H in the input config, heads=H in Python)."
-        )
-    if isinstance(heads, bool) or not isinstance(heads, (int, np.integer)) or heads < 1:
-        raise ConfigError(f"{label}: heads must be an integer >= 1, got {heads!r}.")
-    if width % heads:
-        raise ConfigError(
-            f"{label}: heads = {heads} does not divide the key width {width} "
-            f"({width} / {heads} = {width / heads:g}); each head needs d_head = width / heads "
-            "columns. Check the heads setting."
-        )
-    return width // heads
-
-
-def _part_of_array(arr: Any, heads: int | None, label: str) -> _Part:
-    shape = tuple(int(s) for s in arr.shape)
-    _check_float_array(arr, label)
-    if len(shape) == 4:
-        layers, h, n, d = shape
-        if heads is not None and heads != h:
-            raise ConfigError(f"{label}: heads = {heads} declared, but the array has {h} heads.")
-        return _Part((arr,), "lhnd", layers, h, n, d)
-    if len(shape) == 3:
-        h, n, d = shape
-        if heads is not None and heads != h:
-            raise ConfigError(f"{label}: heads = {heads} declared, but the array has {h} heads.")
-        return _Part((arr,), "hnd", 1, h, n, d)
-    if len(shape) == 2:
-        n, width = shape
-        return _Part((arr,), "split", 1, int(heads or 0), n, _split_width(width, heads, label))
-    raise InvalidInputError(
-        f"{label}: a KV cache is (layers, heads, n, d), (heads, n, d) or (n, heads*d) with "
-        f"declared heads; got shape {shape}."
-    )
-
-
-def _part_of_layers(group: Any, heads: int | None, label: str) -> _Part:
-    """Per-layer arrays ``layer_0 .. layer_{L-1}`` of one zarr group."""
-    import zarr
-
-    members = dict(group.members())
-    names = sorted(members, key=lambda k: int(m.group(1)) if (m := LAYER_NAME.match(k)) else -1)
-    if not names or any(not LAYER_NAME.match(k) for k in names):
-        raise InvalidInputError(
-            f"{label}: expected arrays named layer_0, layer_1, ...; found {sorted(members)}."
-        )
-    if [int(LAYER_NAME.match(k).group(1)) for k in names] != list(range(len(names))):  # type: ignore[union-attr]
-        raise InvalidInputError(f"{label}: layer arrays must be layer_0 .. layer_{{L-1}}; "
-                                f"found {names}.")
-    arrays = [members[k] for k in names]
-    if not all(isinstance(a, zarr.Array) for a in arrays):
-        raise InvalidInputError(f"{label}: every layer_{{l}} must be an array.")
-    dtypes = {k: str(a.dtype) for k, a in zip(names, arrays, strict=True)}
-    if len(set(dtypes.values())) > 1:
-        listing = ", ".join(f"{k}: {v}" for k, v in dtypes.items())
-        raise InvalidInputError(
-            f"{label}: mixed dtypes across layers ({listing}); every layer must have one "
-            "dtype so all heads stream with the same precision. Convert the odd layers."
-        )
-    shapes = {k: tuple(int(s) for s in a.shape) for k, a in zip(names, arrays, strict=True)}
-    if len(set(shapes.values())) > 1:
-        listing = ", ".join(f"{k}: {v}" for k, v in shapes.items())
-        raise InvalidInputError(f"{label}: layers differ in shape ({listing}).")
-    for k, a in zip(names, arrays, strict=True):
-        _check_float_array(a, f"{label}/{k}")
-        if a.ndim != 2:
-            raise InvalidInputError(f"{label}/{k}: expected (n, heads*d_head), got {a.shape}.")
-    n, width = shapes[names[0]]
-    d = _split_width(width, heads, label)
-    return _Part(tuple(arrays), "layers", len(arrays), int(heads), n, d)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------- the source
@@ -191,62 +78,87 @@ class HeadView:
         return self.source.dtype
 
     def describe(self) -> dict[str, Any]:
-        return {**self.source.describe(), "layer": self.layer, "head": self.head}
+        """The cache's description with this head's real layer and head index."""
+        return {**self.source.describe(), "layer": self.source.layer_ids[self.layer],
+                "head": self.source.head_ids[self.head]}
 
 
 class MultiHeadSource(BlockStream):
-    """A validated, read-only KV cache streamed in row blocks for all heads at once.
+    """A validated, read-only KV cache streamed in row blocks for all chosen heads at once.
 
-    Attributes: ``n`` rows, ``d`` = d_head, ``layers``, ``heads``, ``dtype``, ``label``,
-    ``path``, ``array_name``, ``layout``. Blocks carry ``rows`` of shape
-    ``(r, layers, heads, d)`` (and ``values`` ``(r, layers, heads, d_v)`` when present).
+    Attributes: ``n`` rows, ``d`` = d_head, ``layers`` / ``heads`` (how many are chosen),
+    ``layer_ids`` / ``head_ids`` (their real indices), ``dtype``, ``label``, ``path``,
+    ``array_name``, ``layout``, ``model`` (the store's ``model`` attributes), ``segments``
+    (``streamattn.masks.Segments`` from ``tokens/window``), ``queries`` (a
+    ``cache_layout.Part`` of ``queries/layer_{l}``, or None). Blocks carry ``rows`` of shape
+    ``(r, layers, heads, d)`` (and ``values`` ``(r, layers, heads, d_v)`` when values were
+    asked for).
     """
 
     def __init__(
         self,
-        keys: _Part,
+        keys: Part,
         *,
-        values: _Part | None = None,
+        values: Part | None = None,
         label: str,
         path: str | None = None,
         array_name: str | None = None,
+        model: dict[str, Any] | None = None,
+        segments: Segments | None = None,
+        queries: Part | None = None,
+        reopen: dict[str, Any] | None = None,
         fill_missing: bool = False,
     ) -> None:
         if keys.n == 0:
             raise InvalidInputError(f"{label}: the cache has n = 0 rows; nothing to do.")
         if keys.d == 0:
             raise InvalidInputError(f"{label}: the cache has d_head = 0 columns.")
-        if values is not None and (values.n, values.layers, values.heads) != (
-            keys.n,
-            keys.layers,
-            keys.heads,
-        ):
+        for what, part in (("values", values), ("queries", queries)):
+            if part is not None and (part.n, part.layer_ids) != (keys.n, keys.layer_ids):
+                raise InvalidInputError(
+                    f"{label}: {what} {part.shapes()} (layers {list(part.layer_ids)}) do not "
+                    f"match keys {keys.shapes()} (layers {list(keys.layer_ids)}); the same n "
+                    "and layers are needed."
+                )
+        if values is not None and values.head_ids != keys.head_ids:
             raise InvalidInputError(
-                f"{label}: values {values.shapes()} do not match keys {keys.shapes()} "
-                "(same n, layers and heads needed)."
+                f"{label}: values have heads {list(values.head_ids)}, keys "
+                f"{list(keys.head_ids)}; each KV head needs its value columns."
+            )
+        if segments is not None and segments.n != keys.n:
+            raise InvalidInputError(
+                f"{label}: tokens cover {segments.n} rows, the keys have n = {keys.n}."
             )
         self._keys = keys
         self._values = values
+        self.queries = queries
         self.label = label
         self.path = path
         self.array_name = array_name
+        self.model = dict(model or {})
+        self.segments = segments or Segments.single(keys.n)
+        #: how ``current_shape`` (and workers) reopen this cache: open_kv keyword options
+        self.reopen = dict(reopen or {})
         self.layout = f"kv-{keys.layout}-{keys.layers}x{keys.heads}"
-        #: True when the head split comes from a ``heads`` setting, not from the store.
-        self.declared = keys.layout == "split"
+        #: True when the head split comes from an ``n_heads`` setting, not from the store.
+        self.declared = reopen is not None and reopen.get("n_heads") is not None
+        #: True when only some layers or heads are read (workers reopen every head).
+        self.subset = not keys.full or keys.layers != len(keys.layer_ids) or bool(
+            reopen and (reopen.get("layers") is not None or reopen.get("heads") is not None)
+        )
         self.n, self.d = keys.n, keys.d
         self.layers, self.heads = keys.layers, keys.heads
-        self.dtype = np.dtype(keys.arrays[0].dtype)
-        self.storage_chunk_rows = _chunk_rows_of(keys.arrays[0]) if keys.layout in (
-            "split",
-            "layers",
-        ) else None
+        self.layer_ids, self.head_ids = keys.layer_ids, keys.head_ids
+        self.n_heads_total = keys.n_heads_total
+        self.dtype = keys.dtype
+        self.storage_chunk_rows = _chunk_rows_of(keys.arrays[0]) if keys.layout == "layers" \
+            else None
         self.fill_missing = bool(fill_missing)
-        axis = {"lhnd": 2, "hnd": 1}.get(keys.layout, 0)
         self._files = [
             (files, what)
             for part, what in ((keys, "key"), (values, "value"))
             if part is not None
-            for files in (ChunkFiles.of(a, axis) for a in part.arrays)
+            for files in (ChunkFiles.of(a, part.row_axis) for a in part.arrays)
             if files is not None
         ]
         if not self.fill_missing:
@@ -266,6 +178,11 @@ class MultiHeadSource(BlockStream):
         if self.path is not None and Path(self.path).is_file():
             return [self.path]
         return None
+
+    @property
+    def values_dim(self) -> int:
+        return 0 if self._values is None else self._values.d
+
 
     def head(self, layer: int, head: int) -> HeadView:
         return HeadView(self, layer, head)
@@ -292,20 +209,27 @@ class MultiHeadSource(BlockStream):
             "d_head": self.d,
             "layers": self.layers,
             "heads": self.heads,
+            "layer_ids": list(self.layer_ids),
+            "head_ids": list(self.head_ids),
+            "n_heads_total": self.n_heads_total,
             "layout": self._keys.layout,
             "dtype": str(self.dtype),
             "storage_chunk_rows": self.storage_chunk_rows,
             "has_values": self._values is not None,
+            "values_dim": self.values_dim,
+            "query_heads": None if self.queries is None else self.queries.n_heads_total,
+            "segments": int(self.segments.starts.size),
+            "model": self.model,
         }
 
     def current_shape(self) -> tuple[int, ...]:
         """``(n, layers, heads, d)`` as the store is on disk now (reopened)."""
         if self.path is None:
             return self._keys.shapes()
-        return open_kv(self.path, array=self.array_name, heads=self.heads)._keys.shapes()
+        return open_kv(self.path, array=self.array_name, **self.reopen)._keys.shapes()
 
     # -- reading -------------------------------------------------------------------
-    def _read(self, part: _Part, start: int, stop: int, what: str) -> np.ndarray:
+    def _read(self, part: Part, start: int, stop: int, what: str) -> np.ndarray:
         try:
             rows = part.read(start, stop)
         except InvalidInputError as exc:
@@ -321,7 +245,8 @@ class MultiHeadSource(BlockStream):
         if bad.any():
             r, layer, head = np.argwhere(bad.any(axis=3))[0]
             raise InvalidInputError(
-                f"{self.label}: {what} row {start + int(r)} (layer {layer}, head {head}) "
+                f"{self.label}: {what} row {start + int(r)} (layer "
+                f"{part.layer_ids[layer]}, head {part.head_ids[head]}) "
                 "contains NaN or Inf; every value must be finite."
             )
         return rows
@@ -348,14 +273,18 @@ def _zarr_node(path: Path) -> Any:
 def is_multihead(path_or_array: Any, array: str | None = None) -> bool:
     """Whether ``open_keys`` should hand this input to :func:`open_kv`.
 
-    True for a :class:`MultiHeadSource`, a 4-D array (in memory, ``.npy``, zarr) and a
-    zarr group whose key entry is a group of per-layer arrays. A 3-D array is ambiguous
-    and stays an error for ``open_keys``; open it with ``open_kv`` as (heads, n, d).
+    True for a :class:`MultiHeadSource`, a transformers cache (tuple per layer of
+    ``(k, v)``, ``DynamicCache``), a 4-D/5-D array or tensor (in memory, ``.npy``, zarr)
+    and a zarr group whose key entry is a group of per-layer arrays. A 3-D array is
+    ambiguous and stays an error for ``open_keys``; open it with ``open_kv`` as
+    (heads, n, d).
     """
     if isinstance(path_or_array, MultiHeadSource):
         return True
     if isinstance(path_or_array, KeySource):
         return False
+    if transformers_entries(path_or_array) is not None:
+        return True
     if isinstance(path_or_array, (str, Path)):
         path = Path(path_or_array)
         if not path.exists():
@@ -364,7 +293,7 @@ def is_multihead(path_or_array: Any, array: str | None = None) -> bool:
             if path.suffix != ".npy":
                 return False
             try:
-                return np.load(path, mmap_mode="r", allow_pickle=False).ndim == 4
+                return np.load(path, mmap_mode="r", allow_pickle=False).ndim in (4, 5)
             except Exception:
                 return False
         import zarr
@@ -380,52 +309,113 @@ def is_multihead(path_or_array: Any, array: str | None = None) -> bool:
             node = node[name]
             if isinstance(node, zarr.Group):
                 return True
-        return len(node.shape) == 4
+        return len(node.shape) in (4, 5)
     shape = getattr(path_or_array, "shape", None)
-    return shape is not None and len(shape) == 4
+    return shape is not None and len(shape) in (4, 5)
 
 
-def open_kv(path_or_array: Any, *, heads: int | None = None, array: str | None = None,
-            fill_missing: bool = False) -> MultiHeadSource:
-    """Open a KV cache read-only (see the module docstring for the layouts).
+def _check_subset_args(heads: Any, n_heads: Any) -> None:
+    if heads is not None and isinstance(heads, (int, np.integer)) and not isinstance(heads, bool):
+        raise ConfigError(
+            f"heads = {heads!r}: heads is a list of head indices to read (e.g. heads=[0, 2]; "
+            "CLI --heads 0,2); the head count of a 2-D (n, H*d) array is n_heads=H "
+            "(CLI --n-heads H)."
+        )
+
+
+def _read_tokens(root: Any, n: int, label: str) -> Segments:
+    """Segments from ``tokens/window`` and ``tokens/pos`` (both optional)."""
+    import zarr
+
+    if "tokens" not in root or not isinstance(root["tokens"], zarr.Group):
+        return Segments.single(n)
+    tok: Any = root["tokens"]
+    window = np.asarray(tok["window"][...]) if "window" in tok else None
+    pos = np.asarray(tok["pos"][...]) if "pos" in tok else None
+    return Segments.from_tokens(window, pos, n, f"{label}/tokens")
+
+
+def open_kv(
+    path_or_array: Any,
+    *,
+    n_heads: int | None = None,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    query_heads: Sequence[int] | None = None,
+    values: bool = False,
+    batch: int | None = None,
+    array: str | None = None,
+    fill_missing: bool = False,
+) -> MultiHeadSource:
+    """Open a KV cache read-only, as it comes (layout: docs/real-caches.md).
 
     Parameters
     ----------
     path_or_array
-        A path (``.npy``, zarr array, zarr group) or an in-memory numpy/dask/zarr array.
-    heads
-        The head count: required for 2-D arrays and per-layer groups without a ``heads``
-        attribute; checked against 3-D/4-D arrays.
+        A path (``.npy``, zarr array, zarr group in the cache layout), an in-memory numpy /
+        dask / zarr array or CPU torch tensor (``(L, H, n, d)``, ``(B, L, H, n, d)``,
+        ``(H, n, d)`` or ``(n, H·d)``), or a transformers cache (a tuple per layer of
+        ``(k, v)`` tensors ``(batch, kv_heads, seq, head_dim)``, or a ``DynamicCache``).
+    n_heads
+        The head count of a 2-D ``(n, H·d)`` array; per-layer zarr arrays carry it as their
+        ``n_heads`` attribute (or the legacy group attribute ``heads``).
+    layers, heads
+        Real layer indices and KV-head indices to read (None: all). Only those arrays and
+        columns are read.
+    query_heads
+        Query heads of ``queries/layer_{l}`` to attach (None: all; only ``evaluate`` reads
+        them).
+    values
+        Also stream ``values/layer_{l}`` (or the transformers values); False reads keys
+        only.
+    batch
+        The sequence of a batched input (5-D arrays, transformers tensors); needed when
+        the batch axis is longer than 1.
     array
-        The key entry of a zarr group (default ``"keys"``: an array or a group of
-        ``layer_{l}`` arrays).
+        The key entry of a zarr group (default ``"keys"``).
     fill_missing
         Read missing zarr chunk files as the fill value instead of refusing the store.
 
     Examples
     --------
     >>> import numpy as np
-    >>> src = open_kv(np.zeros((10, 8), dtype=np.float32) + 1, heads=2)
+    >>> src = open_kv(np.zeros((10, 8), dtype=np.float32) + 1, n_heads=2)
     >>> (src.layers, src.heads, src.n, src.d)
     (1, 2, 10, 4)
+    >>> open_kv(np.ones((4, 2, 10, 3), dtype=np.float32), layers=[1, 3]).layer_ids
+    (1, 3)
     """
+    _check_subset_args(heads, n_heads)
+    reopen = {"n_heads": n_heads, "layers": layers, "heads": heads, "values": values,
+              "batch": batch}
+    pick = {"layers": layers, "heads": heads}
     if isinstance(path_or_array, MultiHeadSource):
         return path_or_array
     if isinstance(path_or_array, KeySource):
         return MultiHeadSource(
-            _part_of_array(path_or_array.keys, heads, path_or_array.label),
+            part_of_array(path_or_array.keys, n_heads=n_heads, batch=batch,
+                          label=path_or_array.label, **pick),
             label=path_or_array.label,
             path=path_or_array.path,
             array_name=path_or_array.array_name,
+            reopen=reopen,
         )
+    entries = transformers_entries(path_or_array)
+    if entries is not None:
+        label = f"<{type(path_or_array).__name__} cache>"
+        keys = part_of_tensors(entries[0], batch=batch, label=label, **pick)
+        vals = part_of_tensors(entries[1], batch=batch, label=f"{label} values",
+                               **pick) if values else None
+        return MultiHeadSource(keys, values=vals, label=label, reopen=reopen)
     if not isinstance(path_or_array, (str, Path)):
         if not hasattr(path_or_array, "shape") or not hasattr(path_or_array, "dtype"):
             raise InvalidInputError(
-                f"cannot open {type(path_or_array).__name__} as a KV cache: pass a path or "
-                "an array."
+                f"cannot open {type(path_or_array).__name__} as a KV cache: pass a path, an "
+                "array or tensor, or a transformers cache."
             )
         label = f"<{type(path_or_array).__name__}>"
-        return MultiHeadSource(_part_of_array(path_or_array, heads, label), label=label)
+        part = part_of_array(path_or_array, n_heads=n_heads, batch=batch, label=label, **pick)
+        return MultiHeadSource(part, label=label, reopen=reopen)
     path = Path(path_or_array)
     label = str(path)
     if not path.exists():
@@ -438,41 +428,59 @@ def open_kv(path_or_array: Any, *, heads: int | None = None, array: str | None =
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as exc:  # truncated, object dtype (needs pickle), not an .npy
             raise InvalidInputError(f"{label}: cannot read as .npy: {exc}") from exc
-        return MultiHeadSource(_part_of_array(arr, heads, label), label=label, path=label)
+        part = part_of_array(arr, n_heads=n_heads, batch=batch, label=label, **pick)
+        return MultiHeadSource(part, label=label, path=label, reopen=reopen)
     import zarr
 
-    fill: dict[str, Any] = {"fill_missing": fill_missing}
+    reopen["fill_missing"] = fill_missing
     node = _zarr_node(path)
     if isinstance(node, zarr.Array):
-        return MultiHeadSource(_part_of_array(node, heads, label), label=label, path=label,
-                               **fill)
+        part = part_of_array(node, n_heads=n_heads, batch=batch, label=label, **pick)
+        return MultiHeadSource(part, label=label, path=label, reopen=reopen,
+                               fill_missing=fill_missing)
     name = array or "keys"
     if name not in node:
         raise InvalidInputError(f"{label}: zarr group has no {name!r} entry.")
     entry = node[name]
     where = f"{label}[{name}]"
     if isinstance(entry, zarr.Array):
-        return MultiHeadSource(
-            _part_of_array(entry, heads, where), label=where, path=label, array_name=name,
-            **fill,
-        )
-    if heads is None:
-        heads = _declared_heads(entry, node, where)
-    keys = _part_of_layers(entry, heads, where)
-    values = None
-    if name == "keys" and "values" in node and isinstance(node["values"], zarr.Group):
-        values = _part_of_layers(node["values"], keys.heads, f"{label}[values]")
-    return MultiHeadSource(keys, values=values, label=where, path=label, array_name=name, **fill)
+        part = part_of_array(entry, n_heads=n_heads, batch=batch, label=where, **pick)
+        return MultiHeadSource(part, label=where, path=label, array_name=name, reopen=reopen,
+                               fill_missing=fill_missing)
+    legacy = _declared_heads(entry, node, where)
+
+    def layered(group: Any, what: str, count: int | None, chosen: Any) -> Part:
+        arrays, attrs, names = zarr_layer_arrays(group, f"{label}[{what}]")
+        if count is None and legacy is not None and all("n_heads" not in a
+                                                        for a in attrs.values()):
+            count = int(legacy)
+        return part_of_layer_arrays(arrays, n_heads=count, layers=layers, heads=chosen,
+                                    label=f"{label}[{what}]", attrs=attrs, names=names)
+
+    keys = layered(entry, name, n_heads, heads)
+    vals = qs = None
+    if name == "keys" and values and "values" in node and isinstance(node["values"],
+                                                                       zarr.Group):
+        vals = layered(node["values"], "values", keys.n_heads_total, heads)
+    if name == "keys" and "queries" in node and isinstance(node["queries"], zarr.Group):
+        qs = layered(node["queries"], "queries", None, query_heads)
+    model = dict(node.attrs).get("model")
+    return MultiHeadSource(
+        keys, values=vals, label=where, path=label, array_name=name,
+        model=model if isinstance(model, dict) else None,
+        segments=_read_tokens(node, keys.n, label), queries=qs, reopen=reopen,
+        fill_missing=fill_missing,
+    )
 
 
 def _declared_heads(entry: Any, node: Any, where: str) -> int | None:
-    """The ``heads`` attribute of a per-layer group (or its parent): a whole number >= 1."""
+    """The legacy ``heads`` attribute of a per-layer group (or its parent): an int >= 1."""
     declared = dict(entry.attrs).get("heads", dict(node.attrs).get("heads"))
     if declared is None:
         return None
     if isinstance(declared, bool) or not isinstance(declared, int) or declared < 1:
         raise InvalidInputError(
             f"{where}: the 'heads' attribute must be a whole number >= 1, got {declared!r}; "
-            "fix the attribute or declare the head count (heads: H / --heads H)."
+            "fix the attribute or declare the head count (n_heads: H / --n-heads H)."
         )
     return declared

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
+from streamattn.errors import InvalidInputError, StreamattnError
+from streamattn.sources.cache_layout import TorchArray, is_torch
 from streamattn.sources.keys import KeySource, check_array_name, open_key_source
 from streamattn.sources.kvcache import MultiHeadSource, is_multihead, open_kv
 
@@ -39,18 +43,61 @@ def open_keys(path_or_array: Any, array: str | None = None, *, fill_missing: boo
         return path_or_array
     if array is not None:
         check_array_name(array)
-    if is_multihead(path_or_array, array):
-        return open_kv(path_or_array, array=array, fill_missing=fill_missing)
-    return open_key_source(path_or_array, array, fill_missing=fill_missing)
+
+    def open_it() -> Any:
+        if is_multihead(path_or_array, array):
+            return open_kv(path_or_array, array=array, fill_missing=fill_missing)
+        if is_torch(path_or_array):  # CPU tensors of any float dtype, upcast block by block
+            return open_key_source(TorchArray(path_or_array, "<Tensor>"), array,
+                                   fill_missing=fill_missing)
+        return open_key_source(path_or_array, array, fill_missing=fill_missing)
+
+    return _at_the_boundary(path_or_array, open_it)
+
+
+T = TypeVar("T")
+
+
+def _at_the_boundary(path_or_array: Any, fn: Callable[[], T]) -> T:
+    """Run an open; an OS or metadata error on a path becomes one clear InvalidInputError.
+
+    Unreadable metadata (a ``zarr.json`` without read permission, a data type zarr does not
+    know, a corrupt ``.npy`` header) surfaces from zarr/numpy as OSError, ValueError,
+    TypeError or KeyError; the user gets the path and the cause, never a traceback.
+    """
+    try:
+        return fn()
+    except StreamattnError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        if not isinstance(path_or_array, (str, os.PathLike)):
+            raise
+        raise InvalidInputError(
+            f"{os.fspath(path_or_array)}: cannot be opened as a key store "
+            f"({type(exc).__name__}: {exc}). Check its metadata (zarr.json / .zarray / .npy "
+            "header), its data type (float16/32/64) and its read permissions."
+        ) from exc
 
 
 def open_source(
-    path_or_array: Any, *, array: str | None = None, heads: int | None = None,
+    path_or_array: Any,
+    *,
+    array: str | None = None,
+    n_heads: int | None = None,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    batch: int | None = None,
     fill_missing: bool = False,
 ) -> KeySource | MultiHeadSource:
-    """``open_kv`` when ``heads`` is declared or the input is a cache, else ``open_keys``."""
-    if heads is not None:
-        return open_kv(path_or_array, heads=heads, array=array, fill_missing=fill_missing)
+    """``open_kv`` when a cache option is given or the input is a cache, else ``open_keys``."""
+    if any(v is not None for v in (n_heads, layers, heads, batch)):
+        if array is not None:
+            check_array_name(array)
+        return _at_the_boundary(
+            path_or_array,
+            lambda: open_kv(path_or_array, array=array, fill_missing=fill_missing,
+                            n_heads=n_heads, layers=layers, heads=heads, batch=batch),
+        )
     out: KeySource | MultiHeadSource = open_keys(path_or_array, array=array,
                                                  fill_missing=fill_missing)
     return out

@@ -1,0 +1,122 @@
+"""Before/after: the one-pass universal set of a baseline package against this checkout.
+
+Side by side in one run, each configuration in a fresh process (``streamattn.bench``):
+the zarr chunk loop and the parallel raw read of the same store, then ``uset-plain`` and
+``uset-affine`` with the baseline package first on ``PYTHONPATH`` and with this checkout.
+Ratios are to the loop / parallel read measured in the same run.
+
+    git archive main streamattn | tar -x -C /tmp/base
+    python scripts/bench_compare.py --baseline /tmp/base --log2n 20 --d 128 64
+
+Writes results.json and results.md to ``--out`` (default: a fresh runs/bench-<UTC time>).
+
+``--fold-only``: instead, the operator alone in this process on the same in-memory
+float32 blocks (65536 rows), the baseline's ``operators/leverage.py`` loaded beside this
+checkout's and the two alternated (fastest of ``--repeat``): no I/O, no process start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamattn.bench import (
+    ensure_bench_store,
+    format_row,
+    fresh_run_dir,
+    measure,
+    target_check,
+    write_results,
+)
+
+PLAN = [("zarr-loop", "-"), ("parallel-read", "-"), ("uset-plain", "baseline"),
+        ("uset-plain", "this"), ("uset-affine", "baseline"), ("uset-affine", "this")]
+
+
+def fold_only(baseline: Path, n: int, dims: list[int], repeat: int) -> None:
+    """Baseline vs this checkout's LeverageScores on the same blocks, alternated."""
+    import streamattn.operators.leverage as this
+    from streamattn.sources import Block
+
+    spec = importlib.util.spec_from_file_location(
+        "baseline_leverage", baseline / "streamattn" / "operators" / "leverage.py"
+    )
+    assert spec is not None and spec.loader is not None
+    base = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = base
+    spec.loader.exec_module(base)
+    for d in dims:
+        x = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
+        for affine in (False, True):
+            best = {"baseline": np.inf, "this": np.inf}
+            for _ in range(repeat):
+                for name, mod in (("baseline", base), ("this", this)):
+                    op = mod.LeverageScores(mod.LeverageSpec(0.01, affine))
+                    t0 = time.perf_counter()
+                    for a in range(0, n, 65536):
+                        op.update(Block(a, x[a : a + 65536]))
+                    op.result()
+                    best[name] = min(best[name], time.perf_counter() - t0)
+            print(f"n=2^{n.bit_length() - 1} d={d} {'affine' if affine else 'plain'}: "
+                  f"baseline {best['baseline']:.2f} s, this {best['this']:.2f} s, "
+                  f"speed-up {best['baseline'] / best['this']:.1f}x", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--baseline", required=True, help="directory holding a streamattn/")
+    parser.add_argument("--log2n", type=int, default=20)
+    parser.add_argument("--d", type=int, nargs="+", default=[128, 64])
+    parser.add_argument("--repeat", type=int, default=2, help="runs per configuration (min)")
+    parser.add_argument("--data-dir", default="data/bench")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--fold-only", action="store_true",
+                        help="time the operator alone, in this process (no I/O)")
+    args = parser.parse_args()
+    n = 2**args.log2n
+    if args.fold_only:
+        fold_only(Path(args.baseline), n, args.d, args.repeat)
+        return 0
+    rows: list[dict[str, Any]] = []
+    saved = os.environ.pop("PYTHONPATH", None)
+    try:
+        for d in args.d:
+            path = ensure_bench_store(Path(args.data_dir), n, d, "none")
+            base: dict[str, float] = {}
+            for kind, code in PLAN:
+                if code == "baseline":
+                    os.environ["PYTHONPATH"] = str(Path(args.baseline).resolve())
+                res = measure(kind, path, args.repeat)
+                os.environ.pop("PYTHONPATH", None)
+                row: dict[str, Any] = {"n": n, "d": d, "compressor": "none",
+                                       "config": kind if code == "-" else f"{kind} ({code})",
+                                       **res}
+                if res.get("status") == "ok":
+                    sec = res["seconds"]
+                    base.setdefault(kind, sec)
+                    row["rows_per_s"], row["gb_per_s"] = n / sec, n * d * 4 / sec / 1e9
+                    row["ratio_to_zarr_loop"] = sec / base["zarr-loop"]
+                    if "parallel-read" in base:
+                        row["ratio_to_parallel_read"] = sec / base["parallel-read"]
+                    row.update(target_check(kind, row))
+                rows.append(row)
+                print(format_row(row), flush=True)
+    finally:
+        if saved is not None:
+            os.environ["PYTHONPATH"] = saved
+    out = Path(args.out) if args.out else fresh_run_dir(Path("runs"))
+    command = "python scripts/bench_compare.py " + " ".join(sys.argv[1:])
+    write_results(out, rows, {"command": command, "repeat": args.repeat})
+    print(f"wrote {out}/results.json and results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
