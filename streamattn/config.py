@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -244,7 +245,7 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def load_yaml_config(cls: type, path: str | Path | None) -> Any:
+def load_yaml_config(cls: type, path: str | os.PathLike[str] | None) -> Any:
     """Read a YAML config into dataclass ``cls`` (``None``: its defaults), validated.
 
     Errors name the file and the dotted key; ``cls`` must have a ``check()`` method.

@@ -72,11 +72,11 @@ def shipped_config(name: str) -> Path:
 
 def load_config(name: str, path: str | os.PathLike[str] | None = None) -> Any:
     """The experiment's config from ``path`` (default: its shipped config), validated."""
-    from streamattn.experiments.common import load_experiment_config
+    from streamattn.config import load_yaml_config
 
     exp = get_experiment(name)
     cls = getattr(exp.load(), exp.config_class)
-    return load_experiment_config(cls, path if path is not None else shipped_config(name))
+    return load_yaml_config(cls, path if path is not None else shipped_config(name))
 
 
 def run_experiment(

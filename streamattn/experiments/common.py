@@ -13,15 +13,11 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from streamattn.config import from_dict
 from streamattn.errors import ConfigError
 
 
@@ -44,25 +40,6 @@ def as_list(value: Any, kind: type, name: str) -> list[Any]:
             raise ConfigError(f"{where}: expected {kind.__name__}, got {v!r}.")
         out.append(v)
     return out
-
-
-def load_experiment_config(cls: type, path: str | os.PathLike[str]) -> Any:
-    """Read YAML ``path`` into the config dataclass ``cls`` and ``check()`` it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found.")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config must be a mapping at the top level.")
-    try:
-        cfg = from_dict(cls, data, where="config")
-        cfg.check()
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    return cfg
 
 
 def fmt(value: Any) -> str:
