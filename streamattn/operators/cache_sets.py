@@ -298,7 +298,6 @@ class SetAttention(Operator):
     family = "set-attention"
     Spec = SetAttentionSpec
     spec: SetAttentionSpec
-    needs_values = True
 
     def __init__(self, spec: SetAttentionSpec) -> None:
         super().__init__(spec)

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from streamattn.blas import single_blas_thread
-from streamattn.operators.factors import stack_qr
 from streamattn.operators.protocol import Operator, State
+from streamattn.operators.solve_ops import StackedQR
 from streamattn.sources import Block
 
 #: Query rows per tile: the tile's logits are tile × n float64.
@@ -103,7 +103,7 @@ class AttentionFeaturesSpec:
     tile: int = DEFAULT_FIT_TILE
 
 
-class AttentionFeatures(Operator):
+class AttentionFeatures(StackedQR):
     """TSQR factor of [F, B] with F = softmax(A1 X A2ᵀ) A3 (rows of A1 streamed with B).
 
     Householder (``stack_qr``), float64: R_FF⁺ R_FB is the least-squares Y for this X
@@ -114,37 +114,16 @@ class AttentionFeatures(Operator):
     family = "attention-features"
     Spec = AttentionFeaturesSpec
     spec: AttentionFeaturesSpec
-    needs_values = True
-
-    def __init__(self, spec: AttentionFeaturesSpec) -> None:
-        super().__init__(spec)
-        self.r = np.zeros((0, 0))
 
     def _update(self, block: Block) -> None:
-        with single_blas_thread():
-            self._fold(block)
-
-    def _fold(self, block: Block) -> None:
         sp = self.spec
-        for a1, b in _tiles(block, int(sp.tile)):
-            f = _softmax_tile(a1, sp.x, sp.keys) @ sp.values
-            part = np.hstack([f, b])
-            self.r = stack_qr(part) if self.r.size == 0 else stack_qr(self.r, part)
-
-    def _merge(self, other: AttentionFeatures) -> None:
-        self.r = stack_qr(self.r, other.r)
-
-    def _state(self) -> State:
-        return {"r": self.r}
-
-    def _load(self, state: State) -> None:
-        self.r = np.array(state["r"], dtype=np.float64)
+        with single_blas_thread():
+            for a1, b in _tiles(block, int(sp.tile)):
+                f = _softmax_tile(a1, sp.x, sp.keys) @ sp.values
+                self._fold_rows(np.hstack([f, b]))
 
     def result(self) -> np.ndarray:
-        dim = self.r.shape[1] if self.r.size else 2 * self.spec.x.shape[0]
-        out = np.zeros((dim, dim))
-        out[: self.r.shape[0]] = self.r
-        return out
+        return self._square(self.r.shape[1] if self.r.size else 2 * self.spec.x.shape[0])
 
     def nbytes_bound(self, d: int) -> int:
         n = self.spec.keys.shape[0]
@@ -176,7 +155,6 @@ class AttentionGaussNewton(_Additive):
     family = "attention-gauss-newton"
     Spec = AttentionGaussNewtonSpec
     spec: AttentionGaussNewtonSpec
-    needs_values = True
 
     def __init__(self, spec: AttentionGaussNewtonSpec) -> None:
         super().__init__(spec)
@@ -264,7 +242,6 @@ class AttentionLossGradient(_Additive):
     family = "attention-loss-gradient"
     Spec = AttentionLossGradientSpec
     spec: AttentionLossGradientSpec
-    needs_values = True
 
     def _update(self, block: Block) -> None:
         with single_blas_thread():

@@ -697,7 +697,6 @@ class ApproxLeverage(Operator):
     family = "approx-leverage"
     Spec = ApproxLeverageSpec
     spec: ApproxLeverageSpec
-    needs_values = True
 
     def __init__(self, spec: ApproxLeverageSpec) -> None:
         super().__init__(spec)

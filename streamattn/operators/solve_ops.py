@@ -68,7 +68,34 @@ class TallSkinnyQRSpec:
     with_rhs: bool = False
 
 
-class TallSkinnyQR(Operator):
+class StackedQR(Operator):
+    """Base of the operators whose state is one float64 TSQR factor R of the rows folded so
+    far: rows are stacked under R and re-factored (Householder, ``stack_qr``), two states
+    merge by factoring [R_a; R_b], and the result is R padded to a square with zero rows."""
+
+    def __init__(self, spec: Any) -> None:
+        super().__init__(spec)
+        self.r = np.zeros((0, 0))
+
+    def _fold_rows(self, x: np.ndarray) -> None:
+        self.r = stack_qr(x) if self.r.size == 0 else stack_qr(self.r, x)
+
+    def _merge(self, other: StackedQR) -> None:
+        self.r = stack_qr(self.r, other.r)
+
+    def _state(self) -> State:
+        return {"r": self.r}
+
+    def _load(self, state: State) -> None:
+        self.r = np.array(state["r"], dtype=np.float64)
+
+    def _square(self, dim: int) -> np.ndarray:
+        out = np.zeros((dim, dim))
+        out[: self.r.shape[0]] = self.r
+        return out
+
+
+class TallSkinnyQR(StackedQR):
     """One-pass Householder TSQR of [A] or [A, b] in float64.
 
     The result R (square, upper triangular, (d + r) × (d + r), r = 1 with b) satisfies
@@ -80,33 +107,16 @@ class TallSkinnyQR(Operator):
     family = "tsqr"
     Spec = TallSkinnyQRSpec
     spec: TallSkinnyQRSpec
-    needs_values = True
-
-    def __init__(self, spec: TallSkinnyQRSpec) -> None:
-        super().__init__(spec)
-        self.r = np.zeros((0, 0))
 
     def _update(self, block: Block) -> None:
         x = _rows64(block)
         if self.spec.with_rhs:
             x = np.hstack([x, _value_column(block, self.family)[:, None]])
-        self.r = stack_qr(x) if self.r.size == 0 else stack_qr(self.r, x)
-
-    def _merge(self, other: TallSkinnyQR) -> None:
-        self.r = stack_qr(self.r, other.r)
-
-    def _state(self) -> State:
-        return {"r": self.r}
-
-    def _load(self, state: State) -> None:
-        self.r = np.array(state["r"], dtype=np.float64)
+        self._fold_rows(x)
 
     def result(self) -> np.ndarray:
         """The square factor (zero rows appended when fewer rows than columns were seen)."""
-        dim = self.r.shape[1]
-        out = np.zeros((dim, dim))
-        out[: self.r.shape[0]] = self.r
-        return out
+        return self._square(self.r.shape[1])
 
     def nbytes_bound(self, d: int) -> int:
         dim = d + int(self.spec.with_rhs)
@@ -296,7 +306,6 @@ class LeastSquaresResidual(Operator):
     family = "ls-residual"
     Spec = LeastSquaresResidualSpec
     spec: LeastSquaresResidualSpec
-    needs_values = True
 
     def __init__(self, spec: LeastSquaresResidualSpec) -> None:
         super().__init__(spec)
