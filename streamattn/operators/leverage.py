@@ -40,10 +40,7 @@ softmax is unchanged by a common key offset.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import numpy as np
@@ -53,15 +50,27 @@ from scipy.linalg import blas, lapack
 from streamattn.blas import single_blas_thread
 from streamattn.operators.candidates import candidate_state, load_candidates, stack_values
 from streamattn.operators.factors import centred_factor_result, centred_factor_update, stack_qr
+from streamattn.operators.gram_step import (
+    ADMIT_LIMIT,
+    GRAM_TOL,
+    PIECE_ROWS,
+    REL_ERR_BUDGET,
+    U,
+    accumulation_length,
+    centred_gram_step,
+    gamma,
+    gram_and_bounds,
+    gram_step,
+    make_frame,
+)
+from streamattn.operators.gram_step import pool as _pool
+from streamattn.operators.gram_step import split_rows as _split_rows
 from streamattn.operators.protocol import Operator, State
 from streamattn.sources import Block
 
 DEFAULT_RTOL = 1e-10
 #: Pruning keeps directions down to this fraction of the rank tolerance (see above).
 PRUNE_RTOL_FACTOR = 1e-3
-#: Rows per piece of the fast factor update: float64 work buffers of PIECE_ROWS × dim
-#: stay in cache, and the float32 → float64 conversion happens piece by piece.
-PIECE_ROWS = 2048
 #: The fast update needs a well-conditioned old factor: ‖R‖_F ‖R⁻¹‖_F ≤ this ...
 FAST_COND_LIMIT = 1e8
 #: ... and a moderate growth ‖Y‖₂² ≤ this, Y = X R⁻¹ (else: Householder for the block).
@@ -137,24 +146,6 @@ class ScoringMap:
             return np.einsum("ij,ij->i", y, y) + self.offset
         y = x @ self.w
         return np.einsum("ij,ij->i", y, y)
-
-
-#: Python threads sharing one block's GEMM/SYRK work (single-threaded BLAS each; they
-#: block instead of spinning, so a busy machine degrades gracefully).
-STREAM_THREADS = max(1, min(2, os.cpu_count() or 1))
-
-
-@cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(STREAM_THREADS, thread_name_prefix="streamattn-blas")
-
-
-def _split_rows(m: int) -> list[tuple[int, int]]:
-    """Contiguous row spans, one per stream thread, each a whole number of pieces."""
-    if STREAM_THREADS == 1 or m < 2 * PIECE_ROWS:
-        return [(0, m)]
-    per = -(-m // (STREAM_THREADS * PIECE_ROWS)) * PIECE_ROWS
-    return [(a, min(a + per, m)) for a in range(0, m, per)]
 
 
 def _gram_pass(
@@ -391,9 +382,23 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         self.rows = np.zeros((0, 0))
         self.values: np.ndarray | None = None
         self.rows_dtype = ""
+        #: Δ: relative error of RᵀR against the exact Gram, accumulated over fast steps
+        #: (certified for Gram steps, the standard estimate for TRMM steps).
+        self.rel_err = 0.0
+        #: Steps to wait before the Gram step is tried again (adaptive back-off; in the
+        #: state, so a resumed pass takes the same path bit for bit).
+        self._gram_wait = 0
+        #: Diagnostics of this operator's own folds (not part of the state): steps and rows
+        #: per path ("gram", "trmm", "householder"), and rows admitted to exact scoring.
+        self.fold_stats = {f"{kind}_{unit}": 0 for kind in ("gram", "trmm", "householder")
+                           for unit in ("steps", "rows")} | {"admitted_rows": 0}
 
     def _dim(self, d: int) -> int:
         return d + 1 if self.spec.affine else d
+
+    def _threshold(self) -> float:
+        """The pruning threshold: τ_true ≤ (1 + Δ)·τ̂, so rows go below threshold / (1 + Δ)."""
+        return self.spec.threshold / (1.0 + self.rel_err)
 
     def _pruning_scores(self, rows: np.ndarray) -> tuple[np.ndarray, float]:
         """Scores on the fine range and the cut below which a row's final score < threshold.
@@ -405,10 +410,10 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
             return self._centred_pruning_scores(rows)
         direct = _triangular_scores(self.r, rows, self.spec.rtol)
         if direct is not None:
-            return direct, self.spec.threshold
+            return direct, self._threshold()
         rtol = self.spec.rtol
         fine = ScoringMap.from_factor(self.r, rtol * PRUNE_RTOL_FACTOR, self.r.shape[1])
-        cut = self.spec.threshold
+        cut = self._threshold()
         if fine.sigma_max > 0 and fine.rank < min(self.r.shape):
             dropped = np.linalg.svd(self.r, compute_uv=False)[fine.rank :]
             slack = float(np.linalg.norm(dropped)) / (rtol * fine.sigma_max)
@@ -427,7 +432,7 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         rtol = self.spec.rtol
         cf = self._centred()
         rc = cf.r_centred
-        need = self.spec.threshold - 1.0 / max(1, cf.n)
+        need = self._threshold() - 1.0 / max(1, cf.n)
         if need <= 0:
             return np.ones(rows.shape[0]), 0.0
         direct = _triangular_scores(rc, np.asarray(rows, dtype=np.float64) - cf.mean, rtol)
@@ -478,6 +483,8 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
             head = min(m, SEED_ROWS_PER_DIM * self.r.shape[1])
             self.r = self._householder(x[:head])
         spans = [np.arange(head)]
+        if head:
+            self._count("householder", head, head)
         fast = centred_fast_update if self.spec.affine else fast_factor_update
         seen = self.n_rows - m + head  # rows in the factor
         while head < m:
@@ -486,14 +493,24 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
             # Bounds ≈ dim / seen cannot prune before seen ≈ dim / threshold: go there first.
             reach = int(self.r.shape[1] / self.spec.threshold) - seen
             stop = min(m, head + max(PIECE_ROWS, SUBBLOCK_GROWTH * seen, reach))
-            step = fast(self.r, x[head:stop])
-            if step is None:
-                self.r = self._householder(x[head:stop])
-                spans.append(np.arange(head, stop))
+            sub = x[head:stop]
+            gram = self._gram_fold(sub)
+            if gram is not None:
+                spans.append(head + gram)
             else:
-                self.r = step.r
-                cut = self.spec.threshold * (1.0 - step.rel_err)
-                spans.append(head + np.flatnonzero(step.bounds >= cut))
+                step = fast(self.r, sub)
+                if step is None:
+                    self.r = self._householder(sub)
+                    spans.append(np.arange(head, stop))
+                    self._count("householder", stop - head, stop - head)
+                else:
+                    self.r = step.r
+                    cut = self._threshold() * (1.0 - step.rel_err)
+                    self.rel_err = (1.0 + self.rel_err) * (1.0 + step.rel_err) - 1.0
+                    spans.append(head + np.flatnonzero(step.bounds >= cut))
+                    self._count("trmm", stop - head, spans[-1].size)
+                    if spans[-1].size <= ADMIT_LIMIT * (stop - head):
+                        self._gram_wait = 0
             seen += stop - head
             head = stop
         admitted = np.concatenate(spans)
@@ -508,6 +525,81 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
             values,
         )
 
+    def _count(self, kind: str, rows: int, admitted: int) -> None:
+        self.fold_stats[f"{kind}_steps"] += 1
+        self.fold_stats[f"{kind}_rows"] += rows
+        self.fold_stats["admitted_rows"] += admitted
+
+    def _gram_fold(self, rows: np.ndarray) -> np.ndarray | None:
+        """Fold ``rows`` by a certified Gram step (:mod:`.gram_step`); the admitted rows.
+
+        Returns None, with the factor untouched, where the step is not certified
+        (δ > GRAM_TOL: ill-conditioned keys, large offsets in the plain variant, small
+        factors) or the back-off is running; the caller then takes the TRMM step. The
+        admitted rows are those whose certified bound against the factor before ``rows``,
+        times 1 + Δ, reaches the threshold. When more than ADMIT_LIMIT of the rows are
+        admitted, the next ``_gram_wait`` steps take the TRMM step (whose exact bound is
+        tighter); a TRMM step that admits fewer ends the wait.
+        """
+        if self._gram_wait > 0:
+            self._gram_wait -= 1
+            return None
+        affine = self.spec.affine
+        r = self.r
+        m = rows.shape[0]
+        if r.shape[0] != r.shape[1] or m == 0:
+            return None
+        thr = self._threshold()
+        shift: np.ndarray | None = None
+        root_n = 0.0
+        if affine:
+            if r.shape[1] < 2 or r[0, 0] == 0:
+                return None
+            cf = centred_factor_result(r, 1)
+            base, shift, root_n = cf.r_centred, cf.mean, abs(float(r[0, 0]))
+            need = thr - 1.0 / root_n**2
+            if need <= 0:
+                return None
+        else:
+            base, need = r, thr
+        sample = np.asarray(rows[:: max(1, m // 256)], dtype=np.float64)
+        if shift is not None:
+            sample = sample - shift
+        typical = float(np.einsum("ij,ij->", sample, sample)) / sample.shape[0]
+        tol = min(GRAM_TOL, (1.0 + REL_ERR_BUDGET) / (1.0 + self.rel_err) - 1.0)
+        frame = make_frame(base, typical, need)
+        if frame is None or tol <= 0:
+            return None
+        predicted = gamma(accumulation_length(m) + 3) * m * typical * frame.rinv_norm**2
+        if predicted > tol:  # the SYRK term alone would refuse: skip the work
+            return None
+        gram, colsum, s, xx = gram_and_bounds(rows, frame, shift)
+        if affine:
+            assert shift is not None
+            step = centred_gram_step(frame, root_n, shift, gram, colsum, float(xx.sum()), m,
+                                     tol)
+        else:
+            step = gram_step(frame, gram, float(xx.sum()), m, tol)
+        if step is None:
+            self._gram_wait = 1
+            return None
+        self.r, delta = step
+        if affine:
+            assert shift is not None
+            # μ̂ is within 4u|μ̂| of the factor's exact mean, and z = fl(x − μ̂) within u|z|
+            # of x − μ̂: both enter ‖(x − μ̃) R_c⁻¹‖ additively (before squaring).
+            s = s + float(np.linalg.norm(4 * U * np.abs(shift))) / frame.sigma_lo
+            s += 1.01 * U * np.sqrt(xx) * frame.rinv_norm
+            bound = (np.square(s) + 1.0 / root_n**2) * (1 + 4 * U)
+        else:
+            bound = np.square(s) * (1 + 4 * U)
+        admitted = np.flatnonzero(bound >= thr)
+        self.rel_err = (1.0 + self.rel_err) * (1.0 + delta) - 1.0
+        self._count("gram", m, admitted.size)
+        if admitted.size > ADMIT_LIMIT * m:
+            self._gram_wait = 2
+        return admitted
+
     def _householder(self, rows: np.ndarray) -> np.ndarray:
         """The factor after appending ``rows`` by Householder TSQR (affine: of [1, X])."""
         if self.spec.affine:
@@ -516,6 +608,7 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
 
     def _merge(self, other: LeverageScores) -> None:
         self.r = stack_qr(self.r, other.r)
+        self.rel_err = max(self.rel_err, other.rel_err)
         self._prune(
             np.concatenate([self.idx, other.idx]), np.vstack([self.rows, other.rows]),
             stack_values(self.values, other.values),
@@ -523,10 +616,13 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
 
     def _state(self) -> State:
         return {"r": self.r, "rows_dtype": np.array(self.rows_dtype),
+                "rel_err": np.array(self.rel_err), "gram_wait": np.array(self._gram_wait),
                 **candidate_state(self.idx, self.rows, self.values)}
 
     def _load(self, state: State) -> None:
         self.r = np.array(state["r"], dtype=np.float64)
+        self.rel_err = float(state["rel_err"]) if "rel_err" in state else 0.0
+        self._gram_wait = int(state["gram_wait"]) if "gram_wait" in state else 0
         self.idx, self.rows, self.values = load_candidates(state)
         self.rows_dtype = str(state["rows_dtype"])
 

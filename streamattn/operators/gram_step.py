@@ -1,0 +1,398 @@
+"""Certified Gram step and certified pruning bound for the one-pass leverage set (issue 16).
+
+The preconditioned Cholesky update of ``leverage.fast_factor_update`` (Y = X R⁻¹ by TRMM, YᵀY
+by SYRK: 2·m·d² flops per block) is replaced, where a computed certificate allows it, by
+
+    G_b = XᵀX by float64 SYRK (m·d² flops),  R' = chol(I + Tᵀ G_b T) R,  T = R⁻¹ (dtrtri),
+
+which halves the flops. Float32 keys are converted to float64 piece by piece, so every
+product x_i x_j is exact in float64 and only the accumulation rounds.
+
+Certificate (u = 2⁻⁵³, γ_n = n·u / (1 − n·u); ``‖·‖`` the 2-norm). With M = I + R⁻ᵀG_bR⁻¹ ⪰ I,
+R'ᵀR' = Rᵀ(M + E)R for the E the rounding leaves, so ‖E‖ ≤ δ gives
+(1 − δ)(RᵀR + G_b) ⪯ R'ᵀR' ⪯ (1 + δ)(RᵀR + G_b). The step bounds δ by (``gram_step``):
+
+- SYRK: |fl(G_b) − G_b| ≤ γ_L |X|ᵀ|X| entrywise, L = S + ⌈P/S⌉ + ⌈m/P⌉ + 2
+  (``accumulation_length``: SYRK calls of S = 128 rows with β = 0 into a scratch, summed
+  per piece of P rows, pieces per thread, then the two threads; + 1 for float64 keys,
+  whose products round), so ‖TᵀΔG T‖ ≤ γ_L ‖X‖_F² ‖T‖², ‖T‖ ≤ (1 + ψ)/σ_lo.
+- σ_lo: σ̂_min − ``SVD_BACKWARD``·d·u·σ̂_max from the SVD of R. Assumption (stated, not
+  proved here): LAPACK's SVD is backward stable with ‖ΔR‖ ≤ SVD_BACKWARD·d·u·‖R‖, so by
+  Weyl σ_min(R) ≥ σ_lo. Every other constant below is a textbook rounding bound.
+- T ≠ R⁻¹: ψ ≥ ‖RT − I‖ from the computed residual plus γ_{d+1}‖R‖_F‖T‖_F; with
+  T = R⁻¹(I + Ψ), ‖TᵀG_bT − R⁻ᵀG_bR⁻¹‖ ≤ (2ψ + ψ²)‖R⁻ᵀG_bR⁻¹‖.
+- the d × d transform fl(Tᵀ(Ĝ T)): ≤ (2γ_d + γ_d²)‖ |T|ᵀ|Ĝ||T| ‖, the nonnegative matrix
+  computed and its ∞-norm taken (≥ its 2-norm, it is symmetric).
+- Cholesky: ĈᵀĈ = M̂ + F, ‖F‖ ≤ γ_{d+1}‖Ĉ‖_F²; the product fl(Ĉ R): relative ρ =
+  γ_d‖Ĉ‖_F‖R‖_F/σ_lo (·1.01 for ‖Ĉ⁻¹‖), i.e. 2ρ + ρ² on the Gram.
+- affine (centred frame, rows z = x − μ̂ with μ̂ the mean read off the factor): the extra
+  roundings of z (u per entry), of Σz, of μ̂ itself (|μ̂ − μ̃| ≤ 4u|μ̂|, μ̃ the exact ratio
+  in the stored factor: relative ψ_μ = √n‖4u μ̂‖/σ_lo) and of the final row-0 update.
+
+The terms are summed (×1.01, which covers their products while δ ≤ ``GRAM_TOL`` ≪ 1e-3).
+The step is taken only when δ ≤ ``GRAM_TOL`` = 1e-9 and the accumulated relative error Δ
+(Δ' = (1 + Δ)(1 + δ) − 1) stays ≤ ``REL_ERR_BUDGET`` = 1e-7, below float32's unit
+roundoff (the precision of the keys themselves); else the caller takes the TRMM step. The
+transform term dominates δ: it grows like (m/n)·κ(R)², against the TRMM step's ~κ(R), so
+the Gram step is the cheaper path only once the factor has seen several blocks. Δ enters
+the pruning cut: τ_true ≤ (1 + Δ)·τ̂, so rows are dropped only below threshold / (1 + Δ).
+
+Pruning bound (``Frame.row_bounds``, 2·m·d·k + m·d flops): with V_S (d × k) the top right
+singular vectors of R (any d × k matrix would do, the bound does not assume V_S exact),
+for any row x and â = fl(V_Sᵀx):
+
+    √(xᵀ(RᵀR)⁻¹x) ≤ ‖B̂ â‖ + ‖F‖‖â‖/σ_lo + ‖x − V_S â‖/σ_lo,   B̂ = fl(Tᵀ V_S), F = V_S − RᵀB̂,
+
+‖B̂ â‖² ≤ fl(âᵀĤâ) + (2.01γ_k‖Ĥ‖_F + γ_d‖B̂‖_F²)‖â‖² (Ĥ = fl(B̂ᵀB̂)), and
+‖x − V_S â‖² ≤ fl(‖x‖²) − fl(‖â‖²) + c·fl(‖x‖²) with c = 2(γ_d + γ_k + 2.2γ_d√k + η) + 8u,
+η ≥ ‖V_SᵀV_S − I‖ (computed, plus its rounding): the cancellation allowance. k = 0 gives
+‖x‖²(1 + c)/σ_lo². The bound is against the factor before the block; since the Gram only
+grows, it bounds every later score of the row.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import scipy.linalg
+from scipy.linalg import blas, lapack
+
+#: Unit roundoff of float64.
+U = 2.0**-53
+#: Rows per piece of the streaming kernels: float64 work buffers of PIECE_ROWS × dim stay
+#: in cache, and the float32 → float64 conversion happens piece by piece.
+PIECE_ROWS = 2048
+#: Python threads sharing one block's GEMM/SYRK work (single-threaded BLAS each; they
+#: block instead of spinning, so a busy machine degrades gracefully).
+STREAM_THREADS = max(1, min(2, os.cpu_count() or 1))
+#: Largest certified relative Gram error of one Gram step (else: the TRMM step) ...
+GRAM_TOL = 1e-9
+#: ... and of all steps together (Δ): below float32's unit roundoff 6e-8, so below the
+#: precision the keys themselves carry.
+REL_ERR_BUDGET = 1e-7
+#: Assumed LAPACK SVD backward-error constant: σ̂ are exact for R + ΔR, ‖ΔR‖ ≤ this·d·u·‖R‖.
+SVD_BACKWARD = 8.0
+#: The eigen-split keeps σ_i > SPLIT_RATIO · σ_min in V_S (a cost heuristic, any k is valid) ...
+SPLIT_RATIO = 2.0
+#: ... and at most this fraction of d directions (beyond it the TRMM step costs about as much).
+SPLIT_MAX_FRACTION = 0.25
+#: If the bound admits more than this fraction of a block, the next block takes the TRMM step.
+ADMIT_LIMIT = 0.25
+
+
+def gamma(n: int | float) -> float:
+    """γ_n = n·u / (1 − n·u): the classic bound for n accumulated float64 roundings."""
+    return n * U / (1.0 - n * U)
+
+
+@cache
+def pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(STREAM_THREADS, thread_name_prefix="streamattn-blas")
+
+
+def split_rows(m: int) -> list[tuple[int, int]]:
+    """Contiguous row spans, one per stream thread, each a whole number of pieces."""
+    if STREAM_THREADS == 1 or m < 2 * PIECE_ROWS:
+        return [(0, m)]
+    per = -(-m // (STREAM_THREADS * PIECE_ROWS)) * PIECE_ROWS
+    return [(a, min(a + per, m)) for a in range(0, m, per)]
+
+
+#: Rows per SYRK call: each call's d × d result (summed over SYRK_ROWS products) is added to
+#: a per-piece sum, pieces to a per-thread sum: the accumulation length stays ~180, not m.
+SYRK_ROWS = 128
+
+
+def accumulation_length(m: int) -> int:
+    """L of the SYRK/column-sum certificate for m rows summed as ``_pass`` does.
+
+    Any summation order of n terms has error ≤ γ_{n−1}·Σ|terms|; here every entry is a
+    sum of ≤ SYRK_ROWS products (one SYRK call), ⌈PIECE_ROWS/SYRK_ROWS⌉ call results per
+    piece, ⌈m/PIECE_ROWS⌉ piece sums per thread and two thread sums (+2 for slack).
+    """
+    return SYRK_ROWS + -(-PIECE_ROWS // SYRK_ROWS) + -(-max(m, 1) // PIECE_ROWS) + 2
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Certified data of a square upper-triangular factor R for one Gram step.
+
+    ``rinv`` = T ≈ R⁻¹; ``abs_rt`` ≥ |R||T| entrywise; ``sigma_lo`` ≤ σ_min(R) (module
+    docstring); ``psi`` ≥ ‖RT − I‖;
+    ``v`` = V_S (d × k) with ``h`` = Ĥ, ``q_allow``, ``f_over`` = ‖F‖/σ_lo, ``res_allow`` = c
+    the allowances of the pruning bound; ``sigma`` the computed singular values.
+    """
+
+    r: np.ndarray
+    rinv: np.ndarray
+    abs_rt: np.ndarray
+    sigma: np.ndarray
+    sigma_lo: float
+    psi: float
+    v: np.ndarray
+    h: np.ndarray
+    q_allow: float
+    f_over: float
+    res_allow: float
+
+    @property
+    def k(self) -> int:
+        return int(self.v.shape[1])
+
+    @property
+    def rinv_norm(self) -> float:
+        """An upper bound of ‖T‖₂."""
+        return (1.0 + self.psi) / self.sigma_lo
+
+    def row_bounds(self, xx: np.ndarray, aa: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """Upper bounds of ‖R⁻ᵀx‖ (not squared) from fl(‖x‖²), fl(‖â‖²), fl(âᵀĤâ)."""
+        res = np.maximum(xx - aa + self.res_allow * xx, 0.0) if self.k else xx * (
+            1.0 + self.res_allow)
+        s = np.sqrt(res) / self.sigma_lo
+        if self.k:
+            a_up = aa / (1.0 - gamma(self.k))
+            s += np.sqrt(np.maximum(q + self.q_allow * a_up, 0.0)) + self.f_over * np.sqrt(a_up)
+        return s * (1.0 + 8 * U)
+
+
+def make_frame(r: np.ndarray, typical_sq: float | None = None, cut: float = 0.0,
+               k: int | None = None) -> Frame | None:
+    """The certified frame of R, or None (not square, singular, or not certifiable).
+
+    k (unless given): 0 when ``typical_sq`` / σ_lo² (a typical row's ‖x‖² over σ_min², the
+    k = 0 bound) is below cut / 4; else #{σ_i > SPLIT_RATIO·σ_min}, at most
+    SPLIT_MAX_FRACTION·d (a cost heuristic: the bound is valid for every k ≤ d).
+    """
+    d = r.shape[1]
+    if r.shape[0] != d or d == 0:
+        return None
+    try:
+        _, s, vt = np.linalg.svd(r)
+    except np.linalg.LinAlgError:
+        return None
+    if not np.all(np.isfinite(s)):
+        return None
+    sigma_lo = float(s[-1] - SVD_BACKWARD * d * U * s[0])
+    if sigma_lo <= 0:
+        return None
+    rinv, info = lapack.dtrtri(r, lower=0)
+    if info != 0:
+        return None
+    rinv = np.triu(rinv)
+    rt = np.triu(r)
+    rf = float(np.linalg.norm(rt))
+    abs_rt = np.abs(rt) @ np.abs(rinv) / (1 - gamma(d))  # ≥ |R||T| entrywise
+    resid = rt @ rinv
+    resid[np.diag_indices(d)] -= 1.0
+    psi = float(np.linalg.norm(resid)) + gamma(d + 1) * float(np.linalg.norm(abs_rt))
+    if not np.isfinite(psi) or psi >= 1e-3:
+        return None
+    if k is None:
+        k = 0
+        if typical_sq is None or typical_sq / sigma_lo**2 > cut / 4:
+            k = min(int(np.count_nonzero(s > SPLIT_RATIO * s[-1])),
+                    int(SPLIT_MAX_FRACTION * d))
+    empty = np.zeros((0, 0))
+    plain = Frame(rt, rinv, abs_rt, s, sigma_lo, psi, np.zeros((d, 0)), empty, 0.0, 0.0,
+                  2 * gamma(d) + 8 * U)
+    if k == 0:
+        return plain
+    v = np.ascontiguousarray(vt[:k].T)
+    vtv = v.T @ v
+    vf2 = float(np.sum(v * v)) * (1 + gamma(d * k))
+    vtv[np.diag_indices(k)] -= 1.0
+    eta = float(np.linalg.norm(vtv)) + gamma(d + 1) * vf2
+    if eta > 1e-6 or gamma(d) * np.sqrt(k) > 1e-6:
+        return plain
+    b = rinv.T @ v
+    h = b.T @ b
+    h = 0.5 * (h + h.T)
+    bf2 = float(np.sum(b * b)) * (1 + gamma(d * k))
+    q_allow = 2.01 * gamma(k) * float(np.linalg.norm(h)) + gamma(d) * bf2
+    fres = v - rt.T @ b
+    f = float(np.linalg.norm(fres)) + gamma(d + 1) * rf * np.sqrt(bf2)
+    res_allow = 2 * (gamma(d) + gamma(k) + 2.2 * gamma(d) * np.sqrt(k) + eta) + 8 * U
+    return Frame(rt, rinv, abs_rt, s, sigma_lo, psi, v, np.ascontiguousarray(h), q_allow,
+                 f / sigma_lo, res_allow)
+
+
+def _pass(
+    rows: np.ndarray, lo: int, hi: int, frame: Frame, shift: np.ndarray | None,
+    xx: np.ndarray, aa: np.ndarray, q: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Σ zᵀz (upper triangle, F order) and Σ z over rows [lo, hi), z = x − shift; fills
+    ‖z‖², ‖V_Sᵀz‖² and (V_Sᵀz)ᵀĤ(V_Sᵀz) per row. One float64 conversion per piece."""
+    d = rows.shape[1]
+    piece = min(PIECE_ROWS, hi - lo)
+    k = frame.k
+    buf = np.empty((piece, d))
+    abuf = np.empty((piece, k))
+    tbuf = np.empty((piece, k))
+    acc = np.zeros((d, d), order="F")
+    pacc = np.zeros((d, d), order="F")
+    scratch = np.zeros((d, d), order="F")
+    colsum = np.zeros(d)
+    for a in range(lo, hi, piece):
+        n = min(piece, hi - a)
+        xb = buf[:n]
+        np.copyto(xb, rows[a : a + n], casting="safe")
+        if shift is not None:
+            xb -= shift
+            colsum += xb.sum(axis=0)
+        pacc[:] = 0.0
+        for b in range(0, n, SYRK_ROWS):  # β = 0: each call's sum is a fresh short sum
+            scratch = blas.dsyrk(1.0, xb[b : b + SYRK_ROWS].T, beta=0.0, c=scratch, trans=0,
+                                 lower=0, overwrite_c=1)
+            pacc += scratch
+        acc += pacc
+        xx[a : a + n] = np.einsum("ij,ij->i", xb, xb)
+        if k:
+            ab, tb = abuf[:n], tbuf[:n]
+            np.matmul(xb, frame.v, out=ab)
+            aa[a : a + n] = np.einsum("ij,ij->i", ab, ab)
+            np.matmul(ab, frame.h, out=tb)
+            q[a : a + n] = np.einsum("ij,ij->i", ab, tb)
+    return acc, colsum
+
+
+def gram_and_bounds(
+    rows: np.ndarray, frame: Frame, shift: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(fl(ZᵀZ) symmetric, fl(Σz), upper bounds of ‖R⁻ᵀz‖ per row, fl(‖z‖²) per row),
+    z = x − shift, threaded by row spans (``split_rows``)."""
+    m = rows.shape[0]
+    xx, aa, q = np.empty(m), np.empty(m if frame.k else 0), np.empty(m if frame.k else 0)
+    spans = split_rows(m)
+    if len(spans) == 1:
+        parts = [_pass(rows, 0, m, frame, shift, xx, aa, q)]
+    else:
+        parts = list(pool().map(
+            lambda ab: _pass(rows, ab[0], ab[1], frame, shift, xx, aa, q), spans))
+    gram, colsum = parts[0]
+    for g, c in parts[1:]:
+        gram += g
+        colsum += c
+    gram = np.triu(gram) + np.triu(gram, 1).T
+    return gram, colsum, frame.row_bounds(xx, aa, q), xx
+
+
+def _transform(frame: Frame, gram: np.ndarray) -> tuple[np.ndarray, float]:
+    """(fl(Tᵀ Ĝ T) symmetrised, a bound of its rounding error in the 2-norm)."""
+    t = frame.rinv
+    w = t.T @ (gram @ t)
+    w = 0.5 * (w + w.T)
+    at = np.abs(t)
+    nmat = at.T @ (np.abs(gram) @ at)
+    d = t.shape[0]
+    err = (2 * gamma(d) + gamma(d) ** 2) * float(np.abs(nmat).sum(axis=1).max()) / (
+        1 - gamma(2 * d))
+    return w, err
+
+
+def _chol_and_product(m_hat: np.ndarray, right: np.ndarray, abs_rt: np.ndarray, psi: float
+                      ) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """(Ĉ, fl(Ĉ·right), relative Gram error of the Cholesky and the product), or None.
+
+    ĈᵀĈ = M̂ + F with ‖F‖ ≤ γ_{d+1}‖Ĉ‖_F²; fl(ĈR) = ĈR + Δ, |Δ| ≤ γ_d|Ĉ||R|, and
+    ‖Δ(ĈR)⁻¹‖ ≤ ‖ |Ĉ||R||T| ‖_F / (1 − ψ) · ‖Ĉ⁻¹‖ (R⁻¹ = T(I + Ψ)⁻¹, ‖Ĉ⁻¹‖ ≤ 1.01).
+    """
+    try:
+        c = scipy.linalg.cholesky(m_hat, lower=False, check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+    if not np.all(np.isfinite(c)):
+        return None
+    d = c.shape[0]
+    cf2 = float(np.sum(c * c))
+    crt = float(np.linalg.norm(np.abs(c) @ abs_rt)) / (1 - gamma(d))
+    rho = 1.01 * gamma(d) * crt / (1 - psi)
+    return c, c @ right, gamma(d + 1) * cf2 + 2 * rho + rho**2
+
+
+def gram_step(frame: Frame, gram: np.ndarray, x_fro2: float, m: int, tol: float = GRAM_TOL
+              ) -> tuple[np.ndarray, float] | None:
+    """(R', δ): R'ᵀR' within relative δ ≤ ``tol`` of RᵀR + G_b (Loewner), or None.
+
+    ``gram`` = fl(XᵀX) from ``gram_and_bounds`` over m rows, ``x_fro2`` = Σ fl(‖x‖²).
+    """
+    d = gram.shape[0]
+    t2 = frame.rinv_norm**2
+    # L + 1: float64 keys round their products too (float32/16 products are exact).
+    d_syrk = gamma(accumulation_length(m) + 1) * x_fro2 * (1 + gamma(d + m)) * t2
+    if d_syrk > tol:
+        return None
+    w, d_tr = _transform(frame, gram)
+    g = float(np.linalg.norm(w)) + d_syrk + d_tr
+    d_t = (2 * frame.psi + frame.psi**2) * g
+    w[np.diag_indices(d)] += 1.0
+    d_add = U * (1 + g)
+    out = _chol_and_product(w, frame.r, frame.abs_rt, frame.psi)
+    if out is None:
+        return None
+    _, new, d_cp = out
+    delta = 1.01 * (d_syrk + d_tr + d_t + d_add + d_cp)
+    if not np.isfinite(delta) or delta > tol:
+        return None
+    return new, delta
+
+
+def centred_gram_step(
+    frame: Frame, root_n: float, mean: np.ndarray, zz: np.ndarray, zsum: np.ndarray,
+    z_fro2: float, m: int, tol: float = GRAM_TOL,
+) -> tuple[np.ndarray, float] | None:
+    """(R', δ) for the factor of [1, K] (``centred_fast_update``'s layout), or None.
+
+    ``frame`` is that of R_c, ``root_n`` = |r₀₀| and ``mean`` = μ̂ of the old factor;
+    ``zz`` = fl(ZᵀZ), ``zsum`` = fl(Σz), ``z_fro2`` = Σ fl(‖z‖²) for z = fl(x − μ̂).
+    In the frame D = diag(√n, R_c) the block adds W = D⁻ᵀ[[m, Σzᵀ], [Σz, ZᵀZ]]D⁻¹;
+    R' = chol(I + W) D, then row 0 gains r'₀₀ μ̂ (back from the shifted frame).
+    """
+    d = zz.shape[0]
+    dim = d + 1
+    L = accumulation_length(m)
+    t2 = frame.rinv_norm**2
+    zf2 = z_fro2 * (1 + gamma(d + m + 4))  # ≥ ‖x − μ̂‖_F² (z rounds by u per entry)
+    d_syrk = gamma(L + 3) * zf2 * t2
+    if d_syrk > tol:
+        return None
+    w_cc, d_tr = _transform(frame, zz)
+    w0 = frame.rinv.T @ zsum / root_n
+    d_sum = (gamma(L + 1) * np.sqrt(m * zf2) * frame.rinv_norm
+             + gamma(d + 1) * float(np.linalg.norm(frame.rinv)) * float(np.linalg.norm(zsum))
+             ) / root_n
+    w = np.empty((dim, dim))
+    w[0, 0] = m / root_n**2
+    w[0, 1:] = w[1:, 0] = w0
+    w[1:, 1:] = w_cc
+    g = float(np.linalg.norm(w)) + d_syrk + d_tr + d_sum
+    psi = max(frame.psi, 2 * U)
+    d_t = (2 * psi + psi**2) * g
+    mu_norm = float(np.linalg.norm(mean))
+    psi_mu = root_n * 4 * U * mu_norm / frame.sigma_lo
+    psi_mu = psi_mu / (1 - psi_mu) if psi_mu < 0.5 else np.inf
+    d_mu = 2 * psi_mu + psi_mu**2
+    w[np.diag_indices(dim)] += 1.0
+    d_add = U * (1 + g) + 4 * U * w[0, 0]
+    shifted = np.zeros((dim, dim))
+    shifted[0, 0] = root_n
+    shifted[1:, 1:] = frame.r
+    inv_d = max(1 / root_n, 1 / frame.sigma_lo)
+    abs_dt = np.zeros((dim, dim))
+    abs_dt[0, 0] = 1 + 2 * U  # √n · fl(1/√n)
+    abs_dt[1:, 1:] = frame.abs_rt
+    out = _chol_and_product(w, shifted, abs_dt, psi)
+    if out is None:
+        return None
+    _, new, d_cp = out
+    new[0, 1:] += new[0, 0] * mean
+    eta = 2.02 * U * (float(np.linalg.norm(new[0, 1:])) + abs(float(new[0, 0])) * mu_norm)
+    psi_eta = 1.01 * eta * inv_d
+    d_row0 = 2 * psi_eta + psi_eta**2
+    delta = 1.01 * (d_syrk + d_tr + d_sum + d_t + d_mu + d_add + d_cp + d_row0)
+    if not np.isfinite(delta) or delta > tol:
+        return None
+    return new, delta
