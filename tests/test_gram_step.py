@@ -114,7 +114,7 @@ def test_gram_step_error_is_within_its_certificate() -> None:
         block = x[30000 : 30000 + m]
         frame = make_frame(r, k=int(rng.integers(0, 4)))
         assert frame is not None
-        gram, _, _, xx = gram_and_bounds(block, frame)
+        gram, _, _, xx, _ = gram_and_bounds(block, frame)
         step = gram_step(frame, gram, float(xx.sum()), m, tol=1.0)
         assert step is not None
         new, delta = step
@@ -171,7 +171,8 @@ def test_pruning_bound_dominates_the_exact_score(k: int) -> None:
     for name, r, rows in adversarial_cases():
         frame = make_frame(r, k=k)
         assert frame is not None, name
-        _, _, s, _ = gram_and_bounds(rows, frame)
+        _, _, s, _, split = gram_and_bounds(rows, frame)
+        assert split == (rows.shape[0] if frame.k else 0)
         tau = exact_tau(r, rows)
         assert np.all(s**2 >= tau), (name, k, np.min(s**2 / tau))
         if k == frame.k and k and name != "cancellation":
@@ -197,10 +198,10 @@ def test_dropping_the_allowance_is_caught() -> None:
     frame = make_frame(r, k=1)
     assert frame is not None and frame.k == 1
     tau = exact_tau(r, rows)
-    _, _, s_ok, _ = gram_and_bounds(rows, frame)
+    _, _, s_ok, _, _ = gram_and_bounds(rows, frame)
     assert np.all(s_ok**2 >= tau)
     bug = dataclasses.replace(frame, res_allow=0.0)
-    _, _, s_bug, _ = gram_and_bounds(rows, bug)
+    _, _, s_bug, _, _ = gram_and_bounds(rows, bug)
     assert np.any(s_bug**2 < tau)  # misses the residual along the smallest direction
 
 
@@ -213,7 +214,7 @@ def test_centred_gram_step_matches_householder_and_its_certificate() -> None:
     frame = make_frame(cf.r_centred, k=2)
     assert frame is not None
     block = x[25000:]
-    zz, zsum, _, xx = gram_and_bounds(block, frame, cf.mean)
+    zz, zsum, _, xx, _ = gram_and_bounds(block, frame, cf.mean)
     step = centred_gram_step(frame, abs(float(r[0, 0])), cf.mean, zz, zsum, float(xx.sum()),
                              block.shape[0], tol=1.0)
     assert step is not None

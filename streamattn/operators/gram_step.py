@@ -37,7 +37,7 @@ transform term dominates δ: it grows like (m/n)·κ(R)², against the TRMM step
 the Gram step is the cheaper path only once the factor has seen several blocks. Δ enters
 the pruning cut: τ_true ≤ (1 + Δ)·τ̂, so rows are dropped only below threshold / (1 + Δ).
 
-Pruning bound (``Frame.row_bounds``, 2·m·d·k + m·d flops): with V_S (d × k) the top right
+Pruning bound (``Frame.split_bounds``, 2·m·d·k + m·d flops): with V_S (d × k) the top right
 singular vectors of R (any d × k matrix would do, the bound does not assume V_S exact),
 for any row x and â = fl(V_Sᵀx):
 
@@ -45,9 +45,11 @@ for any row x and â = fl(V_Sᵀx):
 
 ‖B̂ â‖² ≤ fl(âᵀĤâ) + (2.01γ_k‖Ĥ‖_F + γ_d‖B̂‖_F²)‖â‖² (Ĥ = fl(B̂ᵀB̂)), and
 ‖x − V_S â‖² ≤ fl(‖x‖²) − fl(‖â‖²) + c·fl(‖x‖²) with c = 2(γ_d + γ_k + 2.2γ_d√k + η) + 8u,
-η ≥ ‖V_SᵀV_S − I‖ (computed, plus its rounding): the cancellation allowance. k = 0 gives
-‖x‖²(1 + c)/σ_lo². The bound is against the factor before the block; since the Gram only
-grows, it bounds every later score of the row.
+η ≥ ‖V_SᵀV_S − I‖ (computed, plus its rounding): the cancellation allowance. The norm
+bound (k = 0, ``Frame.norm_bounds``) is ‖x‖²(1 + 2γ_d + 8u)/σ_lo²: m·d flops. Every row
+gets the norm bound; only rows it does not prune get the split bound (two stages), and
+the smaller of the two is kept. The bounds are against the factor before the block;
+since the Gram only grows, they bound every later score of the row.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ class Frame:
     ``rinv`` = T ≈ R⁻¹; ``abs_rt`` ≥ |R||T| entrywise; ``sigma_lo`` ≤ σ_min(R) (module
     docstring); ``psi`` ≥ ‖RT − I‖;
     ``v`` = V_S (d × k) with ``h`` = Ĥ, ``q_allow``, ``f_over`` = ‖F‖/σ_lo, ``res_allow`` = c
-    the allowances of the pruning bound; ``sigma`` the computed singular values.
+    the allowances of the split bound; ``sigma`` the computed singular values.
     """
 
     r: np.ndarray
@@ -148,24 +150,25 @@ class Frame:
         """An upper bound of ‖T‖₂."""
         return (1.0 + self.psi) / self.sigma_lo
 
-    def row_bounds(self, xx: np.ndarray, aa: np.ndarray, q: np.ndarray) -> np.ndarray:
+    def norm_bounds(self, xx: np.ndarray) -> np.ndarray:
+        """Upper bounds of ‖R⁻ᵀx‖ from fl(‖x‖²) alone (the k = 0 bound)."""
+        return np.sqrt(xx * (1.0 + 2 * gamma(self.r.shape[0]) + 8 * U)) / self.sigma_lo * (
+            1.0 + 8 * U)
+
+    def split_bounds(self, xx: np.ndarray, aa: np.ndarray, q: np.ndarray) -> np.ndarray:
         """Upper bounds of ‖R⁻ᵀx‖ (not squared) from fl(‖x‖²), fl(‖â‖²), fl(âᵀĤâ)."""
-        res = np.maximum(xx - aa + self.res_allow * xx, 0.0) if self.k else xx * (
-            1.0 + self.res_allow)
+        res = np.maximum(xx - aa + self.res_allow * xx, 0.0)
+        a_up = aa / (1.0 - gamma(self.k))
         s = np.sqrt(res) / self.sigma_lo
-        if self.k:
-            a_up = aa / (1.0 - gamma(self.k))
-            s += np.sqrt(np.maximum(q + self.q_allow * a_up, 0.0)) + self.f_over * np.sqrt(a_up)
+        s += np.sqrt(np.maximum(q + self.q_allow * a_up, 0.0)) + self.f_over * np.sqrt(a_up)
         return s * (1.0 + 8 * U)
 
 
-def make_frame(r: np.ndarray, typical_sq: float | None = None, cut: float = 0.0,
-               k: int | None = None) -> Frame | None:
+def make_frame(r: np.ndarray, k: int | None = None) -> Frame | None:
     """The certified frame of R, or None (not square, singular, or not certifiable).
 
-    k (unless given): 0 when ``typical_sq`` / σ_lo² (a typical row's ‖x‖² over σ_min², the
-    k = 0 bound) is below cut / 4; else #{σ_i > SPLIT_RATIO·σ_min}, at most
-    SPLIT_MAX_FRACTION·d (a cost heuristic: the bound is valid for every k ≤ d).
+    k (unless given): #{σ_i > SPLIT_RATIO·σ_min}, at most SPLIT_MAX_FRACTION·d (a cost
+    heuristic: the bound is valid for every k ≤ d).
     """
     d = r.shape[1]
     if r.shape[0] != d or d == 0:
@@ -192,13 +195,9 @@ def make_frame(r: np.ndarray, typical_sq: float | None = None, cut: float = 0.0,
     if not np.isfinite(psi) or psi >= 1e-3:
         return None
     if k is None:
-        k = 0
-        if typical_sq is None or typical_sq / sigma_lo**2 > cut / 4:
-            k = min(int(np.count_nonzero(s > SPLIT_RATIO * s[-1])),
-                    int(SPLIT_MAX_FRACTION * d))
+        k = min(int(np.count_nonzero(s > SPLIT_RATIO * s[-1])), int(SPLIT_MAX_FRACTION * d))
     empty = np.zeros((0, 0))
-    plain = Frame(rt, rinv, abs_rt, s, sigma_lo, psi, np.zeros((d, 0)), empty, 0.0, 0.0,
-                  2 * gamma(d) + 8 * U)
+    plain = Frame(rt, rinv, abs_rt, s, sigma_lo, psi, np.zeros((d, 0)), empty, 0.0, 0.0, 0.0)
     if k == 0:
         return plain
     v = np.ascontiguousarray(vt[:k].T)
@@ -222,10 +221,15 @@ def make_frame(r: np.ndarray, typical_sq: float | None = None, cut: float = 0.0,
 
 def _pass(
     rows: np.ndarray, lo: int, hi: int, frame: Frame, shift: np.ndarray | None,
-    xx: np.ndarray, aa: np.ndarray, q: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Σ zᵀz (upper triangle, F order) and Σ z over rows [lo, hi), z = x − shift; fills
-    ‖z‖², ‖V_Sᵀz‖² and (V_Sᵀz)ᵀĤ(V_Sᵀz) per row. One float64 conversion per piece."""
+    screen: float, xx: np.ndarray, bounds: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Σ zᵀz (upper triangle, F order), Σ z and the number of rows given the split bound,
+    over rows [lo, hi), z = x − shift; fills ‖z‖² and the bounds of ‖R⁻ᵀz‖ per row.
+
+    Every row gets the norm bound; rows whose norm bound is ≥ ``screen`` also get the
+    split bound (the smaller of the two is kept: both are valid). One float64 conversion
+    per piece; the float64 piece stays in cache for SYRK, norms and projection.
+    """
     d = rows.shape[1]
     piece = min(PIECE_ROWS, hi - lo)
     k = frame.k
@@ -236,6 +240,7 @@ def _pass(
     pacc = np.zeros((d, d), order="F")
     scratch = np.zeros((d, d), order="F")
     colsum = np.zeros(d)
+    split = 0
     for a in range(lo, hi, piece):
         n = min(piece, hi - a)
         xb = buf[:n]
@@ -249,35 +254,53 @@ def _pass(
                                  lower=0, overwrite_c=1)
             pacc += scratch
         acc += pacc
-        xx[a : a + n] = np.einsum("ij,ij->i", xb, xb)
+        xp = xx[a : a + n]
+        xp[:] = np.einsum("ij,ij->i", xb, xb)
+        sp = bounds[a : a + n]
+        sp[:] = frame.norm_bounds(xp)
         if k:
-            ab, tb = abuf[:n], tbuf[:n]
-            np.matmul(xb, frame.v, out=ab)
-            aa[a : a + n] = np.einsum("ij,ij->i", ab, ab)
-            np.matmul(ab, frame.h, out=tb)
-            q[a : a + n] = np.einsum("ij,ij->i", ab, tb)
-    return acc, colsum
+            sel = np.flatnonzero(sp >= screen)
+            if 4 * sel.size > n:  # most rows: the whole piece, no gather
+                split += n
+                ab, tb = abuf[:n], tbuf[:n]
+                np.matmul(xb, frame.v, out=ab)
+                np.matmul(ab, frame.h, out=tb)
+                aa = np.einsum("ij,ij->i", ab, ab)
+                q = np.einsum("ij,ij->i", ab, tb)
+                np.minimum(sp, frame.split_bounds(xp, aa, q), out=sp)
+            elif sel.size:
+                split += sel.size
+                ab = xb[sel] @ frame.v
+                aa = np.einsum("ij,ij->i", ab, ab)
+                q = np.einsum("ij,ij->i", ab, ab @ frame.h)
+                sp[sel] = np.minimum(sp[sel], frame.split_bounds(xp[sel], aa, q))
+    return acc, colsum, split
 
 
 def gram_and_bounds(
-    rows: np.ndarray, frame: Frame, shift: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(fl(ZᵀZ) symmetric, fl(Σz), upper bounds of ‖R⁻ᵀz‖ per row, fl(‖z‖²) per row),
-    z = x − shift, threaded by row spans (``split_rows``)."""
+    rows: np.ndarray, frame: Frame, shift: np.ndarray | None = None, screen: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """(fl(ZᵀZ) symmetric, fl(Σz), upper bounds of ‖R⁻ᵀz‖ per row, fl(‖z‖²) per row, rows
+    given the split bound), z = x − shift, threaded by row spans (``split_rows``).
+
+    ``screen``: rows whose norm bound is below it (rows the caller drops anyway) skip the
+    split bound (2·d·k flops each); 0 gives every row both.
+    """
     m = rows.shape[0]
-    xx, aa, q = np.empty(m), np.empty(m if frame.k else 0), np.empty(m if frame.k else 0)
+    xx, bounds = np.empty(m), np.empty(m)
     spans = split_rows(m)
     if len(spans) == 1:
-        parts = [_pass(rows, 0, m, frame, shift, xx, aa, q)]
+        parts = [_pass(rows, 0, m, frame, shift, screen, xx, bounds)]
     else:
         parts = list(pool().map(
-            lambda ab: _pass(rows, ab[0], ab[1], frame, shift, xx, aa, q), spans))
-    gram, colsum = parts[0]
-    for g, c in parts[1:]:
+            lambda ab: _pass(rows, ab[0], ab[1], frame, shift, screen, xx, bounds), spans))
+    gram, colsum, split = parts[0]
+    for g, c, sp in parts[1:]:
         gram += g
         colsum += c
+        split += sp
     gram = np.triu(gram) + np.triu(gram, 1).T
-    return gram, colsum, frame.row_bounds(xx, aa, q), xx
+    return gram, colsum, bounds, xx, split
 
 
 def _transform(frame: Frame, gram: np.ndarray) -> tuple[np.ndarray, float]:

@@ -389,9 +389,10 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         #: state, so a resumed pass takes the same path bit for bit).
         self._gram_wait = 0
         #: Diagnostics of this operator's own folds (not part of the state): steps and rows
-        #: per path ("gram", "trmm", "householder"), and rows admitted to exact scoring.
+        #: per path ("gram", "trmm", "householder"), rows admitted to exact scoring, and
+        #: rows of Gram steps that needed the split bound (the norm bound did not prune).
         self.fold_stats = {f"{kind}_{unit}": 0 for kind in ("gram", "trmm", "householder")
-                           for unit in ("steps", "rows")} | {"admitted_rows": 0}
+                           for unit in ("steps", "rows")} | {"admitted_rows": 0, "split_rows": 0}
 
     def _dim(self, d: int) -> int:
         return d + 1 if self.spec.affine else d
@@ -567,13 +568,22 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
             sample = sample - shift
         typical = float(np.einsum("ij,ij->", sample, sample)) / sample.shape[0]
         tol = min(GRAM_TOL, (1.0 + REL_ERR_BUDGET) / (1.0 + self.rel_err) - 1.0)
-        frame = make_frame(base, typical, need)
+        frame = make_frame(base)
         if frame is None or tol <= 0:
             return None
         predicted = gamma(accumulation_length(m) + 3) * m * typical * frame.rinv_norm**2
         if predicted > tol:  # the SYRK term alone would refuse: skip the work
             return None
-        gram, colsum, s, xx = gram_and_bounds(rows, frame, shift)
+        # μ̂ is within 4u|μ̂| of the factor's exact mean, and z = fl(x − μ̂) within u|z| of
+        # x − μ̂: both enter ‖(x − μ̃) R_c⁻¹‖ additively, before squaring (affine only).
+        d_mu = 0.0 if shift is None else float(np.linalg.norm(4 * U * np.abs(shift))) / (
+            frame.sigma_lo)
+        z_round = 1.01 * U * frame.rinv_norm * frame.sigma_lo if affine else 0.0
+        # rows whose norm bound is below the screen are dropped whatever the split bound
+        screen = (np.sqrt(need) * (1 - 1e-9) - d_mu) / (1 + z_round + 8 * U)
+        if need < 1e-6 * thr:  # (1 − 1e-9)² no longer covers the rounding of thr − 1/n
+            screen = 0.0
+        gram, colsum, s, xx, split = gram_and_bounds(rows, frame, shift, max(screen, 0.0))
         if affine:
             assert shift is not None
             step = centred_gram_step(frame, root_n, shift, gram, colsum, float(xx.sum()), m,
@@ -584,12 +594,9 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
             self._gram_wait = 1
             return None
         self.r, delta = step
+        self.fold_stats["split_rows"] += split
         if affine:
-            assert shift is not None
-            # μ̂ is within 4u|μ̂| of the factor's exact mean, and z = fl(x − μ̂) within u|z|
-            # of x − μ̂: both enter ‖(x − μ̃) R_c⁻¹‖ additively (before squaring).
-            s = s + float(np.linalg.norm(4 * U * np.abs(shift))) / frame.sigma_lo
-            s += 1.01 * U * np.sqrt(xx) * frame.rinv_norm
+            s = s + d_mu + 1.01 * U * np.sqrt(xx) * frame.rinv_norm
             bound = (np.square(s) + 1.0 / root_n**2) * (1 + 4 * U)
         else:
             bound = np.square(s) * (1 + 4 * U)
