@@ -21,6 +21,7 @@ import zarr
 
 from streamattn.cli import main
 from streamattn.errors import InvalidInputError
+from streamattn.io import safety
 from streamattn.sources import KeySource, open_keys
 
 N, D, ROWS = 1200, 6, 100  # 12 blocks
@@ -244,6 +245,61 @@ def test_a_second_writer_of_the_same_output_gets_one_clear_line(
     assert first.returncode == 0, first_err
     assert (out / "result.zarr").is_dir()
     assert not (tmp_path / "OUT.checkpoint").exists()  # no stale checkpoint left behind
+    assert not safety.lock_path(out).exists()  # the last holder removed its lock file
+
+
+def test_a_waiter_that_locks_an_unlinked_lock_file_retries_on_the_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race that removing lock files opens: a waiter opens .OUT.lock, the holder
+    # unlinks it and releases, the waiter wins the flock of the *unlinked* file while a
+    # third process creates and locks a new .OUT.lock. The waiter must not count as holder.
+    out = tmp_path / "OUT"
+    path = safety.lock_path(out)
+    original = safety._acquire_once
+    calls = [0]
+
+    def racing(p: Path, o: Any) -> int:
+        calls[0] += 1
+        fd = original(p, o)
+        if calls[0] == 1:
+            p.unlink()
+            p.write_text("")  # someone else's fresh lock file
+        return fd
+
+    monkeypatch.setattr(safety, "_acquire_once", racing)
+    with safety.output_lock(out):
+        assert calls[0] == 2
+        held = os.fstat(safety._HELD[str(safety.resolved(path))][0])
+        assert (held.st_dev, held.st_ino) == (path.stat().st_dev, path.stat().st_ino)
+    assert not path.exists()
+
+
+MUTEX_WORKER = '''
+import os, sys, time
+from streamattn.errors import OutputLockedError
+from streamattn.io import safety
+out, inside = sys.argv[1], sys.argv[2]
+done = 0
+while done < 60:
+    try:
+        with safety.output_lock(out):
+            fd = os.open(inside, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # fails if shared
+            os.close(fd)
+            time.sleep(0.001)
+            os.unlink(inside)
+            done += 1
+    except OutputLockedError:
+        time.sleep(0.0005)
+'''
+
+
+def test_removed_lock_files_still_admit_one_writer_at_a_time(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-c", MUTEX_WORKER, str(tmp_path / "OUT"), str(tmp_path / "inside")]
+    procs = [subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errs
 
 
 # ---------------------------------------------------------------------------- item 2
