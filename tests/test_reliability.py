@@ -404,6 +404,47 @@ def test_a_missing_chunk_file_is_an_error_naming_chunk_and_rows(
     assert select(store, tmp_path / "OUT", "--fill-missing-chunks") == 0
 
 
+def test_an_inner_chunk_left_out_of_a_shard_is_an_error_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # zarr leaves an all-fill inner chunk out of its shard and reads it back as fill:
+    # the same silent zeros as a missing chunk file, detected from the shard's index.
+    k = keys(1050, seed=5)
+    k[500:600] = 0.0
+    group = zarr.open_group(str(tmp_path / "S.zarr"), mode="w")
+    arr = group.create_array("keys", shape=k.shape, chunks=(100, D), shards=(400, D),
+                             dtype="float32", fill_value=0.0)
+    arr[:] = k
+    assert select(tmp_path / "S.zarr", tmp_path / "OUT") == 2
+    err = capsys.readouterr().err
+    assert "(5, 0) inside the shard file" not in err  # coordinates are within the shard
+    assert "(1, 0) inside the shard file" in err and "c/1/0" in err
+    assert "rows [500, 600)" in err and "Traceback" not in err
+    src = open_keys(tmp_path / "S.zarr", fill_missing=True)
+    np.testing.assert_array_equal(src.read(0, 1050).rows, k)
+    # the last shard's inner chunks beyond row 1050 are never written: not "missing"
+    k[500:600] = 1.0
+    arr[:] = k
+    np.testing.assert_array_equal(open_keys(tmp_path / "S.zarr").read(0, 1050).rows, k)
+
+
+def test_an_inner_chunk_left_out_of_a_head_shard_names_head_rows(tmp_path: Path) -> None:
+    from streamattn.sources.chunkfiles import ChunkFiles
+
+    cache = np.ones((3, 800, D), dtype=np.float32)
+    cache[2, 300:400] = 0.0  # head 2, rows [300, 400)
+    arr = zarr.create_array(str(tmp_path / "H.zarr"), shape=cache.shape,
+                            chunks=(1, 100, D), shards=(3, 400, D), dtype="float32",
+                            fill_value=0.0)
+    arr[:] = cache
+    files = ChunkFiles.of(arr, row_axis=1)
+    assert files is not None
+    found = files.first_missing(0, 800)
+    assert found is not None and found[1:] == (300, 400)
+    assert str(found[0]).startswith("(2, 3, 0) inside the shard file")
+    assert files.first_missing(400, 800) is None
+
+
 @pytest.mark.parametrize("compressed", [False, True])
 def test_a_chunk_file_vanishing_mid_run_is_an_error_locally_and_on_dask(
     tmp_path: Path, compressed: bool
