@@ -39,6 +39,7 @@ from streamattn.io.safety import register_input
 from streamattn.masks import Segments
 from streamattn.sources.cache_layout import (
     Part,
+    _compute,
     part_of_array,
     part_of_layer_arrays,
     part_of_tensors,
@@ -53,6 +54,7 @@ from streamattn.sources.keys import (
     BlockStream,
     KeySource,
     _chunk_rows_of,
+    _RawChunkReader,
 )
 
 
@@ -154,6 +156,9 @@ class MultiHeadSource(BlockStream):
         self.storage_chunk_rows = _chunk_rows_of(keys.arrays[0]) if keys.layout == "layers" \
             else None
         self.fill_missing = bool(fill_missing)
+        #: per part, one direct chunk-file reader per layer array (None: zarr's own read)
+        self._raw = {id(part): self._raw_readers(part, what, label)
+                     for part, what in ((keys, "key"), (values, "value")) if part is not None}
         self._files = [
             (files, what)
             for part, what in ((keys, "key"), (values, "value"))
@@ -163,6 +168,16 @@ class MultiHeadSource(BlockStream):
         ]
         if not self.fill_missing:
             self._check_chunks(0, self.n)
+
+    def _raw_readers(self, part: Part, what: str, label: str
+                     ) -> list[_RawChunkReader | None]:
+        if part.layout != "layers" or not part.full:
+            return [None] * len(part.arrays)
+        out = [_RawChunkReader.of(a) for a in part.arrays]
+        for raw in out:
+            if raw is not None:
+                raw.fill_missing, raw.label, raw.what = self.fill_missing, label, what
+        return out
 
     def _check_chunks(self, start: int, stop: int) -> None:
         """Every chunk file holding rows ``[start, stop)`` exists (zarr on local disk)."""
@@ -229,11 +244,48 @@ class MultiHeadSource(BlockStream):
         return open_kv(self.path, array=self.array_name, **self.reopen)._keys.shapes()
 
     # -- reading -------------------------------------------------------------------
+    def _gather(self, part: Part, start: int, stop: int, what: str) -> np.ndarray:
+        """Rows ``[start, stop)`` of every chosen head as ``(r, layers, heads, d)``.
+
+        Per-layer ``(n, H·d)`` arrays with every head chosen (the documented layout) are
+        read straight into one ``(layers, r, H·d)`` buffer — chunk files of an
+        uncompressed local zarr array by ``preadv`` into it, anything else by one read
+        and one copy per layer; a single in-memory layer is a view, not a copy — and the
+        block is a strided view of that buffer: head (l, h) is ``rows[:, l, h]``, an
+        ``r × d`` view with row stride H·d (no per-head copy; the operators convert
+        their pieces to float64 themselves). Other layouts go through ``Part.read``.
+        """
+        raws = self._raw.get(id(part))
+        if part.layout != "layers" or not part.full or raws is None:
+            try:
+                return part.read(start, stop)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{self.label}: {what} {exc}") from exc
+        r, width = stop - start, part.n_heads_total * part.d
+        first = part.arrays[0]
+        if len(part.arrays) == 1 and isinstance(first, np.ndarray) and first.ndim == 2:
+            buf = first[start:stop][None]
+        else:
+            buf = np.empty((part.layers, r, width), dtype=part.dtype)
+            for lay, (arr, raw) in enumerate(zip(part.arrays, raws, strict=True)):
+                if raw is not None:
+                    raw(start, stop, out=buf[lay])
+                    continue
+                x = _compute(arr[start:stop])
+                if x.shape != (r, width):
+                    raise InvalidInputError(
+                        f"{self.label}: {what} rows [{start}, {stop}) of layer "
+                        f"{part.layer_ids[lay]}: returned {x.shape[0]} rows, expected {r}; "
+                        "the store changed or is truncated."
+                    )
+                buf[lay] = x
+        return buf.reshape(part.layers, r, part.n_heads_total, part.d).transpose(1, 0, 2, 3)
+
     def _read(self, part: Part, start: int, stop: int, what: str) -> np.ndarray:
         try:
-            rows = part.read(start, stop)
-        except InvalidInputError as exc:
-            raise InvalidInputError(f"{self.label}: {what} {exc}") from exc
+            rows = self._gather(part, start, stop, what)
+        except InvalidInputError:
+            raise
         except Exception as exc:
             raise InvalidInputError(
                 f"{self.label}: could not read {what} rows [{start}, {stop}): "
@@ -241,8 +293,10 @@ class MultiHeadSource(BlockStream):
             ) from exc
         if not self.fill_missing:
             self._check_chunks(start, stop)
-        bad = ~np.isfinite(rows)
-        if bad.any():
+        # min and max propagate NaN and show ±Inf: one pass without a boolean array; the
+        # offending row is located only when there is one.
+        if rows.size and not (np.isfinite(rows.min()) and np.isfinite(rows.max())):
+            bad = ~np.isfinite(rows)
             r, layer, head = np.argwhere(bad.any(axis=3))[0]
             raise InvalidInputError(
                 f"{self.label}: {what} row {start + int(r)} (layer "
