@@ -219,7 +219,7 @@ def run_cache_select(path: Path) -> dict[str, Any]:
         "reads": plan["reads"],
         "chunk_rows": plan["chunk_rows"],
         "selected": sum(int(s["size"]) for s in report["sets"].values()),
-        "values_opened": any(c["source"]["has_values"] for c in certs),
+        "values_opened": any(c["source"]["values_opened"] for c in certs),
         "projected_peak_bytes": plan["projected_peak_bytes"],
     }
 

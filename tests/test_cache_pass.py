@@ -113,4 +113,21 @@ def test_select_never_opens_values_unless_asked(tmp_path: Path) -> None:
     for lay in range(LAYERS):
         for head in range(HEADS):
             np.testing.assert_array_equal(saved[lay, head].indices, clean[lay, head].indices)
-            assert saved[lay, head].certificate["source"]["has_values"] is False
+            source = saved[lay, head].certificate["source"]
+            assert source["has_values"] is True and source["values_opened"] is False
+
+
+def test_inspect_says_a_cache_holds_values_without_opening_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    store = make_cache(tmp_path / "kv.zarr")
+    shutil.rmtree(store / "values" / "layer_1")  # unreadable values: never touched
+    assert cli(["inspect", str(store)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["has_values"] is True and info["values_opened"] is False
+    no_values = generate_kv_store(tmp_path / "k.zarr", SyntheticSpec(n=64, d=4, rank=2,
+                                  chunk_rows=32), layers=1, heads=2)
+    assert open_kv(no_values).describe()["has_values"] is False
+    assert open_kv(store).describe()["values_dim"] == 0

@@ -110,6 +110,7 @@ class MultiHeadSource(BlockStream):
         queries: Part | None = None,
         reopen: dict[str, Any] | None = None,
         fill_missing: bool = False,
+        values_stored: bool = False,
     ) -> None:
         if keys.n == 0:
             raise InvalidInputError(f"{label}: the cache has n = 0 rows; nothing to do.")
@@ -133,6 +134,9 @@ class MultiHeadSource(BlockStream):
             )
         self._keys = keys
         self._values = values
+        #: Whether the cache holds values (from its layout, none of them read); they are
+        #: opened and streamed only when asked for (``open_kv(values=True)``).
+        self.values_stored = values is not None or bool(values_stored)
         self.queries = queries
         self.label = label
         self.path = path
@@ -230,7 +234,8 @@ class MultiHeadSource(BlockStream):
             "layout": self._keys.layout,
             "dtype": str(self.dtype),
             "storage_chunk_rows": self.storage_chunk_rows,
-            "has_values": self._values is not None,
+            "has_values": self.values_stored,
+            "values_opened": self._values is not None,
             "values_dim": self.values_dim,
             "query_heads": None if self.queries is None else self.queries.n_heads_total,
             "segments": int(self.segments.starts.size),
@@ -460,7 +465,8 @@ def open_kv(
         keys = part_of_tensors(entries[0], batch=batch, label=label, **pick)
         vals = part_of_tensors(entries[1], batch=batch, label=f"{label} values",
                                **pick) if values else None
-        return MultiHeadSource(keys, values=vals, label=label, reopen=reopen)
+        return MultiHeadSource(keys, values=vals, label=label, reopen=reopen,
+                               values_stored=True)
     if not isinstance(path_or_array, (str, Path)):
         if not hasattr(path_or_array, "shape") or not hasattr(path_or_array, "dtype"):
             raise InvalidInputError(
@@ -513,8 +519,9 @@ def open_kv(
 
     keys = layered(entry, name, n_heads, heads)
     vals = qs = None
-    if name == "keys" and values and "values" in node and isinstance(node["values"],
-                                                                       zarr.Group):
+    # the group's metadata only: a values array is not opened unless asked for
+    stored = name == "keys" and "values" in node and isinstance(node["values"], zarr.Group)
+    if stored and values:
         vals = layered(node["values"], "values", keys.n_heads_total, heads)
     if name == "keys" and "queries" in node and isinstance(node["queries"], zarr.Group):
         qs = layered(node["queries"], "queries", None, query_heads)
@@ -523,7 +530,7 @@ def open_kv(
         keys, values=vals, label=where, path=label, array_name=name,
         model=model if isinstance(model, dict) else None,
         segments=_read_tokens(node, keys.n, label), queries=qs, reopen=reopen,
-        fill_missing=fill_missing,
+        fill_missing=fill_missing, values_stored=stored,
     )
 
 
