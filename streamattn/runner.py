@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
+from streamattn.blas import single_blas_thread
 from streamattn.engines import engine_session, run_operators
 from streamattn.errors import ConfigError, MemoryBudgetError
 from streamattn.io.checkpoint import RowWindow
@@ -194,8 +195,12 @@ def _advance_head(
     plan: Plan[Any], key: tuple[int, int], done: dict[str, Operator] | None,
     pending: dict[tuple[int, int], Pass], items: list[list[Any]],
 ) -> None:
+    """One head's recipe to its next pass or its result, with one BLAS thread: its work
+    between passes is d × d factorisations (SVDs of the final factor, ...), ~15× slower
+    with OpenBLAS threads on 2 cores, times layers × heads."""
     try:
-        pending[key] = next(plan) if done is None else plan.send(done)
+        with single_blas_thread():
+            pending[key] = next(plan) if done is None else plan.send(done)
     except StopIteration as stop:
         items[key[0]][key[1]] = stop.value
 
