@@ -17,11 +17,23 @@ in one pass), ``ground-truth`` (exact heavy attention for 256 queries), ``dask-t
 by dask.array, then scores by map_blocks) and ``dask-tsqr`` (``da.linalg.tsqr``, row
 norms of Q).
 
-Each configuration with a target of issue 16 (``TARGETS``: the exact one-pass set ≤ 1.0×
-the zarr loop and ≤ 2.0× the parallel read; with JL embeddings ≤ 1.5× the loop) gets a
-``target`` and ``meets_target`` entry. Results go to ``--out`` (default: a fresh
-``runs/bench-<UTC time>``, never over earlier results); generated stores live in
-``--data-dir`` and are reused by later runs, or deleted at the end with ``--remove-data``.
+Issue 16's other targets have their own configurations: ``uset-budget`` (exact top-B,
+budget mode, against the zarr loop), ``dask-ckpt`` (``streamattn select --engine dask``
+with its default checkpointing: the client's peak RSS at two or more n, flat?), and on a
+generated whole KV cache (``CACHE_KINDS``: layers × KV heads × head_dim, per-layer
+``keys/layer_{l}`` and ``values/layer_{l}`` arrays) ``cache-read-keys`` (a plain zarr loop
+over every keys array: the baseline), ``cache-read-kv`` (keys and values arrays) and
+``cache-select`` (``streamattn select CACHE --eps``: every head's set in one pass, keys
+only; its projected peak — states plus blocks in flight — next to the measured one).
+
+Each configuration with a target of issue 16 gets a ``target`` and ``meets_target`` entry
+(``TARGETS``: the exact one-pass set ≤ 1.0× the zarr loop and ≤ 2.0× the parallel read,
+with JL embeddings ≤ 1.5× the loop; ``RATIO_TARGETS``: a time ratio to another
+configuration of the same store; ``FLAT_TARGETS``: peak RSS flat in n), and
+``results.md`` opens with one table of every target, met or missed. Results go to
+``--out`` (default: a fresh ``runs/bench-<UTC time>``, never over earlier results);
+generated stores live in ``--data-dir`` and are reused by later runs, or deleted at the
+end with ``--remove-data``.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -56,7 +69,17 @@ KINDS = (
     "dask-cluster",
     "dask-gram",
     "dask-tsqr",
+    "uset-budget",
+    "dask-ckpt",
 )
+#: Configurations on a whole KV cache (``cache-read-keys`` is their baseline).
+CACHE_KINDS = ("cache-read-keys", "cache-read-kv", "cache-select")
+#: The cache's shape: layers, KV heads, head_dim (issue 16's example); rows per chunk.
+CACHE_SHAPE = (30, 3, 64)
+CACHE_CHUNK_ROWS = 4096
+CACHE_EPS = 0.05
+#: Budget mode's B (exact top-B keys by leverage).
+BUDGET = 1024
 READ_THREADS = 4
 #: Issue 16's single-head targets: (max × zarr loop, max × parallel read) per configuration.
 TARGETS: dict[str, tuple[float, float | None]] = {
@@ -64,6 +87,14 @@ TARGETS: dict[str, tuple[float, float | None]] = {
     "uset-affine": (1.0, 2.0),
     "uset+jl": (1.5, None),
 }
+#: Issue 16's time-ratio targets: configuration -> (baseline configuration, max ratio, text).
+RATIO_TARGETS: dict[str, tuple[str, float, str]] = {
+    "cache-select": ("cache-read-keys", 1.5, "≤ 1.5× plain read of the keys arrays"),
+    "dask-cluster": ("uset-plain", 1.2, "≤ 1.2× local engine (cluster start-up excluded)"),
+    "uset-budget": ("zarr-loop", 2.0, "≤ 2.0× zarr loop"),
+}
+#: Issue 16's memory targets: peak RSS at the largest n ≤ this × at the smallest n.
+FLAT_TARGETS: dict[str, float] = {"cache-select": 1.1, "dask-ckpt": 1.1}
 
 
 class NotAvailable(Exception):
@@ -82,6 +113,24 @@ def ensure_bench_store(data_dir: Path, n: int, d: int, compressor: str) -> Path:
     path = store_path(data_dir, n, d, compressor)
     spec = SyntheticSpec(n=n, d=d, chunk_rows=65536, compressor=compressor)
     ensure_store(path, spec)
+    return path
+
+
+def cache_path(data_dir: Path, n: int, shape: tuple[int, int, int]) -> Path:
+    layers, heads, hd = shape
+    return data_dir / f"cache-n{n}-{layers}x{heads}x{hd}.zarr"
+
+
+def ensure_cache_store(data_dir: Path, n: int, shape: tuple[int, int, int]) -> Path:
+    """A synthetic whole KV cache (keys and values per layer, uncompressed), made once."""
+    from streamattn.synthetic import SyntheticSpec, generate_kv_store
+
+    path = cache_path(data_dir, n, shape)
+    if not path.exists():
+        layers, heads, hd = shape
+        spec = SyntheticSpec(n=n, d=hd, rank=min(16, hd), chunk_rows=CACHE_CHUNK_ROWS,
+                             compressor="none", values_dim=hd)
+        generate_kv_store(path, spec, layers=layers, heads=heads)
     return path
 
 
@@ -129,6 +178,85 @@ def run_parallel_read(path: Path) -> dict[str, Any]:
     with ThreadPoolExecutor(READ_THREADS) as pool:
         list(pool.map(read, range(-(-n // step))))
     return {"threads": READ_THREADS, "decompress": compressed}
+
+
+def run_cache_read(path: Path, values: bool) -> dict[str, Any]:
+    """A plain zarr loop over every ``keys/layer_{l}`` (and ``values/layer_{l}``) array."""
+    import zarr
+
+    root: Any = zarr.open_group(str(path), mode="r")
+    groups = ["keys", "values"] if values else ["keys"]
+    total, arrays = 0.0, 0
+    for name in groups:
+        for _, arr in sorted(root[name].arrays()):
+            step = int(arr.chunks[0])
+            for a in range(0, arr.shape[0], step):
+                total += float(arr[a : a + step][0, 0])
+            arrays += 1
+    return {"arrays": arrays}
+
+
+def _cli_select(path: Path, *flags: str) -> dict[str, Any]:
+    """``streamattn select PATH FLAGS --out TMP --quiet``; the run's report.json."""
+    from streamattn.cli.main import main as cli
+
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = Path(tmp) / "out"
+        code = cli(["select", str(path), *flags, "--out", str(out), "--quiet"])
+        if code != 0:
+            raise RuntimeError(f"streamattn select exited with {code}")
+        report: dict[str, Any] = json.loads((out / "report.json").read_text())
+    return report
+
+
+def run_cache_select(path: Path) -> dict[str, Any]:
+    """``streamattn select CACHE --eps CACHE_EPS``: every head in one pass, keys only."""
+    report = _cli_select(path, "--eps", str(CACHE_EPS))
+    plan = report["plan"]
+    certs = [s["certificate"] for s in report["sets"].values()]
+    return {
+        "heads": len(certs),
+        "reads": plan["reads"],
+        "chunk_rows": plan["chunk_rows"],
+        "selected": sum(int(s["size"]) for s in report["sets"].values()),
+        "values_opened": any(c["source"]["values_opened"] for c in certs),
+        "projected_peak_bytes": plan["projected_peak_bytes"],
+    }
+
+
+def run_dask_ckpt(path: Path) -> dict[str, Any]:
+    """``streamattn select --engine dask --scheduler threads`` (checkpointing: the CLI's
+    default); the client's peak RSS is the process's."""
+    report = _cli_select(path, "--eps", str(EPS), "--engine", "dask", "--scheduler", "threads")
+    (name,) = report["sets"]
+    return {"selected": int(report["sets"][name]["size"]),
+            "checkpointed": all(p["checkpointed"] for p in report["plan"]["passes"])}
+
+
+def run_dask_cluster(path: Path) -> dict[str, Any]:
+    """The Dask engine on a 2-worker LocalCluster (1 thread each); start-up timed apart."""
+    from distributed import Client, LocalCluster
+
+    t0 = time.perf_counter()
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0",
+                     scheduler_kwargs={"dashboard": False}) as cluster,
+        Client(cluster) as client,
+    ):
+        startup = time.perf_counter() - t0
+        info = run_uset(path, "plain", engine="dask", client=client)
+    return {**info, "startup_seconds": startup}
+
+
+def run_budget(path: Path) -> dict[str, Any]:
+    """Budget mode: the exact top-``BUDGET`` keys (one pass, or two when the first cannot
+    certify the top-B)."""
+    from streamattn.recipes.universal import universal_set
+    from streamattn.results import UniversalSet
+
+    u = universal_set(str(path), budget=BUDGET)
+    assert isinstance(u, UniversalSet)
+    return {"selected": len(u), "budget": BUDGET, "passes": u.certificate["passes"]}
 
 
 def run_uset(path: Path, variant: str, **engine: Any) -> dict[str, Any]:
@@ -216,17 +344,23 @@ def run_one(kind: str, path: Path) -> dict[str, Any]:
         return run_uset_jl(path)
     if kind == "ground-truth":
         return run_ground_truth(path)
-    if kind in ("dask-threads", "dask-cluster"):
-        scheduler = "threads" if kind == "dask-threads" else "local-cluster"
-        opts: dict[str, Any] = {"engine": "dask", "scheduler": scheduler}
-        if scheduler == "local-cluster":
-            opts.update(n_workers=2, threads_per_worker=1)
-        return run_uset(path, "plain", **opts)
+    if kind == "dask-threads":
+        return run_uset(path, "plain", engine="dask", scheduler="threads")
+    if kind == "dask-cluster":
+        return run_dask_cluster(path)
     if kind == "dask-gram":
         return run_dask_gram(path)
     if kind == "dask-tsqr":
         return run_dask_tsqr(path)
-    raise ValueError(f"unknown configuration {kind!r}; choose from {list(KINDS)}")
+    if kind == "uset-budget":
+        return run_budget(path)
+    if kind == "dask-ckpt":
+        return run_dask_ckpt(path)
+    if kind in ("cache-read-keys", "cache-read-kv"):
+        return run_cache_read(path, values=kind == "cache-read-kv")
+    if kind == "cache-select":
+        return run_cache_select(path)
+    raise ValueError(f"unknown configuration {kind!r}; choose from {list(KINDS + CACHE_KINDS)}")
 
 
 def _cpu_idle() -> tuple[int, int]:
@@ -238,31 +372,46 @@ def _cpu_idle() -> tuple[int, int]:
         return 0, 0
 
 
-def child_main(kind: str, path: str) -> None:
-    """Run one configuration in this (fresh) process; print one JSON line."""
+def measure_here(kind: str, path: Path) -> dict[str, Any]:
+    """Run one configuration in this process: its record (time, peak RSS, CPU idle).
+
+    ``import_rss_bytes`` is the peak RSS after importing the libraries, before the run (a
+    fresh process's floor); ``client_peak_rss_bytes`` this process's own peak, and
+    ``peak_rss_bytes`` the larger of it and its waited-for children's (cluster workers).
+    A configuration's ``startup_seconds`` (cluster start) is not counted in ``seconds``.
+    """
+    import scipy.linalg  # noqa: F401  (the libraries every configuration loads)
+    import zarr  # noqa: F401
+
+    import streamattn.recipes.universal  # noqa: F401
+
+    import_rss = peak_rss_bytes()
     idle0, total0 = _cpu_idle()
     t0 = time.perf_counter()
     try:
-        info = run_one(kind, Path(path))
+        info = run_one(kind, path)
         status = "ok"
     except NotAvailable as exc:
         info, status = {"reason": str(exc)}, "not available"
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - float(info.get("startup_seconds", 0.0))
     idle1, total1 = _cpu_idle()
     self_rss = peak_rss_bytes()  # VmHWM: ru_maxrss would inherit the parent's peak
     child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     busy = total1 - total0
-    print(
-        json.dumps(
-            {
-                "status": status,
-                "seconds": seconds,
-                "peak_rss_bytes": max(self_rss, child_rss),
-                "cpu_idle_share": (idle1 - idle0) / busy if busy else None,
-                **info,
-            }
-        )
-    )
+    return {
+        "status": status,
+        "seconds": seconds,
+        "peak_rss_bytes": max(self_rss, child_rss),
+        "client_peak_rss_bytes": self_rss,
+        "import_rss_bytes": import_rss,
+        "cpu_idle_share": (idle1 - idle0) / busy if busy else None,
+        **info,
+    }
+
+
+def child_main(kind: str, path: str) -> None:
+    """Run one configuration in this (fresh) process; print one JSON line."""
+    print(json.dumps(measure_here(kind, Path(path))))
 
 
 # ---------------------------------------------------------------------------- driver
@@ -284,7 +433,8 @@ def measure(kind: str, path: Path, repeat: int, timeout: float = 1800) -> dict[s
             return runs[-1]
     best = min(runs, key=lambda r: r["seconds"])
     best["all_seconds"] = [r["seconds"] for r in runs]
-    best["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
+    for key in ("peak_rss_bytes", "client_peak_rss_bytes"):
+        best[key] = max(r.get(key, 0) for r in runs)
     return best
 
 
@@ -317,8 +467,27 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+Case = tuple[int, int, str, list[str]]
+#: A whole-cache case: n, (layers, heads, head_dim), configurations.
+CacheCase = tuple[int, tuple[int, int, int], list[str]]
+Measure = Callable[[str, Path, int], dict[str, Any]]
+
+
+def _ratios(row: dict[str, Any], base: dict[str, float]) -> None:
+    """Time ratios of an ok row to the baselines measured before it on the same store."""
+    sec = row["seconds"]
+    if "zarr-loop" in base:
+        row["ratio_to_zarr_loop"] = sec / base["zarr-loop"]
+    if "parallel-read" in base:
+        row["ratio_to_parallel_read"] = sec / base["parallel-read"]
+    spec = RATIO_TARGETS.get(row["config"])
+    if spec is not None and spec[0] in base:
+        row[f"ratio_to_{spec[0]}"] = sec / base[spec[0]]
+
+
 def bench_rows(
-    cases: list[tuple[int, int, str, list[str]]], data_dir: Path, repeat: int, log: Any = print
+    cases: list[Case], data_dir: Path, repeat: int, log: Any = print,
+    measure_fn: Measure = measure,
 ) -> list[dict[str, Any]]:
     """Measure each (n, d, compressor, kinds) case; ratios against its own zarr loop."""
     rows: list[dict[str, Any]] = []
@@ -327,17 +496,44 @@ def bench_rows(
         nbytes = n * d * 4
         base: dict[str, float] = {}
         for kind in kinds:
-            res = measure(kind, path, repeat)
+            res = measure_fn(kind, path, repeat)
             row = {"n": n, "d": d, "compressor": comp, "config": kind, **res}
             if res.get("status") == "ok":
                 sec = res["seconds"]
                 base.setdefault(kind, sec)
                 row["rows_per_s"] = n / sec
                 row["gb_per_s"] = nbytes / sec / 1e9
-                if "zarr-loop" in base:
-                    row["ratio_to_zarr_loop"] = sec / base["zarr-loop"]
-                if "parallel-read" in base:
-                    row["ratio_to_parallel_read"] = sec / base["parallel-read"]
+                _ratios(row, base)
+                row.update(target_check(kind, row))
+            rows.append(row)
+            log(format_row(row))
+    return rows
+
+
+def cache_rows(
+    cases: list[CacheCase], data_dir: Path, repeat: int, log: Any = print,
+    measure_fn: Measure = measure,
+) -> list[dict[str, Any]]:
+    """Measure each whole-cache case; ratios against its plain read of the keys arrays."""
+    rows: list[dict[str, Any]] = []
+    for n, shape, kinds in cases:
+        path = ensure_cache_store(data_dir, n, shape)
+        layers, heads, hd = shape
+        nbytes = n * layers * heads * hd * 4  # keys
+        base: dict[str, float] = {}
+        for kind in kinds:
+            res = measure_fn(kind, path, repeat)
+            row = {"n": n, "d": hd, "compressor": "none", "config": kind,
+                   "store": f"cache {layers}x{heads}x{hd}", "layers": layers, "heads": heads,
+                   **res}
+            if res.get("status") == "ok":
+                sec = res["seconds"]
+                base.setdefault(kind, sec)
+                if "cache-read-keys" in base:
+                    row["ratio_to_zarr_loop"] = sec / base["cache-read-keys"]
+                row["rows_per_s"] = n / sec
+                row["gb_per_s"] = nbytes * (2 if kind == "cache-read-kv" else 1) / sec / 1e9
+                _ratios(row, base)
                 row.update(target_check(kind, row))
             rows.append(row)
             log(format_row(row))
@@ -346,6 +542,16 @@ def bench_rows(
 
 def target_check(kind: str, row: dict[str, Any]) -> dict[str, Any]:
     """``target`` (the stated limits) and ``meets_target`` for a configuration that has one."""
+    if kind in RATIO_TARGETS:
+        base, limit, text = RATIO_TARGETS[kind]
+        ratio = row.get(f"ratio_to_{base}")
+        if ratio is None:
+            return {}
+        out: dict[str, Any] = {"target": text, "meets_target": bool(ratio <= limit)}
+        if kind == "cache-select" and "values_opened" in row:
+            out["target"] += "; values never opened"
+            out["meets_target"] = out["meets_target"] and not row["values_opened"]
+        return out
     if kind not in TARGETS or "ratio_to_zarr_loop" not in row:
         return {}
     loop, par = TARGETS[kind]
@@ -357,13 +563,58 @@ def target_check(kind: str, row: dict[str, Any]) -> dict[str, Any]:
     return {"target": text, "meets_target": bool(ok)}
 
 
+def _rss_key(kind: str) -> str:
+    return "client_peak_rss_bytes" if kind == "dask-ckpt" else "peak_rss_bytes"
+
+
+def flat_checks(rows: list[dict[str, Any]]) -> None:
+    """Peak RSS flat in n (``FLAT_TARGETS``), on the largest-n row of each store kind.
+
+    Adds ``rss_ratio_to_smallest_n`` (peak RSS at the largest n over that at the smallest),
+    ``rss_target`` and ``meets_rss_target``; for ``cache-select`` also whether the measured
+    peak above the process's import floor stays within the run's projection (operator
+    states plus blocks in flight).
+    """
+    groups: dict[tuple[str, int, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["config"] in FLAT_TARGETS and r.get("status") == "ok":
+            key = (r["config"], r["d"], r["compressor"], r.get("store", "single head"))
+            groups.setdefault(key, []).append(r)
+    for (kind, *_), group in groups.items():
+        if len({r["n"] for r in group}) < 2:
+            continue
+        small = min(group, key=lambda r: r["n"])
+        big = max(group, key=lambda r: r["n"])
+        rss, limit = _rss_key(kind), FLAT_TARGETS[kind]
+        ratio = big[rss] / small[rss]
+        big["rss_ratio_to_smallest_n"] = ratio
+        big["rss_target"] = (f"peak RSS flat in n: ≤ {limit:g}× at n = {small['n']}"
+                             + (" (client)" if kind == "dask-ckpt" else ""))
+        ok = ratio <= limit
+        if kind == "cache-select":
+            within = all(r[rss] - r["import_rss_bytes"] <= r["projected_peak_bytes"]
+                         for r in group)
+            big["rss_within_projection"] = within
+            big["rss_target"] += "; peak − import floor ≤ projected (states + blocks)"
+            ok = ok and within
+        big["meets_rss_target"] = bool(ok)
+
+
+def _n(n: int) -> str:
+    return f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else str(n)
+
+
+def _mib(x: float) -> str:
+    return f"{x / 2**20:.1f} MiB"
+
+
 def format_row(row: dict[str, Any]) -> str:
+    where = f"n={_n(row['n'])} d={row['d']} {row.get('store', row['compressor']):4s}"
     if row.get("status") != "ok":
         why = row.get("reason") or row.get("error") or ""
-        return f"n=2^{int(np.log2(row['n']))} d={row['d']} {row['compressor']:4s} "\
-            f"{row['config']:14s} {row.get('status')}: {why}"
+        return f"{where} {row['config']:15s} {row.get('status')}: {why}"
     return (
-        f"n=2^{int(np.log2(row['n']))} d={row['d']} {row['compressor']:4s} {row['config']:14s} "
+        f"{where} {row['config']:15s} "
         f"{row['seconds']:8.2f} s  x{row.get('ratio_to_zarr_loop', float('nan')):5.2f} loop  "
         f"x{row.get('ratio_to_parallel_read', float('nan')):5.2f} par  "
         f"{row['gb_per_s']:5.2f} GB/s  RSS {row['peak_rss_bytes'] / 2**20:7.0f} MiB  "
@@ -381,7 +632,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     )
     lines = [head]
     for r in rows:
-        cells = [f"2^{int(np.log2(r['n']))}", str(r["d"]), r["compressor"], r["config"]]
+        cells = [_n(r["n"]), str(r["d"]), r.get("store", r["compressor"]), r["config"]]
         if r.get("status") != "ok":
             lines.append("| " + " | ".join(cells + [r.get("status", "?")] + [""] * 7) + " |")
             continue
@@ -400,6 +651,54 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: results.md's first table: issue 16's target number of each configuration.
+TARGET_NUMBER = {"uset-plain": 1, "uset-affine": 1, "uset+jl": 1, "cache-select": 2,
+                 "dask-ckpt": 3, "dask-cluster": 3, "uset-budget": 4}
+
+
+STORE_NAMES = {"none": "uncompressed", "zstd": "zstd"}
+
+
+def target_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per checked target: number, configuration, store, measured, limit, met."""
+    out: list[dict[str, Any]] = []
+    for r in rows:
+        store = r.get("store", f"single head, {STORE_NAMES.get(r['compressor'], r['compressor'])}")
+        where = f"{store}, n = {_n(r['n'])}, d = {r['d']}"
+        if "meets_target" in r:
+            kind = r["config"]
+            if kind in RATIO_TARGETS:
+                base = RATIO_TARGETS[kind][0]
+                measured = f"{r[f'ratio_to_{base}']:.2f}× {base}"
+                if kind == "cache-select":
+                    measured += f"; values opened: {'yes' if r['values_opened'] else 'no'}"
+            else:
+                measured = f"{r['ratio_to_zarr_loop']:.2f}× loop"
+                if "ratio_to_parallel_read" in r:
+                    measured += f", {r['ratio_to_parallel_read']:.2f}× parallel read"
+            out.append({"target": TARGET_NUMBER.get(kind), "config": kind, "where": where,
+                        "measured": measured, "limit": r["target"], "met": r["meets_target"]})
+        if "meets_rss_target" in r:
+            key = _rss_key(r["config"])
+            measured = f"{_mib(r[key])} ({r['rss_ratio_to_smallest_n']:.2f}× the smallest n)"
+            if "rss_within_projection" in r:
+                measured += (f"; import floor {_mib(r['import_rss_bytes'])}, projected "
+                             f"{_mib(r['projected_peak_bytes'])}")
+            out.append({"target": TARGET_NUMBER.get(r["config"]), "config": r["config"],
+                        "where": where, "measured": measured, "limit": r["rss_target"],
+                        "met": r["meets_rss_target"]})
+    return sorted(out, key=lambda t: t["target"] or 0)
+
+
+def targets_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| issue 16 target | configuration | store | measured | limit | status |",
+             "|---|---|---|---|---|---|"]
+    for t in target_rows(rows):
+        lines.append(f"| {t['target']} | {t['config']} | {t['where']} | {t['measured']} | "
+                     f"{t['limit']} | {'met' if t['met'] else 'missed'} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_results(out_dir: Path, rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
     from streamattn.io.outputs import to_jsonable, write_json_atomic
 
@@ -407,7 +706,8 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]], extra: dict[str, An
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
-    payload = {"machine": machine_info(), "commit": commit or None, **extra, "rows": rows}
+    payload = {"machine": machine_info(), "commit": commit or None, **extra, "rows": rows,
+               "targets": target_rows(rows)}
     write_json_atomic(out_dir / "results.json", to_jsonable(payload))
     info = payload["machine"]
     blas = ", ".join(f"{b.get('internal_api') or b.get('name')} {b.get('version')} "
@@ -418,25 +718,33 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]], extra: dict[str, An
         f"numpy {info['numpy']}, Python {info['python']}; commit {payload['commit']}. "
         "CPU idle: share of the machine's CPU time left idle during the run (0%: "
         "contended by other work).\n\n"
-        f"Command: `{extra.get('command', '')}`\n\n" + markdown_table(rows)
+        f"Command: `{extra.get('command', '')}`\n\n"
+        "Issue 16's targets (each ratio from configurations measured in this run, a fresh "
+        "process each; peak RSS: VmHWM of the process, with its waited-for children for "
+        "a LocalCluster; dask-ckpt: the client process):\n\n"
+        + targets_table(rows) + "\nEvery configuration:\n\n" + markdown_table(rows)
     )
     tmp = out_dir / "results.md.tmp"
     tmp.write_text(md)
     tmp.replace(out_dir / "results.md")
 
 
-MAIN_KINDS = list(KINDS)
+MAIN_KINDS = [k for k in KINDS if k != "dask-ckpt"]
 SIDE_KINDS = ["zarr-loop", "parallel-read", "uset-plain", "uset-affine"]
+D64_KINDS = [*SIDE_KINDS, "dask-ckpt"]
 ZSTD_KINDS = ["zarr-loop", "parallel-read", "uset-plain"]
 
 
-def default_cases(big: bool, quick: bool) -> list[tuple[int, int, str, list[str]]]:
-    """d = 64 and 128, n = 2^20 and 2^22 (2^24 with ``big``); everything at d=128, n=2^22."""
+def default_cases(big: bool, quick: bool) -> list[Case]:
+    """d = 64 and 128, n = 2^20 and 2^22 (2^24 with ``big``); everything at d=128, n=2^22;
+    the Dask client's checkpointed RSS at d = 64 and both n."""
     if quick:
-        return [(2**20, 128, "none", [*SIDE_KINDS, "dask-gram"])]
+        return [(2**20, 128, "none", [*SIDE_KINDS, "dask-gram", "uset-budget", "dask-cluster"]),
+                (2**19, 64, "none", ["zarr-loop", "dask-ckpt"]),
+                (2**20, 64, "none", ["zarr-loop", "dask-ckpt"])]
     cases = [
-        (2**20, 64, "none", SIDE_KINDS),
-        (2**22, 64, "none", SIDE_KINDS),
+        (2**20, 64, "none", D64_KINDS),
+        (2**22, 64, "none", D64_KINDS),
         (2**20, 128, "none", SIDE_KINDS),
         (2**22, 128, "none", MAIN_KINDS),
         (2**22, 128, "zstd", ZSTD_KINDS),
@@ -444,6 +752,17 @@ def default_cases(big: bool, quick: bool) -> list[tuple[int, int, str, list[str]
     if big:
         cases.append((2**24, 128, "none", SIDE_KINDS))
     return cases
+
+
+def default_cache_cases(quick: bool, sizes: list[int] | None = None,
+                        shape: tuple[int, int, int] = CACHE_SHAPE) -> list[CacheCase]:
+    """The whole cache at two n (issue 16: 30 layers × 3 KV heads × 64, n = 25k and 50k;
+    quick: 8 × 2 × 64 at 8192 and 16384 rows)."""
+    if sizes is None:
+        sizes = [8192, 16384] if quick else [25_000, 50_000]
+    if quick and shape == CACHE_SHAPE:
+        shape = (8, 2, 64)
+    return [(n, shape, list(CACHE_KINDS)) for n in sizes]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,15 +784,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="row counts as powers of two (default: 20 22)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration (min)")
     parser.add_argument("--big", action="store_true", help="also n = 2^24 (8 GB store)")
-    parser.add_argument("--quick", action="store_true", help="one small store only")
+    parser.add_argument("--quick", action="store_true", help="small stores only")
     parser.add_argument(
-        "--only", nargs="+", choices=KINDS, help="run only these configurations (d=128, 2^22)"
+        "--only", nargs="+", choices=KINDS + CACHE_KINDS,
+        help="run only these configurations (single head: d=128, 2^22; cache kinds: the "
+        "cache cases)",
     )
+    parser.add_argument("--cache-n", type=int, nargs="+", default=None,
+                        help="whole-cache row counts (default: 25000 50000; quick: 8192 16384)")
+    parser.add_argument("--cache-shape", type=int, nargs=3, default=list(CACHE_SHAPE),
+                        metavar=("LAYERS", "HEADS", "HEAD_DIM"), help="the whole cache's shape")
+    parser.add_argument("--no-cache", action="store_true", help="skip the whole-cache cases")
 
 
-def at_sizes(
-    cases: list[tuple[int, int, str, list[str]]], sizes: list[int]
-) -> list[tuple[int, int, str, list[str]]]:
+def at_sizes(cases: list[Case], sizes: list[int]) -> list[Case]:
     """Each (d, store) of ``cases`` with its largest configuration list, at every size."""
     widest: dict[tuple[int, str], list[str]] = {}
     for _, d, comp, kinds in cases:
@@ -493,28 +817,46 @@ def fresh_run_dir(root: Path) -> Path:
     return path
 
 
+def plan_cases(args: argparse.Namespace) -> tuple[list[Case], list[CacheCase]]:
+    """The single-head and whole-cache cases the arguments ask for."""
+    cases = default_cases(args.big, args.quick)
+    shape = (int(args.cache_shape[0]), int(args.cache_shape[1]), int(args.cache_shape[2]))
+    caches = [] if args.no_cache else default_cache_cases(args.quick, args.cache_n, shape)
+    if args.only:
+        single = [k for k in args.only if k in KINDS]
+        cache = [k for k in args.only if k in CACHE_KINDS]
+        cases = [(2**22, 128, "none", ["zarr-loop", "parallel-read", *single])] if single else []
+        if "dask-ckpt" in single:  # flat in n: two sizes at d = 64
+            cases += [(n, 64, "none", ["zarr-loop", "dask-ckpt"]) for n in (2**20, 2**22)]
+        base = ["cache-read-keys", *[k for k in cache if k != "cache-read-keys"]]
+        caches = [(n, shp, base) for n, shp, _ in caches] if cache else []
+    if args.log2n:
+        cases = at_sizes(cases, [2**k for k in args.log2n])
+    return cases, caches
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.one:
         child_main(*args.one)
         return 0
-    cases = default_cases(args.big, args.quick)
-    if args.only:
-        cases = [(2**22, 128, "none", ["zarr-loop", "parallel-read", *args.only])]
-    if args.log2n:
-        cases = at_sizes(cases, [2**k for k in args.log2n])
+    cases, caches = plan_cases(args)
     out = Path(args.out) if args.out else fresh_run_dir(Path("runs"))
     data_dir = Path(args.data_dir)
-    made = [store_path(data_dir, n, d, comp) for n, d, comp, _ in cases
-            if not store_path(data_dir, n, d, comp).exists()]
+    paths = [store_path(data_dir, n, d, comp) for n, d, comp, _ in cases] + [
+        cache_path(data_dir, n, shape) for n, shape, _ in caches]
+    made = [p for p in dict.fromkeys(paths) if not p.exists()]
     try:
         rows = bench_rows(cases, data_dir, args.repeat)
+        rows += cache_rows(caches, data_dir, args.repeat)
     finally:
         if args.remove_data:
             for path in made:
                 shutil.rmtree(path, ignore_errors=True)
+    flat_checks(rows)
     command = "streamattn bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else
                                              sys.argv[1:])
-    write_results(out, rows, {"command": command.strip(), "eps": EPS, "repeat": args.repeat})
+    write_results(out, rows, {"command": command.strip(), "eps": EPS, "cache_eps": CACHE_EPS,
+                              "budget": BUDGET, "repeat": args.repeat})
     print(f"wrote {out}/results.json and results.md")
     return 0
 

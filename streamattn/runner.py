@@ -21,24 +21,32 @@ size default, a checkpoint or a head grid. The runner owns all of that:
 - **a memory budget**: before each read, the sum of the operators' ``nbytes_bound`` plus
   the blocks in flight is compared with ``memory_limit``; a plan over it is refused with
   ``MemoryBudgetError`` before any row is read, and the report records the projected
-  peak next to the measured peak RSS.
+  peak next to the measured peak RSS;
+- **prefix snapshots** (``run_pass(..., snapshots=(n1, n2, ...), on_snapshot=f)``): one
+  read of the store, with ``f(n_i, ops)`` called when the operators hold exactly the first
+  n_i rows, so a sweep over n costs one pass (the rows are read once, segment by segment,
+  as :class:`RowRange` windows).
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
+from streamattn.blas import single_blas_thread
 from streamattn.engines import engine_session, run_operators
 from streamattn.errors import ConfigError, MemoryBudgetError
+from streamattn.io.checkpoint import RowWindow
 from streamattn.memory import peak_rss_bytes
 from streamattn.operators.multihead import MultiHead
 from streamattn.operators.protocol import Operator
+from streamattn.progress import progress_bar
 from streamattn.results import MultiHeadResult
 from streamattn.sources import HeadView, KeySource, MultiHeadSource, open_keys
 
@@ -187,8 +195,12 @@ def _advance_head(
     plan: Plan[Any], key: tuple[int, int], done: dict[str, Operator] | None,
     pending: dict[tuple[int, int], Pass], items: list[list[Any]],
 ) -> None:
+    """One head's recipe to its next pass or its result, with one BLAS thread: its work
+    between passes is d × d factorisations (SVDs of the final factor, ...), ~15× slower
+    with OpenBLAS threads on 2 cores, times layers × heads."""
     try:
-        pending[key] = next(plan) if done is None else plan.send(done)
+        with single_blas_thread():
+            pending[key] = next(plan) if done is None else plan.send(done)
     except StopIteration as stop:
         items[key[0]][key[1]] = stop.value
 
@@ -417,11 +429,135 @@ class OnePass(Recipe[list[Operator]]):
         return [done[str(i)] for i in range(len(self.ops))]
 
 
-def run_pass(source: Any, ops: Sequence[Operator], *, description: str = "pass",
-             **run: Any) -> list[Operator]:
-    """One pass of ``ops`` through the runner (session, block size, budget); returns them."""
+def run_pass(
+    source: Any,
+    ops: Sequence[Operator],
+    *,
+    description: str = "pass",
+    snapshots: Sequence[int] | None = None,
+    on_snapshot: Callable[[int, list[Operator]], None] | None = None,
+    **run: Any,
+) -> list[Operator]:
+    """One pass of ``ops`` through the runner (session, block size, budget); returns them.
+
+    ``snapshots``: row counts n_1 < n_2 < … ≤ n at which ``on_snapshot(n_i, ops)`` is
+    called, when ``ops`` have folded exactly rows ``[0, n_i)``; the pass then goes on to
+    the end of the source (see :func:`run_snapshots`).
+    """
+    if snapshots is not None:
+        if on_snapshot is None:
+            raise ConfigError("run_pass: snapshots= needs on_snapshot= (what to do at each n).")
+        return run_snapshots(source, ops, snapshots, on_snapshot, description=description,
+                             **run)
+    if on_snapshot is not None:
+        raise ConfigError("run_pass: on_snapshot= without snapshots= is never called.")
     out: list[Operator] = run_recipes(source, [OnePass(ops, description)], **run).results[0]
     return out
+
+
+# ---------------------------------------------------------------------------- snapshots
+class RowRange(RowWindow):
+    """``source`` restricted to rows ``[start, stop)``, global row numbers kept, for every
+    engine: ``blocks`` (the local engine) and ``block_ranges`` (the Dask engine) cover the
+    window only; ``keys``/``values`` are the window's rows (``RowWindow``); ``n``, ``read``
+    and everything else are the source's, so operators see the same blocks (same ``start``)
+    as in a pass over the whole source that starts a block at ``start``."""
+
+    def __init__(self, source: Any, start: int, stop: int) -> None:
+        if not 0 <= start < stop <= source.n:
+            raise ConfigError(
+                f"{source.label}: row range [{start}, {stop}) is empty or outside [0, {source.n})."
+            )
+        super().__init__(source, start, stop)
+        self.start, self.stop = start, stop
+
+    def blocks(self, chunk_rows: int | None = None, *, start: int = 0, stop: int | None = None,
+               prefetch: int = 2) -> Iterator[Any]:
+        a = max(start, self.start)
+        b = self.stop if stop is None else min(stop, self.stop)
+        return iter(()) if b <= a else self._source.blocks(
+            chunk_rows, start=a, stop=b, prefetch=prefetch
+        )
+
+
+def snapshot_rows(snapshots: Sequence[int], n: int, label: str) -> list[int]:
+    """``snapshots`` checked: integers, strictly increasing, each in [1, n]."""
+    cuts = [int(c) for c in snapshots]
+    if any(c != s for c, s in zip(cuts, snapshots, strict=True)) or not cuts:
+        raise ConfigError(f"{label}: snapshots must be a non-empty list of row counts, "
+                          f"got {list(snapshots)!r}.")
+    if any(b <= a for a, b in itertools.pairwise(cuts)) or cuts[0] < 1 or cuts[-1] > n:
+        raise ConfigError(f"{label}: snapshots must increase strictly within [1, {n}] (the "
+                          f"source's rows), got {cuts}.")
+    return cuts
+
+
+def run_snapshots(
+    source: Any,
+    ops: Sequence[Operator],
+    snapshots: Sequence[int],
+    on_snapshot: Callable[[int, list[Operator]], None],
+    *,
+    description: str = "pass",
+    engine: str = "local",
+    chunk_rows: int | None = None,
+    progress: bool = False,
+    checkpoint: Any = None,
+    memory_limit: int | str | None = None,
+    array: str | None = None,
+    **engine_options: Any,
+) -> list[Operator]:
+    """One pass of ``ops`` over ``source``, calling ``on_snapshot(n_i, ops)`` at each prefix.
+
+    The rows are read once, as the segments ``[0, n_1), [n_1, n_2), …, [n_k, n)`` (each a
+    :class:`RowRange` through the planner: one engine session, the block size, the memory
+    budget), folded into the same operators in order. Guarantee: at ``n_i`` the operators
+    have folded exactly the rows ``[0, n_i)``, in blocks of ``chunk_rows`` that start at
+    0, n_1, …, n_{i-1}; on the local engine that is the same sequence of ``update`` calls
+    as a separate pass over the first n_i rows whenever the earlier snapshots are multiples
+    of the block size (then bit for bit equal; otherwise equal up to the operator's chunk
+    invariance, i.e. float rounding). On the Dask engine each segment is a merge tree whose
+    state is merged into ``ops`` (equal up to merge-order rounding, the operator laws).
+    ``on_snapshot`` must not change ``ops`` (it may read ``result()``). A checkpoint is
+    refused: a resumed run could not replay the snapshots it skipped.
+    """
+    src = open_keys(source, array=array)
+    if checkpoint is not None:
+        raise ConfigError(
+            f"{src.label}: snapshots do not combine with a checkpoint (a resumed pass would "
+            "skip the snapshots before its resume point); run the pass without one."
+        )
+    if isinstance(src, MultiHeadSource) and engine != "local":
+        raise ConfigError(f"{src.label}: snapshots of a KV cache run on engine: local.")
+    cuts = snapshot_rows(snapshots, src.n, src.label)
+    rows = src.rows_per_block(chunk_rows)
+    limit = parse_bytes(memory_limit)
+    report = RunReport(engine, rows, limit)
+    folded = list(ops)
+    with engine_session(engine, progress=progress, **engine_options) as options, \
+            progress_bar(src.n, description, enabled=progress) as bar:
+        start = 0
+        for stop in dict.fromkeys([*cuts, src.n]):
+            if stop > start:
+                window = RowRange(src, start, stop)
+                plan = OnePass(folded, f"{description} rows [{start}, {stop})").plan(
+                    PassContext(src, rows, engine)
+                )
+                # a RowRange reads like its source (duck-typed), restricted to the window;
+                # one progress bar for the whole pass (a segment's engine bar would count n)
+                _drive(_single(plan), cast(KeySource, window), rows, engine, False, None,
+                       limit, report, options)
+                bar.update(stop - start)
+            start = stop
+            if stop in cuts:
+                on_snapshot(stop, folded)
+    return folded
+
+
+def _single(plan: Plan[R]) -> Plan[list[R]]:
+    """A one-recipe plan in the shape ``_drive`` takes (a list of results)."""
+    result = yield from plan
+    return [result]
 
 
 __all__ = [
@@ -432,6 +568,7 @@ __all__ = [
     "PassContext",
     "Plan",
     "Recipe",
+    "RowRange",
     "RunReport",
     "fuse",
     "lift",
@@ -439,5 +576,7 @@ __all__ = [
     "projected_bytes",
     "run_pass",
     "run_recipes",
+    "run_snapshots",
     "session",
+    "snapshot_rows",
 ]

@@ -190,6 +190,20 @@ def test_affine_variant_is_the_lewis_set_of_augmented_keys() -> None:
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-8)
 
 
+@pytest.mark.parametrize("p", [1.0, 3.0, 5.0])
+def test_affine_variant_is_exact_under_a_huge_common_offset(p: float) -> None:
+    # Reference: the plain set of [K − mean, 1] (the same column space as [K, 1], so the
+    # same Lewis weights), well conditioned. Appending the 1 to K + 1e6 lost the spread
+    # directions to the rank cut before the affine passes subtracted the mean (3 of 11
+    # keys found at p = 3).
+    k0 = keys(150, 3, seed=5)
+    ref = lp_universal_set(np.hstack([k0 - k0.mean(0), np.ones((150, 1))]), 0.1, p=p)
+    for offset in (4.0, 1e6):
+        a = lp_universal_set(k0 + offset, 0.1, p=p, variant="affine", chunk_rows=40)
+        np.testing.assert_array_equal(a.indices, ref.indices)
+        np.testing.assert_allclose(a.scores, ref.scores, rtol=1e-8)
+
+
 def test_weights_are_out_of_core_in_chunked_zarr(tmp_path: Path) -> None:
     k = keys(256, 4)
     u, w = lewis_run(k, 1.0, tmp_path, chunk_rows=64)

@@ -21,6 +21,7 @@ import zarr
 
 from streamattn.cli import main
 from streamattn.errors import InvalidInputError
+from streamattn.io import safety
 from streamattn.sources import KeySource, open_keys
 
 N, D, ROWS = 1200, 6, 100  # 12 blocks
@@ -244,6 +245,61 @@ def test_a_second_writer_of_the_same_output_gets_one_clear_line(
     assert first.returncode == 0, first_err
     assert (out / "result.zarr").is_dir()
     assert not (tmp_path / "OUT.checkpoint").exists()  # no stale checkpoint left behind
+    assert not safety.lock_path(out).exists()  # the last holder removed its lock file
+
+
+def test_a_waiter_that_locks_an_unlinked_lock_file_retries_on_the_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race that removing lock files opens: a waiter opens .OUT.lock, the holder
+    # unlinks it and releases, the waiter wins the flock of the *unlinked* file while a
+    # third process creates and locks a new .OUT.lock. The waiter must not count as holder.
+    out = tmp_path / "OUT"
+    path = safety.lock_path(out)
+    original = safety._acquire_once
+    calls = [0]
+
+    def racing(p: Path, o: Any) -> int:
+        calls[0] += 1
+        fd = original(p, o)
+        if calls[0] == 1:
+            p.unlink()
+            p.write_text("")  # someone else's fresh lock file
+        return fd
+
+    monkeypatch.setattr(safety, "_acquire_once", racing)
+    with safety.output_lock(out):
+        assert calls[0] == 2
+        held = os.fstat(safety._HELD[str(safety.resolved(path))][0])
+        assert (held.st_dev, held.st_ino) == (path.stat().st_dev, path.stat().st_ino)
+    assert not path.exists()
+
+
+MUTEX_WORKER = '''
+import os, sys, time
+from streamattn.errors import OutputLockedError
+from streamattn.io import safety
+out, inside = sys.argv[1], sys.argv[2]
+done = 0
+while done < 60:
+    try:
+        with safety.output_lock(out):
+            fd = os.open(inside, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # fails if shared
+            os.close(fd)
+            time.sleep(0.001)
+            os.unlink(inside)
+            done += 1
+    except OutputLockedError:
+        time.sleep(0.0005)
+'''
+
+
+def test_removed_lock_files_still_admit_one_writer_at_a_time(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-c", MUTEX_WORKER, str(tmp_path / "OUT"), str(tmp_path / "inside")]
+    procs = [subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errs
 
 
 # ---------------------------------------------------------------------------- item 2
@@ -346,6 +402,47 @@ def test_a_missing_chunk_file_is_an_error_naming_chunk_and_rows(
     src = open_keys(store, fill_missing=True)
     np.testing.assert_array_equal(src.read(300, 400).rows, 0.0)
     assert select(store, tmp_path / "OUT", "--fill-missing-chunks") == 0
+
+
+def test_an_inner_chunk_left_out_of_a_shard_is_an_error_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # zarr leaves an all-fill inner chunk out of its shard and reads it back as fill:
+    # the same silent zeros as a missing chunk file, detected from the shard's index.
+    k = keys(1050, seed=5)
+    k[500:600] = 0.0
+    group = zarr.open_group(str(tmp_path / "S.zarr"), mode="w")
+    arr = group.create_array("keys", shape=k.shape, chunks=(100, D), shards=(400, D),
+                             dtype="float32", fill_value=0.0)
+    arr[:] = k
+    assert select(tmp_path / "S.zarr", tmp_path / "OUT") == 2
+    err = capsys.readouterr().err
+    assert "(5, 0) inside the shard file" not in err  # coordinates are within the shard
+    assert "(1, 0) inside the shard file" in err and "c/1/0" in err
+    assert "rows [500, 600)" in err and "Traceback" not in err
+    src = open_keys(tmp_path / "S.zarr", fill_missing=True)
+    np.testing.assert_array_equal(src.read(0, 1050).rows, k)
+    # the last shard's inner chunks beyond row 1050 are never written: not "missing"
+    k[500:600] = 1.0
+    arr[:] = k
+    np.testing.assert_array_equal(open_keys(tmp_path / "S.zarr").read(0, 1050).rows, k)
+
+
+def test_an_inner_chunk_left_out_of_a_head_shard_names_head_rows(tmp_path: Path) -> None:
+    from streamattn.sources.chunkfiles import ChunkFiles
+
+    cache = np.ones((3, 800, D), dtype=np.float32)
+    cache[2, 300:400] = 0.0  # head 2, rows [300, 400)
+    arr = zarr.create_array(str(tmp_path / "H.zarr"), shape=cache.shape,
+                            chunks=(1, 100, D), shards=(3, 400, D), dtype="float32",
+                            fill_value=0.0)
+    arr[:] = cache
+    files = ChunkFiles.of(arr, row_axis=1)
+    assert files is not None
+    found = files.first_missing(0, 800)
+    assert found is not None and found[1:] == (300, 400)
+    assert str(found[0]).startswith("(2, 3, 0) inside the shard file")
+    assert files.first_missing(400, 800) is None
 
 
 @pytest.mark.parametrize("compressed", [False, True])

@@ -20,11 +20,10 @@ missing share is ≤ ``regime_missing_mass`` and the expected total heavy count 
 predicted) is ≥ ``regime_min_total`` (so sampling noise stays at a few %).
 
 Data: keys stream from ``GaussianRows`` (generated per chunk from the seed), through
-``SparsityStats`` on the local engine (``run_local`` with row ranges: the runner reads
-whole sources, and the n sweep needs the state at each prefix); all σ share one pass
-(their queries are stacked: q = c_σ z with the same z, common random numbers), and the n
-sweep is one pass with a snapshot of the (mergeable, exact) state at each n, since the
-first n rows of the stream are the keys of size n.
+``SparsityStats`` in one runner pass (``streamattn.runner.run_pass`` with ``snapshots``);
+all σ share the pass (their queries are stacked: q = c_σ z with the same z, common random
+numbers), and the n sweep is the same pass with a snapshot of the (mergeable, exact) state
+at each n, since the first n rows of the stream are the keys of size n.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ import numpy as np
 from scipy.special import ndtr
 from scipy.stats import norm
 
-from streamattn.engines import run_local
 from streamattn.errors import ConfigError
 from streamattn.experiments.common import (
     PLOTS_MISSING,
@@ -49,7 +47,9 @@ from streamattn.experiments.common import (
     save_figure,
 )
 from streamattn.experiments.generated import GaussianRows, GeneratedSource
+from streamattn.operators.protocol import Operator
 from streamattn.operators.sparsity import SparsitySpec, SparsityStats, heavy_counts, k_delta
+from streamattn.runner import run_pass
 
 NAME = "gaussian-sparsity"
 SUMMARY = "Gaussian keys/queries: heavy counts, k_delta, entropy vs the n*Phibar prediction"
@@ -202,12 +202,9 @@ def _pass(
     )
     rows: list[dict[str, Any]] = []
     krows: list[dict[str, Any]] = []
-    done = 0
-    for n in ns:
-        run_local(source, [op], start=done, stop=n, progress=progress,
-                  description=f"{NAME} d={d} n={n}")
-        done = n
-        res = op.result()
+
+    def snapshot(n: int, ops: list[Operator]) -> None:
+        res = ops[0].result()
         for g, sigma in enumerate(sigmas):
             sl = slice(g * queries, (g + 1) * queries)
             part = {k: (v[sl] if isinstance(v, np.ndarray) else v) for k, v in res.items()}
@@ -260,6 +257,9 @@ def _pass(
                     "predicted_kdelta": pk,
                     "in_regime": bool(miss <= cfg.regime_missing_mass),
                 })
+
+    run_pass(source, [op], snapshots=ns, on_snapshot=snapshot, progress=progress,
+             description=f"{NAME} d={d}")
     return rows, krows
 
 

@@ -13,9 +13,18 @@ up to ``zarr_max_n``) a *fresh subprocess* streams the keys once through
   its oversampling from ``streamattn.recipes.samplers.plan_spec``),
 
 all sharing each read block (the runner fuses the recipes into one read), and reports the time
-per row, |U|, the heavy/candidate counts and its peak RSS (``streamattn.memory``). For
-zarr sources it then times a raw read of the same store (blocks only, no operators):
-engine time / raw read time says how far the pass is from the reading limit.
+per row (wall and CPU: user + system over all threads of the child), |U|, the
+heavy/candidate counts and its peak RSS (``streamattn.memory``). For zarr sources it then
+times a raw read of the same store (blocks only, no operators): engine time / raw read
+time says how far the pass is from the reading limit.
+
+A *series* is one (d, source, sampler, seed); its runs go in increasing n, one at a time.
+With ``sampler_max_n`` set, the main series run without the sampler and the sampler gets
+series of its own (from the generator, n ≤ ``sampler_max_n``): the merge-reduce sampler's
+state grows like log n by design (its memory bound), so it must not blur the flat-memory
+measurement of the rest, and it costs several times the rest of the pass per row.
+``parallel`` series run at the same time (each run still a fresh subprocess, measured by
+its own CPU time and peak RSS).
 
 The keys are ``streamattn.synthetic`` rows with ``outliers: 0``, so row j depends only on
 (seed, j): the store for each n is a prefix of the largest one, grown in place as n
@@ -34,7 +43,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -59,12 +70,12 @@ SAMPLER_NOTE = (
     "the pass; sample_size and its certified bound are in results.csv."
 )
 COLUMNS = [
-    "n", "d", "source", "universal_set_size", "numerical_rank", "gt_heavy_mean",
+    "n", "d", "source", "sampler", "universal_set_size", "numerical_rank", "gt_heavy_mean",
     "gt_heavy_max", "gt_candidates_max", "gt_candidate_bound", "gt_lse_sum", "jl_mu_s_sum",
     "sample_size", "sample_size_bound",
 ]
 MEASURE_COLUMNS = [
-    "n", "d", "source", "seconds", "ns_per_row", "cpu_seconds", "cpu_ns_per_row",
+    "n", "d", "source", "sampler", "seconds", "ns_per_row", "cpu_seconds", "cpu_ns_per_row",
     "peak_rss_bytes", "rss_ratio_vs_2^20",
     "read_seconds", "read_mb_per_s", "engine_over_read",
 ]
@@ -93,6 +104,9 @@ class ScalingConfig:
     chunk_rows: int = 65536
     store_dir: str | None = None
     time_budget_s: float | None = None
+    #: None: the sampler (when set) shares every run; else its own generator series, n ≤ this.
+    sampler_max_n: int | None = None
+    parallel: int = 1
 
     def check(self) -> None:
         for name in ("n", "d"):
@@ -107,7 +121,7 @@ class ScalingConfig:
             raise ConfigError("config.eps and config.gt_eps must be in (0, 1].")
         if self.variant not in ("plain", "affine"):
             raise ConfigError("config.variant must be plain or affine.")
-        for name in ("gt_queries", "jl_m", "chunk_rows", "zarr_max_n"):
+        for name in ("gt_queries", "jl_m", "chunk_rows", "zarr_max_n", "parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config.{name} must be >= 1.")
         if any(self.jl_m > d for d in as_list(self.d, int, "d")):
@@ -116,6 +130,8 @@ class ScalingConfig:
             raise ConfigError("config.sampler must be online, merge-reduce or null.")
         if not 0 < self.sampler_eps < 1 or not 0 < self.sampler_delta < 1:
             raise ConfigError("config.sampler_eps and config.sampler_delta must be in (0, 1).")
+        if self.sampler_max_n is not None and self.sampler_max_n < 1:
+            raise ConfigError("config.sampler_max_n must be >= 1 (or null: every run).")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ConfigError("config.time_budget_s must be > 0 (or null: no budget).")
 
@@ -231,10 +247,15 @@ def _grow_store(path: Path, spec: SyntheticSpec) -> None:
 
 def _jobs(cfg: ScalingConfig) -> list[dict[str, Any]]:
     jobs = []
+    split = cfg.sampler is not None and cfg.sampler_max_n is not None
     for seed in cfg.seeds():
         for d in as_list(cfg.d, int, "d"):
             for n in sorted(set(as_list(cfg.n, int, "n"))):
-                for source in as_list(cfg.source, str, "source"):
+                runs = [(s, None if split else cfg.sampler)
+                        for s in as_list(cfg.source, str, "source")]
+                if split and n <= int(cfg.sampler_max_n or 0):
+                    runs.append(("generator", cfg.sampler))
+                for source, sampler in runs:
                     if source == "zarr" and n > cfg.zarr_max_n:
                         continue
                     jobs.append({
@@ -242,11 +263,24 @@ def _jobs(cfg: ScalingConfig) -> list[dict[str, Any]]:
                         "spec": asdict(cfg.spec(n, d, seed)), "eps": cfg.eps,
                         "variant": cfg.variant, "gt_queries": cfg.gt_queries,
                         "gt_eps": cfg.gt_eps, "jl_m": cfg.jl_m, "jl_method": cfg.jl_method,
-                        "sampler": cfg.sampler, "sampler_eps": cfg.sampler_eps,
+                        "sampler": sampler, "sampler_eps": cfg.sampler_eps,
                         "sampler_delta": cfg.sampler_delta,
                     })
     # cheapest first, so a time budget cuts the largest runs
-    return sorted(jobs, key=lambda j: (j["n"] * j["d"], j["d"], j["source"], j["seed"]))
+    return sorted(jobs, key=lambda j: (j["n"] * j["d"], j["d"], j["source"],
+                                       j["sampler"] or "", j["seed"]))
+
+
+def _series_key(job: dict[str, Any]) -> tuple[int, str, str, int]:
+    return (job["d"], job["source"], job["sampler"] or "", job["seed"])
+
+
+def _series(jobs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Jobs grouped by series (increasing n inside), the most expensive series first."""
+    groups: dict[tuple[int, str, str, int], list[dict[str, Any]]] = {}
+    for job in jobs:
+        groups.setdefault(_series_key(job), []).append(job)
+    return sorted(groups.values(), key=lambda g: -sum(j["n"] * j["d"] for j in g))
 
 
 def _run_child(job: dict[str, Any]) -> dict[str, Any]:
@@ -264,61 +298,94 @@ def _run_child(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(cfg: ScalingConfig, out: Path, *, progress: bool = False) -> dict[str, Any]:
-    """Run every (n, d, source) job in a fresh subprocess; write tables, plots, report."""
+    """Run every (n, d, source) job in a fresh subprocess; write tables, plots, report.
+
+    Series (see the module docstring) run ``cfg.parallel`` at a time; inside a series the
+    runs go in increasing n, and with ``time_budget_s`` a run predicted (from the series'
+    previous run, scaled by n) to end past the budget is skipped with the rest of its
+    series' larger n.
+    """
     t_start = time.perf_counter()
     base = Path(tempfile.mkdtemp(prefix="streamattn-scaling-", dir=cfg.store_dir))
     rows: list[dict[str, Any]] = []
     meas: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    last_seconds: dict[tuple[int, str], tuple[int, float]] = {}
-    jobs = _jobs(cfg)
+    lock = threading.Lock()
+
+    def one_series(series: list[dict[str, Any]]) -> None:
+        last: tuple[int, float] | None = None
+        store: Path | None = None
+        try:
+            for job in series:
+                if cfg.time_budget_s is not None and last is not None:
+                    predicted = last[1] * job["n"] / last[0]
+                    if time.perf_counter() - t_start + predicted > cfg.time_budget_s:
+                        with lock:
+                            skipped.append({**job, "sampler": job["sampler"] or "",
+                                            "reason": f"time budget ({predicted:.0f} s)"})
+                        continue
+                t_job = time.perf_counter()
+                if job["source"] == "zarr":
+                    store = base / f"d{job['d']}-seed{job['seed']}.zarr"
+                    _grow_store(store, SyntheticSpec(**job["spec"]))
+                    job = {**job, "store": str(store)}
+                res = _run_child(job)
+                last = (job["n"], time.perf_counter() - t_job)
+                head = {"n": job["n"], "d": job["d"], "source": job["source"],
+                        "sampler": job["sampler"] or ""}
+                with lock:
+                    if progress:
+                        print(f"  scaling n={job['n']} d={job['d']} {job['source']} "
+                              f"sampler={job['sampler']}: {res['seconds']:.1f} s "
+                              f"(CPU {res['cpu_seconds']:.1f} s), |U| = "
+                              f"{res['universal_set_size']}, RSS "
+                              f"{res['peak_rss_bytes'] / 2**20:.0f} MiB  {json.dumps(res)}",
+                              flush=True)
+                    rows.append({**head, **{c: res[c] for c in COLUMNS if c in res}})
+                    meas.append({**head, **res})
+        finally:
+            if store is not None:
+                shutil.rmtree(store, ignore_errors=True)  # a series' store: its last use
+
     try:
-        for i, job in enumerate(jobs):
-            key = (job["d"], job["source"])
-            elapsed = time.perf_counter() - t_start
-            if cfg.time_budget_s is not None and key in last_seconds:
-                prev_n, prev_s = last_seconds[key]
-                predicted = prev_s * job["n"] / prev_n * (1.6 if job["source"] == "zarr" else 1.0)
-                if elapsed + predicted > cfg.time_budget_s:
-                    skipped.append({**job, "reason": f"time budget ({predicted:.0f} s predicted)"})
-                    continue
-            t_job = time.perf_counter()
-            if job["source"] == "zarr":
-                store = base / f"d{job['d']}-seed{job['seed']}.zarr"
-                _grow_store(store, SyntheticSpec(**job["spec"]))
-                job = {**job, "store": str(store)}
-            res = _run_child(job)
-            last_seconds[key] = (job["n"], time.perf_counter() - t_job)
-            if job["source"] == "zarr" and not any(
-                (j["source"], j["d"], j["seed"]) == ("zarr", job["d"], job["seed"])
-                for j in jobs[i + 1 :]
-            ):
-                shutil.rmtree(job["store"], ignore_errors=True)  # its last use
-            if progress:
-                print(f"  scaling n={job['n']} d={job['d']} {job['source']}: "
-                      f"{res['seconds']:.1f} s, |U| = {res['universal_set_size']}, "
-                      f"RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB  {json.dumps(res)}",
-                      flush=True)
-            head = {"n": job["n"], "d": job["d"], "source": job["source"]}
-            rows.append({**head, **{c: res[c] for c in COLUMNS if c in res}})
-            meas.append({**head, **res})
+        groups = _series(_jobs(cfg))
+        if cfg.parallel == 1:
+            for series in groups:
+                one_series(series)
+        else:
+            with ThreadPoolExecutor(max_workers=cfg.parallel) as pool:
+                for fut in [pool.submit(one_series, g) for g in groups]:
+                    fut.result()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    rows.sort(key=lambda r: (r["n"] * r["d"], r["d"], r["source"], r["sampler"]))
+    meas.sort(key=lambda m: (*_label(m), m["n"]))
     _derive(meas)
     (out / "results.csv").write_text(csv_text(rows, COLUMNS))
     (out / "measurements.csv").write_text(csv_text(meas, MEASURE_COLUMNS))
     plots = _plots(meas, out) if meas and plots_available() else []
     (out / "report.md").write_text(_report(cfg, rows, meas, skipped, plots))
     reached = max((m["n"] for m in meas), default=None)
-    return {"runs": len(meas), "skipped": len(skipped), "max_n": reached, "plots": plots}
+    return {"runs": len(meas), "skipped": len(skipped), "max_n": reached, "plots": plots,
+            "seconds_total": time.perf_counter() - t_start}
+
+
+def _label(m: dict[str, Any]) -> tuple[int, str, str]:
+    """A measured series as the tables show it: (d, source, sampler or "")."""
+    return (m["d"], m["source"], m["sampler"])
+
+
+def _name(label: tuple[int, str, str]) -> str:
+    d, source, sampler = label
+    return f"d={d} {source}" + (f" +{sampler} sampler" if sampler else "")
 
 
 def _derive(meas: list[dict[str, Any]]) -> None:
-    ref = {(m["d"], m["source"]): m["peak_rss_bytes"] for m in meas if m["n"] == 2**20}
+    ref = {_label(m): m["peak_rss_bytes"] for m in meas if m["n"] == 2**20}
     for m in meas:
         m["ns_per_row"] = 1e9 * m["seconds"] / m["n"]
         m["cpu_ns_per_row"] = 1e9 * m["cpu_seconds"] / m["n"]
-        r = ref.get((m["d"], m["source"]))
+        r = ref.get(_label(m))
         m["rss_ratio_vs_2^20"] = m["peak_rss_bytes"] / r if r else None
         if m["read_seconds"]:
             m["read_mb_per_s"] = m["n"] * m["d"] * 4 / m["read_seconds"] / 1e6
@@ -327,35 +394,34 @@ def _derive(meas: list[dict[str, Any]]) -> None:
 
 def _plots(meas: list[dict[str, Any]], out: Path) -> list[str]:
     fig, axes = new_figure(ncols=2, nrows=2, width=4.6, height=3.4)
-    series = sorted({(m["d"], m["source"]) for m in meas})
+    series = sorted({_label(m) for m in meas})
     panels = [
         ("cpu_ns_per_row", "CPU time per row (ns; wall: thin)", False),
         ("universal_set_size", "|U| (··: sampler's sample size)", False),
         ("peak_rss_bytes", "peak RSS (MiB)", True),
         ("read_mb_per_s", "read / generate throughput (MB/s)", False),
     ]
-    for ax, (key, label, mib) in zip(axes.ravel(), panels, strict=True):
-        for i, (d, source) in enumerate(series):
-            pts = sorted((m["n"], m.get(key)) for m in meas
-                         if (m["d"], m["source"]) == (d, source) and m.get(key) is not None)
+    for ax, (key, title, mib) in zip(axes.ravel(), panels, strict=True):
+        for i, label in enumerate(series):
+            mine = [m for m in meas if _label(m) == label]
+            pts = sorted((m["n"], m.get(key)) for m in mine if m.get(key) is not None)
             if not pts:
                 continue
             y = np.array([p[1] for p in pts], dtype=float) / (2**20 if mib else 1)
-            ax.plot([p[0] for p in pts], y, "o-" if source == "generator" else "s--",
-                    color=f"C{i}", label=f"d={d} {source}")
+            style = {"generator": "o-", "zarr": "s--"}[label[1]]
+            ax.plot([p[0] for p in pts], y, style if not label[2] else "^-.",
+                    color=f"C{i}", label=_name(label))
             if key == "universal_set_size":
-                samp = sorted((m["n"], m["sample_size"]) for m in meas
-                              if (m["d"], m["source"]) == (d, source) and m.get("sample_size"))
+                samp = sorted((m["n"], m["sample_size"]) for m in mine if m.get("sample_size"))
                 if samp:
                     ax.plot([p[0] for p in samp], [p[1] for p in samp], ":", color=f"C{i}")
             if key == "cpu_ns_per_row":
-                wall = sorted((m["n"], m["ns_per_row"]) for m in meas
-                              if (m["d"], m["source"]) == (d, source))
+                wall = sorted((m["n"], m["ns_per_row"]) for m in mine)
                 ax.plot([p[0] for p in wall], [p[1] for p in wall], "-", lw=0.6,
                         color=f"C{i}", alpha=0.6)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("n")
-        ax.set_ylabel(label)
+        ax.set_ylabel(title)
         ax.grid(alpha=0.3)
         if key == "universal_set_size":
             ax.set_yscale("symlog", linthresh=1)
@@ -380,37 +446,39 @@ def _report(cfg: ScalingConfig, rows: list[dict], meas: list[dict], skipped: lis
         f"ground truth for {cfg.gt_queries} queries at ε = {cfg.gt_eps:g}, sharing each block.",
         SAMPLER_NOTE,
         "",
-        "| n | d | source | wall s | CPU s | CPU ns/row | peak RSS MiB | RSS / RSS(2^20) | "
-        "read s | engine / read | size U | GT heavy mean |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Series run {cfg.parallel} at a time; every run is a fresh subprocess.",
+        "",
+        "| n | d | source | sampler | wall s | CPU s | CPU ns/row | peak RSS MiB | "
+        "RSS / RSS(2^20) | read s | engine / read | size U | sample size | GT heavy mean |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for m in sorted(meas, key=lambda m: (m["d"], m["source"], m["n"])):
+    for m in sorted(meas, key=lambda m: (*_label(m), m["n"])):
         ratio = m.get("rss_ratio_vs_2^20")
         eor = m.get("engine_over_read")
         lines.append(
-            f"| 2^{int(math.log2(m['n']))} | {m['d']} | {m['source']} | {m['seconds']:.1f} | "
+            f"| 2^{int(math.log2(m['n']))} | {m['d']} | {m['source']} | {m['sampler']} | "
+            f"{m['seconds']:.1f} | "
             f"{m['cpu_seconds']:.1f} | {m['cpu_ns_per_row']:.0f} | "
             f"{m['peak_rss_bytes'] / 2**20:.0f} | "
             f"{opt(ratio, '.3f')} | {opt(m['read_seconds'], '.1f')} | "
-            f"{opt(eor, '.2f')} | {m['universal_set_size']} | "
+            f"{opt(eor, '.2f')} | {m['universal_set_size']} | {m['sample_size'] or ''} | "
             f"{m['gt_heavy_mean']:.2f} |"
         )
-    same: dict[tuple[int, int], list[tuple[Any, ...]]] = {}
+    same: dict[tuple[int, int, str], list[tuple[Any, ...]]] = {}
     for r in rows:
-        same.setdefault((r["n"], r["d"]), []).append(
-            tuple(r[c] for c in COLUMNS[3:])
+        same.setdefault((r["n"], r["d"], r["sampler"]), []).append(
+            tuple(r[c] for c in COLUMNS[4:])
         )
     both = [v for v in same.values() if len(v) == 2]
     lines += ["", "Peak RSS from n = 2^20 to the largest n reached:", ""]
     if not any(m["n"] == 2**20 for m in meas):
         lines.append("- (no run at n = 2^20)")
-    for d, source in sorted({(m["d"], m["source"]) for m in meas}):
-        series = sorted((m["n"], m["peak_rss_bytes"]) for m in meas
-                        if (m["d"], m["source"]) == (d, source))
+    for label in sorted({_label(m) for m in meas}):
+        series = sorted((m["n"], m["peak_rss_bytes"]) for m in meas if _label(m) == label)
         ref = dict(series).get(2**20)
         if ref:
             n_max, rss_max = series[-1]
-            lines.append(f"- d = {d}, {source}: {ref / 2**20:.0f} MiB at 2^20, "
+            lines.append(f"- {_name(label)}: {ref / 2**20:.0f} MiB at 2^20, "
                          f"{rss_max / 2**20:.0f} MiB at 2^{int(math.log2(n_max))} "
                          f"(ratio {rss_max / ref:.3f})")
     lines += [
@@ -425,8 +493,8 @@ def _report(cfg: ScalingConfig, rows: list[dict], meas: list[dict], skipped: lis
     ]
     if skipped:
         lines += ["", f"Skipped by the time budget ({cfg.time_budget_s} s):", ""]
-        lines += [f"- n = 2^{int(math.log2(s['n']))}, d = {s['d']}, {s['source']}: "
-                  f"{s['reason']}" for s in skipped]
+        lines += [f"- n = 2^{int(math.log2(s['n']))}, {_name(_label(s))}: "
+                  f"{s['reason']}" for s in sorted(skipped, key=lambda s: (s['d'], s['n']))]
     lines += ["", "## Plots", ""] + ([f"![{p}]({p})" for p in plots] or [PLOTS_MISSING]) + [""]
     return "\n".join(lines)
 

@@ -15,7 +15,9 @@ Four promises, each checked by a test (docs/reliability.md lists them):
   its checkpoints, the final swap). A second process gets one clear line naming the
   holder's pid. The lock is per process and re-entrant (nested holders in one process
   share it); the OS releases it when the process dies, so a killed run never leaves a
-  stale lock.
+  stale lock. The last holder removes the lock file before releasing it; a waiter that
+  then wins the flock of the unlinked file sees that the path names another file (or
+  none) and retries, so removal never lets two writers in.
 - **A replace is crash-safe.** ``atomic_dir`` (``streamattn.io.outputs``) builds the new
   output in ``.OUT.tmp-PID-*`` and swaps it in with two renames (``OUT`` →
   ``.OUT.old-PID``, tmp → ``OUT``). A kill between them leaves no ``OUT``; the next
@@ -224,10 +226,47 @@ def output_lock(out: str | os.PathLike[str]) -> Iterator[None]:
             entry[1] -= 1
             if entry[1] == 0:
                 del _HELD[key]
-                os.close(entry[0])  # releases the flock
+                _release(path, entry[0])
+
+
+def _release(path: Path, fd: int) -> None:
+    """Remove the lock file, then drop the flock (closing ``fd`` releases it).
+
+    Unlinking while still holding the lock is what makes removal safe: a process that
+    opened the old file and waits for it re-checks, once it holds the flock, that the path
+    still names that file (:func:`_acquire`), and retries on a fresh one if not.
+    """
+    try:
+        if _same_file(path, fd):
+            path.unlink()
+    except OSError:
+        pass  # a lock file that cannot be removed is harmless: it is only ever flocked
+    finally:
+        os.close(fd)
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        st = path.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def _acquire(path: Path, out: str | os.PathLike[str]) -> int:
+    """Open ``path`` and take its flock; retried while a releasing holder unlinks it."""
+    while True:
+        fd = _acquire_once(path, out)
+        if _same_file(path, fd):
+            break
+        os.close(fd)  # the file we locked was unlinked by its last holder: use the new one
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _acquire_once(path: Path, out: str | os.PathLike[str]) -> int:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
@@ -253,8 +292,6 @@ def _acquire(path: Path, out: str | os.PathLike[str]) -> int:
                 f"(lock {path}); wait for it to finish or choose another output path."
             ) from exc
         raise OutputWriteError(f"cannot lock {path}: {exc.strerror or exc}.") from exc
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 

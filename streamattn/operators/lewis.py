@@ -50,12 +50,13 @@ the same for every chunking and merge tree), so state memory is bounded by ``cap
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from streamattn.operators.candidates import candidate_state, load_candidates
+from streamattn.operators.factors import centred_factor_result, centred_factor_update
 from streamattn.operators.leverage import (
     DEFAULT_RTOL,
     ScoringMap,
@@ -115,6 +116,13 @@ class LewisPassSpec:
     cap : most candidate rows held before the pass records an overflow instead.
     affine : augment keys with a constant 1 (shift-invariant variant).
     rtol : numerical-rank tolerance of the factor's pseudo-inverse.
+    shift : affine only: subtract this d-vector from every key before appending the 1.
+        [K − 1μᵀ, 1] = [K, 1]·T with T invertible, and Lewis weights depend only on the
+        column space, so the weights are the same for any shift; a shift near the mean
+        keeps a common offset ≫ the spread out of the factor's conditioning. Empty on
+        the first pass, which folds [1, K] by Householder QR (the centred factor of
+        :mod:`streamattn.operators.factors`, exact for any offset) and reports the mean
+        as the shift for every later pass.
     """
 
     p: float
@@ -126,6 +134,7 @@ class LewisPassSpec:
     cap: int = 0
     affine: bool = False
     rtol: float = DEFAULT_RTOL
+    shift: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 class LewisPass(Operator[LewisPassSpec, dict[str, Any]]):
@@ -156,9 +165,20 @@ class LewisPass(Operator[LewisPassSpec, dict[str, Any]]):
             self._arrays[key] = zarr.open_array(path, mode=mode)
         return self._arrays[key]
 
+    def _centring(self) -> bool:
+        """Affine first pass: fold [1, K] (unit weights) to read the mean off the factor."""
+        return self.spec.affine and not self.spec.w_map.size and not self.spec.shift.size
+
     def _update(self, block: Block) -> None:
         spec = self.spec
-        x = augment(block.rows, spec.affine)
+        if self._centring():
+            if self.r.size == 0:
+                self.r = np.zeros((0, block.rows.shape[1] + 1))
+            self.r = centred_factor_update(self.r, block.rows)
+            self._fold_stats(np.array([float(block.rows.shape[0]), 0.0, 1.0]))
+            return
+        rows = np.asarray(block.rows, dtype=np.float64)
+        x = augment(rows - spec.shift if spec.shift.size else rows, spec.affine)
         if self.r.size == 0:
             self.r = np.zeros((0, x.shape[1]))
             self.rows = np.zeros((0, block.rows.shape[1]))
@@ -253,8 +273,17 @@ class LewisPass(Operator[LewisPassSpec, dict[str, Any]]):
     def result(self) -> dict[str, Any]:
         """Next scoring map, Σw, max log-change, candidates (``overflow`` if > cap)."""
         dim = self.r.shape[1]
+        shift = self.spec.shift
+        factor = self.r
+        if self._centring():  # the factor of [K − μ, 1] is diag(R_c, √n): rows ⟂ the ones
+            cf = centred_factor_result(self.r, self.n_rows)
+            factor = np.zeros((dim, dim))
+            factor[: dim - 1, : dim - 1] = cf.r_centred
+            factor[dim - 1, dim - 1] = np.sqrt(cf.n)
+            shift = cf.mean
         return {
-            "scoring_map": ScoringMap.from_factor(self.r, self.spec.rtol, dim),
+            "scoring_map": ScoringMap.from_factor(factor, self.spec.rtol, dim),
+            "shift": shift.copy(),
             "sum_weights": float(self.stats[0]),
             "max_log_change": float(self.stats[1]),
             "max_weight": float(self.stats[2]),

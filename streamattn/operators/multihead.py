@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from streamattn.blas import single_blas_thread
 from streamattn.errors import ConfigError, InvalidInputError
 from streamattn.operators.protocol import (
     Operator,
@@ -110,15 +111,17 @@ class MultiHead(Operator[MultiHeadSpec, list[list[Any]]]):
                 f"shape {rows.shape}; expected (rows, {want[0]}, {want[1]}, d)."
             )
         vals = block.values
-        for layer, h, op in self._heads():
-            op.update(Block(block.start, rows[:, layer, h],
-                            None if vals is None else vals[:, layer, h]))
+        with single_blas_thread():
+            for layer, h, op in self._heads():
+                op.update(Block(block.start, rows[:, layer, h],
+                                None if vals is None else vals[:, layer, h]))
 
     def _merge(self, other: MultiHead) -> None:
-        for layer, h, op in self._heads():
-            theirs = other.ops[layer][h]
-            assert theirs is not None  # same spec: the same heads hold operators
-            op.merge(theirs)
+        with single_blas_thread():
+            for layer, h, op in self._heads():
+                theirs = other.ops[layer][h]
+                assert theirs is not None  # same spec: the same heads hold operators
+                op.merge(theirs)
 
     def _state(self) -> State:
         out: State = {}
@@ -132,8 +135,10 @@ class MultiHead(Operator[MultiHeadSpec, list[list[Any]]]):
             self.ops[layer][h] = Operator.from_state(sub)
 
     def result(self) -> list[list[Any]]:
-        """``result()[layer][head]``: each head operator's result."""
-        return [[None if op is None else op.result() for op in row] for row in self.ops]
+        """``result()[layer][head]``: each head operator's result (one BLAS thread: the
+        d × d SVDs of many heads are ~15× slower with OpenBLAS threads on 2 cores)."""
+        with single_blas_thread():
+            return [[None if op is None else op.result() for op in row] for row in self.ops]
 
     def nbytes_bound(self, d: int) -> int:
         return sum(op.nbytes_bound(d) for _, _, op in self._heads())

@@ -249,6 +249,7 @@ class LewisSet(Recipe[UniversalSet]):
             LewisPassSpec(p, np.zeros((0, 0)), affine=affine, rtol=rtol), "lewis factor"
         )
         rank = first["scoring_map"].rank
+        shift = first["shift"]  # affine: the mean, subtracted before every later product
         factor = bound_factor(p, rank)
         t_w = eps / factor  # the threshold on w itself
         collect = t_w * math.exp(-COLLECT_SLACK)
@@ -265,7 +266,7 @@ class LewisSet(Recipe[UniversalSet]):
                 beta=beta,
                 collect=collect,
                 cap=cap,
-                affine=affine,
+                affine=affine, shift=shift,
                 rtol=rtol,
             )
             res = yield from one_pass(spec, f"lewis iteration {k}")
@@ -286,7 +287,7 @@ class LewisSet(Recipe[UniversalSet]):
             while True:
                 res = yield from one_pass(
                     LewisPassSpec(p, smap.w, weights_in=final, beta=1.0, collect=t_s,
-                                  cap=cap, affine=affine, rtol=rtol),
+                                  cap=cap, affine=affine, shift=shift, rtol=rtol),
                     "lewis certificate",
                 )
                 passes += 1
@@ -305,7 +306,7 @@ class LewisSet(Recipe[UniversalSet]):
                     weights_in=final,
                     collect=t_w * math.exp(-margin),
                     cap=int(res["sum_weights"] / (t_w * math.exp(-margin))) + 1,
-                    affine=affine,
+                    affine=affine, shift=shift,
                     rtol=rtol,
                 ),
                 "lewis candidates",

@@ -128,6 +128,7 @@ class _RawChunkReader:
         self.row_bytes = shape[1] * dtype.itemsize
         self.fill_missing = False
         self.label = str(root)
+        self.what = "key"  # how a missing chunk file names the array ("key", "value")
 
     @classmethod
     def of(cls, arr: Any) -> _RawChunkReader | None:
@@ -159,8 +160,11 @@ class _RawChunkReader:
         shape = (int(arr.shape[0]), int(arr.shape[1]))
         return cls(root, meta.encode_chunk_key, chunk_rows, shape, dtype, meta.fill_value)
 
-    def __call__(self, start: int, stop: int) -> np.ndarray:
-        out = np.empty((stop - start, self.shape[1]), dtype=self.dtype)
+    def __call__(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``[start, stop)``, into ``out`` (C-contiguous ``(stop - start, width)``)
+        when given."""
+        if out is None:
+            out = np.empty((stop - start, self.shape[1]), dtype=self.dtype)
         view = out.reshape(-1).view(np.uint8).data
         rb, cr = self.row_bytes, self.chunk_rows
         for c in range(start // cr, (stop - 1) // cr + 1):
@@ -172,7 +176,7 @@ class _RawChunkReader:
                 if not self.fill_missing:
                     found = (path, c * cr, min((c + 1) * cr, self.shape[0]))
                     raise InvalidInputError(
-                        missing_chunk_message(self.label, "key", found)
+                        missing_chunk_message(self.label, self.what, found)
                     ) from None
                 out[lo - start : hi - start] = self.fill
                 continue

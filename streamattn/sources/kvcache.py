@@ -39,6 +39,7 @@ from streamattn.io.safety import register_input
 from streamattn.masks import Segments
 from streamattn.sources.cache_layout import (
     Part,
+    _compute,
     part_of_array,
     part_of_layer_arrays,
     part_of_tensors,
@@ -53,6 +54,7 @@ from streamattn.sources.keys import (
     BlockStream,
     KeySource,
     _chunk_rows_of,
+    _RawChunkReader,
 )
 
 
@@ -108,6 +110,7 @@ class MultiHeadSource(BlockStream):
         queries: Part | None = None,
         reopen: dict[str, Any] | None = None,
         fill_missing: bool = False,
+        values_stored: bool = False,
     ) -> None:
         if keys.n == 0:
             raise InvalidInputError(f"{label}: the cache has n = 0 rows; nothing to do.")
@@ -131,6 +134,9 @@ class MultiHeadSource(BlockStream):
             )
         self._keys = keys
         self._values = values
+        #: Whether the cache holds values (from its layout, none of them read); they are
+        #: opened and streamed only when asked for (``open_kv(values=True)``).
+        self.values_stored = values is not None or bool(values_stored)
         self.queries = queries
         self.label = label
         self.path = path
@@ -154,6 +160,9 @@ class MultiHeadSource(BlockStream):
         self.storage_chunk_rows = _chunk_rows_of(keys.arrays[0]) if keys.layout == "layers" \
             else None
         self.fill_missing = bool(fill_missing)
+        #: per part, one direct chunk-file reader per layer array (None: zarr's own read)
+        self._raw = {id(part): self._raw_readers(part, what, label)
+                     for part, what in ((keys, "key"), (values, "value")) if part is not None}
         self._files = [
             (files, what)
             for part, what in ((keys, "key"), (values, "value"))
@@ -163,6 +172,16 @@ class MultiHeadSource(BlockStream):
         ]
         if not self.fill_missing:
             self._check_chunks(0, self.n)
+
+    def _raw_readers(self, part: Part, what: str, label: str
+                     ) -> list[_RawChunkReader | None]:
+        if part.layout != "layers" or not part.full:
+            return [None] * len(part.arrays)
+        out = [_RawChunkReader.of(a) for a in part.arrays]
+        for raw in out:
+            if raw is not None:
+                raw.fill_missing, raw.label, raw.what = self.fill_missing, label, what
+        return out
 
     def _check_chunks(self, start: int, stop: int) -> None:
         """Every chunk file holding rows ``[start, stop)`` exists (zarr on local disk)."""
@@ -215,7 +234,8 @@ class MultiHeadSource(BlockStream):
             "layout": self._keys.layout,
             "dtype": str(self.dtype),
             "storage_chunk_rows": self.storage_chunk_rows,
-            "has_values": self._values is not None,
+            "has_values": self.values_stored,
+            "values_opened": self._values is not None,
             "values_dim": self.values_dim,
             "query_heads": None if self.queries is None else self.queries.n_heads_total,
             "segments": int(self.segments.starts.size),
@@ -229,11 +249,48 @@ class MultiHeadSource(BlockStream):
         return open_kv(self.path, array=self.array_name, **self.reopen)._keys.shapes()
 
     # -- reading -------------------------------------------------------------------
+    def _gather(self, part: Part, start: int, stop: int, what: str) -> np.ndarray:
+        """Rows ``[start, stop)`` of every chosen head as ``(r, layers, heads, d)``.
+
+        Per-layer ``(n, H·d)`` arrays with every head chosen (the documented layout) are
+        read straight into one ``(layers, r, H·d)`` buffer — chunk files of an
+        uncompressed local zarr array by ``preadv`` into it, anything else by one read
+        and one copy per layer; a single in-memory layer is a view, not a copy — and the
+        block is a strided view of that buffer: head (l, h) is ``rows[:, l, h]``, an
+        ``r × d`` view with row stride H·d (no per-head copy; the operators convert
+        their pieces to float64 themselves). Other layouts go through ``Part.read``.
+        """
+        raws = self._raw.get(id(part))
+        if part.layout != "layers" or not part.full or raws is None:
+            try:
+                return part.read(start, stop)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{self.label}: {what} {exc}") from exc
+        r, width = stop - start, part.n_heads_total * part.d
+        first = part.arrays[0]
+        if len(part.arrays) == 1 and isinstance(first, np.ndarray) and first.ndim == 2:
+            buf = first[start:stop][None]
+        else:
+            buf = np.empty((part.layers, r, width), dtype=part.dtype)
+            for lay, (arr, raw) in enumerate(zip(part.arrays, raws, strict=True)):
+                if raw is not None:
+                    raw(start, stop, out=buf[lay])
+                    continue
+                x = _compute(arr[start:stop])
+                if x.shape != (r, width):
+                    raise InvalidInputError(
+                        f"{self.label}: {what} rows [{start}, {stop}) of layer "
+                        f"{part.layer_ids[lay]}: returned {x.shape[0]} rows, expected {r}; "
+                        "the store changed or is truncated."
+                    )
+                buf[lay] = x
+        return buf.reshape(part.layers, r, part.n_heads_total, part.d).transpose(1, 0, 2, 3)
+
     def _read(self, part: Part, start: int, stop: int, what: str) -> np.ndarray:
         try:
-            rows = part.read(start, stop)
-        except InvalidInputError as exc:
-            raise InvalidInputError(f"{self.label}: {what} {exc}") from exc
+            rows = self._gather(part, start, stop, what)
+        except InvalidInputError:
+            raise
         except Exception as exc:
             raise InvalidInputError(
                 f"{self.label}: could not read {what} rows [{start}, {stop}): "
@@ -241,8 +298,10 @@ class MultiHeadSource(BlockStream):
             ) from exc
         if not self.fill_missing:
             self._check_chunks(start, stop)
-        bad = ~np.isfinite(rows)
-        if bad.any():
+        # min and max propagate NaN and show ±Inf: one pass without a boolean array; the
+        # offending row is located only when there is one.
+        if rows.size and not (np.isfinite(rows.min()) and np.isfinite(rows.max())):
+            bad = ~np.isfinite(rows)
             r, layer, head = np.argwhere(bad.any(axis=3))[0]
             raise InvalidInputError(
                 f"{self.label}: {what} row {start + int(r)} (layer "
@@ -406,7 +465,8 @@ def open_kv(
         keys = part_of_tensors(entries[0], batch=batch, label=label, **pick)
         vals = part_of_tensors(entries[1], batch=batch, label=f"{label} values",
                                **pick) if values else None
-        return MultiHeadSource(keys, values=vals, label=label, reopen=reopen)
+        return MultiHeadSource(keys, values=vals, label=label, reopen=reopen,
+                               values_stored=True)
     if not isinstance(path_or_array, (str, Path)):
         if not hasattr(path_or_array, "shape") or not hasattr(path_or_array, "dtype"):
             raise InvalidInputError(
@@ -459,8 +519,9 @@ def open_kv(
 
     keys = layered(entry, name, n_heads, heads)
     vals = qs = None
-    if name == "keys" and values and "values" in node and isinstance(node["values"],
-                                                                       zarr.Group):
+    # the group's metadata only: a values array is not opened unless asked for
+    stored = name == "keys" and "values" in node and isinstance(node["values"], zarr.Group)
+    if stored and values:
         vals = layered(node["values"], "values", keys.n_heads_total, heads)
     if name == "keys" and "queries" in node and isinstance(node["queries"], zarr.Group):
         qs = layered(node["queries"], "queries", None, query_heads)
@@ -469,7 +530,7 @@ def open_kv(
         keys, values=vals, label=where, path=label, array_name=name,
         model=model if isinstance(model, dict) else None,
         segments=_read_tokens(node, keys.n, label), queries=qs, reopen=reopen,
-        fill_missing=fill_missing,
+        fill_missing=fill_missing, values_stored=stored,
     )
 
 
