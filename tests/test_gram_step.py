@@ -242,3 +242,21 @@ def test_too_many_admitted_rows_switch_the_next_block_to_trmm() -> None:
     assert switched >= 1 and op.fold_stats["gram_steps"] >= 1
     tau = offline_scores(x, False)
     np.testing.assert_array_equal(op.result()["indices"], np.flatnonzero(tau >= eps))
+
+
+@pytest.mark.parametrize("method", ["gaussian", "srht", "sparse-sign"])
+def test_projection_of_float32_rows_is_bit_identical_to_their_float64_copy(method: str) -> None:
+    """The tile-by-tile float32 → float64 conversion (no copy of the block) changes no bit."""
+    from streamattn.blas import single_blas_thread
+    from streamattn.operators.projection import TILE_ROWS, ProjectionMap
+
+    x = (np.random.default_rng(4).standard_normal((2 * TILE_ROWS + 77, 24)) * 5 + 2).astype(
+        np.float32)
+    pm = ProjectionMap(method, 24, 8, seed=2)
+    for start, lo, hi in [(0, 0, x.shape[0]), (123, 5, TILE_ROWS + 9), (TILE_ROWS, 0, 3)]:
+        want = pm.apply(x[lo:hi].astype(np.float64), start)
+        with single_blas_thread():
+            got = pm.apply(x[lo:hi], start)
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.add.reduce(x, axis=0, dtype=np.float64),
+                                  x.astype(np.float64).sum(axis=0))

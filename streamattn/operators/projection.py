@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 
+from streamattn.blas import single_blas_thread
 from streamattn.errors import ConfigError
 from streamattn.operators.factors import (
     CentredFactorResult,
@@ -255,9 +256,12 @@ class ProjectionMap:
 
     def apply(self, x: np.ndarray, start: int = 0) -> np.ndarray:
         """Y = x S in float64 for rows at global indices ``start ..``; row-wise deterministic."""
-        x = np.asarray(x, dtype=np.float64)
+        x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.d:
             raise ConfigError(f"expected rows of dimension d = {self.d}, got shape {x.shape}.")
+        if self.method in ("sparse-sign", "srht") and not (
+                self.method == "srht" and not self.uses_fwht):
+            x = np.asarray(x, dtype=np.float64)
         if self.method == "sparse-sign":
             st = _sparse_sign(self.d, self.m, self.seed, self.sparsity)
             return np.ascontiguousarray((st @ x.T).T)
@@ -319,9 +323,14 @@ def tiled_matmul(x: np.ndarray, s: np.ndarray, start: int, tile: int = TILE_ROWS
             buf = np.zeros((tile, d))
             buf[lo : lo + z - a] = x[a:z]
             out[a:z] = np.matmul(buf.reshape(1, tile, d), s)[0, lo : lo + z - a]
-    if body:
+    if body and x.dtype == np.float64:
         whole = np.ascontiguousarray(x[head : head + body]).reshape(-1, tile, d)
         out[head : head + body] = np.matmul(whole, s).reshape(body, s.shape[1])
+    elif body:  # other dtypes: converted one tile at a time (exact), the same GEMM per tile
+        piece = np.empty((tile, d))
+        for a in range(head, head + body, tile):
+            np.copyto(piece, x[a : a + tile], casting="safe")
+            np.matmul(piece, s, out=out[a : a + tile])
     return out
 
 
@@ -421,12 +430,16 @@ class ProjectedEmbeddings(Operator[ProjectionSpec, ProjectionSummary]):
         self.sample_index, self.sample_prio, self.sample_rows = idx[order], prio[order], rows[order]
 
     def _update(self, block: Block) -> None:
-        x = np.asarray(block.rows, dtype=np.float64)
+        """Y for the block (BLAS on one thread, float64 tiles converted one at a time), the
+        column sums (float64 accumulation of the block's own dtype, no float64 copy of the
+        block) and the bottom-k sample rows."""
+        x = block.rows
         if self.spec.out_path:
-            y = self.map.apply(x, block.start)
+            with single_blas_thread():
+                y = self.map.apply(x, block.start)
             target = self._target()
             target[block.start : block.stop] = y.astype(target.dtype)
-        self.col_sum = self.col_sum + x.sum(axis=0)
+        self.col_sum = self.col_sum + np.add.reduce(x, axis=0, dtype=np.float64)
         idx = np.arange(block.start, block.stop, dtype=np.int64)
         prio = keyed_hash(self.spec.seed, 0x5A4D, idx)
         k = self.spec.sample_keys
@@ -437,7 +450,7 @@ class ProjectedEmbeddings(Operator[ProjectionSpec, ProjectionSummary]):
         self._keep_sample(
             np.concatenate([self.sample_index, idx]),
             np.concatenate([self.sample_prio, prio]),
-            np.vstack([self.sample_rows, x]),
+            np.vstack([self.sample_rows, np.asarray(x, dtype=np.float64)]),
         )
 
     def _merge(self, other: ProjectedEmbeddings) -> None:
