@@ -28,6 +28,12 @@ has component ≤ σ_i along each direction, so its final score is at most
 (‖W_fineᵀk‖ + δ)² with δ = ‖σ_dropped‖ / (rtol · σ_max). Rows are dropped only below
 that bound (δ = 0 when no direction is dropped, e.g. for full-rank keys).
 
+Where its computed certificate allows (well-conditioned factor, block small against the rows
+seen), a block instead takes the *Gram step* of :mod:`.gram_step`: G_b = XᵀX by SYRK and
+R ← chol(I + R⁻ᵀG_bR⁻¹) R, half the flops, with a certified relative Gram error δ ≤ 1e-9
+per step; its rows are pruned by a certified norm / eigen-split bound against the old
+factor, and the accumulated error Δ lowers every pruning cut to threshold / (1 + Δ).
+
 The affine factor (R of [1, K]) is updated the same way in the centred frame
 (``centred_fast_update``): y = [1/√n, (k − μ) R_c⁻¹], whose ‖y‖² is the row's affine
 score against the rows before its block, so affine rows are pruned by the same bound.
@@ -458,7 +464,8 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
     def _update(self, block: Block) -> None:
         """Fold a block: update R, admit the rows that can still reach the threshold.
 
-        While R is square and well conditioned the factor is updated by
+        Where certified, a sub-block takes the Gram step (:meth:`_gram_fold`); else, while
+        R is square and well conditioned, the factor is updated by
         :func:`fast_factor_update`, whose free by-product ‖x R_old⁻¹‖² bounds each
         row's score from above; only rows with bound ≥ threshold·(1 − rounding margin)
         are scored exactly, with every held candidate, against the new R. Otherwise
@@ -571,8 +578,15 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         frame = make_frame(base)
         if frame is None or tol <= 0:
             return None
-        predicted = gamma(accumulation_length(m) + 3) * m * typical * frame.rinv_norm**2
-        if predicted > tol:  # the SYRK term alone would refuse: skip the work
+        # Predicted δ (a heuristic; the certificate is computed after the pass): the SYRK
+        # term, and the transform term for a block Gram ≈ (m / seen)·RᵀR (stationary rows,
+        # seen ≈ ‖R‖_F² / typical). Skips passes whose certificate would refuse anyway.
+        scale = m * typical / max(float(np.sum(frame.r * frame.r)), np.finfo(float).tiny)
+        at = np.abs(frame.rinv)
+        n_old = at.T @ (np.abs(frame.r.T @ frame.r) @ at)
+        predicted = (gamma(accumulation_length(m) + 3) * m * typical * frame.rinv_norm**2
+                     + 2 * gamma(base.shape[1]) * scale * float(n_old.sum(axis=1).max()))
+        if predicted > tol:
             return None
         # μ̂ is within 4u|μ̂| of the factor's exact mean, and z = fl(x − μ̂) within u|z| of
         # x − μ̂: both enter ‖(x − μ̃) R_c⁻¹‖ additively, before squaring (affine only).
