@@ -83,6 +83,21 @@ def fold_only(baseline: Path, n: int, dims: list[int], repeat: int) -> None:
                   f"speed-up {best['baseline'] / best['this']:.1f}x", flush=True)
 
 
+def measure_as(code: str, kind: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``measure`` with this checkout, or with the baseline package: then first on
+    ``PYTHONPATH`` and the children started in its directory (``python -m`` puts the
+    working directory ahead of ``PYTHONPATH``: started here, they would import this
+    checkout)."""
+    if code != "baseline":
+        return measure(kind, path, args.repeat)
+    base = Path(args.baseline).resolve()
+    os.environ["PYTHONPATH"] = str(base)
+    try:
+        return measure(kind, path, args.repeat, cwd=base)
+    finally:
+        os.environ.pop("PYTHONPATH", None)
+
+
 def targets(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Targets 2-4, each configuration with the baseline and with this checkout."""
     data = Path(args.data_dir)
@@ -103,10 +118,7 @@ def targets(args: argparse.Namespace) -> list[dict[str, Any]]:
                 ensure_bench_store(data, case[0], case[1], "none"))
         base: dict[str, float] = {}
         for kind, code in kinds:
-            if code == "baseline":
-                os.environ["PYTHONPATH"] = str(Path(args.baseline).resolve())
-            res = measure(kind, path, args.repeat)
-            os.environ.pop("PYTHONPATH", None)
+            res = measure_as(code, kind, path, args)
             row: dict[str, Any] = {"n": case[0], "d": case[1][2] if cache else case[1],
                                    "compressor": "none", "config": kind, "code": code, **res}
             if cache:
@@ -166,10 +178,7 @@ def main() -> int:
             path = ensure_bench_store(Path(args.data_dir), n, d, "none")
             base: dict[str, float] = {}
             for kind, code in PLAN:
-                if code == "baseline":
-                    os.environ["PYTHONPATH"] = str(Path(args.baseline).resolve())
-                res = measure(kind, path, args.repeat)
-                os.environ.pop("PYTHONPATH", None)
+                res = measure_as(code, kind, path, args)
                 row: dict[str, Any] = {"n": n, "d": d, "compressor": "none",
                                        "config": kind if code == "-" else f"{kind} ({code})",
                                        **res}

@@ -222,7 +222,9 @@ def run_cache_select(path: Path) -> dict[str, Any]:
         "reads": plan["reads"],
         "chunk_rows": plan["chunk_rows"],
         "selected": sum(int(s["size"]) for s in report["sets"].values()),
-        "values_opened": any(c["source"]["values_opened"] for c in certs),
+        # before values_opened existed, has_values said whether values were opened
+        "values_opened": any(c["source"].get("values_opened", c["source"]["has_values"])
+                             for c in certs),
         "projected_peak_bytes": plan["projected_peak_bytes"],
     }
 
@@ -423,15 +425,22 @@ def child_main(kind: str, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------- driver
-def measure(kind: str, path: Path, repeat: int, timeout: float = 1800) -> dict[str, Any]:
-    """Fastest of ``repeat`` fresh-process runs of one configuration."""
+def measure(kind: str, path: Path, repeat: int, timeout: float = 1800,
+            cwd: Path | None = None) -> dict[str, Any]:
+    """Fastest of ``repeat`` fresh-process runs of one configuration.
+
+    ``cwd``: the children's working directory. ``python -m`` puts it first on
+    ``sys.path``, ahead of ``PYTHONPATH``: a baseline package given by ``PYTHONPATH`` is
+    only imported when the children do not start in a checkout of this one.
+    """
     runs = []
     for _ in range(repeat):
         proc = subprocess.run(
-            [sys.executable, "-m", "streamattn.bench", "--one", kind, str(path)],
+            [sys.executable, "-m", "streamattn.bench", "--one", kind, str(Path(path).resolve())],
             capture_output=True,
             text=True,
             timeout=timeout,
+            cwd=cwd,
         )
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-3:]

@@ -18,13 +18,16 @@ from streamattn.sources import Block
 def _buffer(a: np.ndarray) -> memoryview:
     """The bytes of ``a`` in a fixed order, without a copy when a layout allows.
 
-    Multi-head blocks are ``(r, L, H, d)`` views of an ``(L, H, r, d)`` buffer; their
-    bytes are taken in the buffer's order (the same for every read of the same source).
+    Multi-head blocks are ``(r, L, H, d)`` views of an ``(L, r, H, d)`` buffer (per-layer
+    arrays) or of an ``(L, H, r, d)`` one (4-D arrays); their bytes are taken in the
+    buffer's order (the same for every read of the same source), so no block is copied.
     """
     if not a.flags.c_contiguous and a.ndim == 4:
-        b = a.transpose(1, 2, 0, 3)
-        if b.flags.c_contiguous:
-            a = b
+        for axes in ((1, 0, 2, 3), (1, 2, 0, 3)):
+            b = a.transpose(axes)
+            if b.flags.c_contiguous:
+                a = b
+                break
     return np.ascontiguousarray(a).data.cast("B")
 
 

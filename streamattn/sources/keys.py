@@ -253,15 +253,16 @@ class BlockStream:
     ) -> Iterator[Block]:
         """Yield validated blocks in row order, reading up to ``prefetch`` blocks ahead.
 
-        Memory: at most ``prefetch + 1`` blocks are alive at once, whatever ``n`` is.
+        Memory: at most ``prefetch + 1`` blocks are alive at once, whatever ``n`` is: the
+        one the consumer holds and ``prefetch`` read (or being read) ahead of it.
         """
         ranges = self.block_ranges(chunk_rows, start, stop)
         if prefetch <= 0:
             yield from (self.read(a, b) for a, b in ranges)
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamattn-read") as pool:
-            pending = [pool.submit(self.read, a, b) for a, b in ranges[: prefetch + 1]]
-            rest = iter(ranges[prefetch + 1 :])
+            pending = [pool.submit(self.read, a, b) for a, b in ranges[:prefetch]]
+            rest = iter(ranges[prefetch:])
             try:
                 while pending:
                     block = pending.pop(0).result()
