@@ -106,8 +106,9 @@ def targets(args: argparse.Namespace) -> list[dict[str, Any]]:
     for n in args.cache_n:
         plan.append(((n, CACHE_SHAPE), [("cache-read-keys", "-"), ("cache-read-kv", "-")]
                      + [("cache-select", c) for c in both]))
-    plan.append(((2**args.budget_log2n, 128), [("zarr-loop", "-"), ("uset-plain", "this")]
-                 + [(k, c) for k in ("uset-budget", "dask-cluster") for c in both]))
+    if args.budget_log2n:
+        plan.append(((2**args.budget_log2n, 128), [("zarr-loop", "-"), ("uset-plain", "this")]
+                     + [(k, c) for k in ("uset-budget", "dask-cluster") for c in both]))
     for k in args.ckpt_log2n:
         plan.append(((2**k, 64), [("zarr-loop", "-")] + [
             (kind, c) for kind in ("dask-ckpt", "dask-ckpt-cluster") for c in both]))
@@ -150,9 +151,9 @@ def main() -> int:
     parser.add_argument("--fold-only", action="store_true",
                         help="time the operator alone, in this process (no I/O)")
     parser.add_argument("--targets", action="store_true", help="issue 16's targets 2-4")
-    parser.add_argument("--cache-n", type=int, nargs="+", default=[25_000, 50_000])
-    parser.add_argument("--budget-log2n", type=int, default=21)
-    parser.add_argument("--ckpt-log2n", type=int, nargs="+", default=[19, 20, 21])
+    parser.add_argument("--cache-n", type=int, nargs="*", default=[25_000, 50_000])
+    parser.add_argument("--budget-log2n", type=int, default=21, help="0: no budget case")
+    parser.add_argument("--ckpt-log2n", type=int, nargs="*", default=[19, 20, 21])
     args = parser.parse_args()
     n = 2**args.log2n
     if args.targets:
