@@ -10,6 +10,16 @@ Ratios are to the loop / parallel read measured in the same run.
 
 Writes results.json and results.md to ``--out`` (default: a fresh runs/bench-<UTC time>).
 
+``--targets``: instead, issue 16's targets 2-4 before/after (the baseline needs this
+checkout's ``streamattn/bench.py`` copied in, for the configurations): the whole cache
+(``--cache-n``, 30 x 3 x 64) read and selected, budget mode against the zarr loop, the
+Dask client's checkpointed peak RSS (threads and LocalCluster) at ``--ckpt-log2n`` and
+LocalCluster against the local engine::
+
+    git archive main streamattn | tar -x -C /tmp/base
+    cp streamattn/bench.py /tmp/base/streamattn/
+    python scripts/bench_compare.py --baseline /tmp/base --targets
+
 ``--fold-only``: instead, the operator alone in this process on the same in-memory
 float32 blocks (65536 rows), the baseline's ``operators/leverage.py`` loaded beside this
 checkout's and the two alternated (fastest of ``--repeat``): no I/O, no process start.
@@ -28,7 +38,11 @@ from typing import Any
 import numpy as np
 
 from streamattn.bench import (
+    CACHE_SHAPE,
+    _ratios,
     ensure_bench_store,
+    ensure_cache_store,
+    flat_checks,
     format_row,
     fresh_run_dir,
     measure,
@@ -69,6 +83,63 @@ def fold_only(baseline: Path, n: int, dims: list[int], repeat: int) -> None:
                   f"speed-up {best['baseline'] / best['this']:.1f}x", flush=True)
 
 
+def measure_as(code: str, kind: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``measure`` with this checkout, or with the baseline package: then first on
+    ``PYTHONPATH`` and the children started in its directory (``python -m`` puts the
+    working directory ahead of ``PYTHONPATH``: started here, they would import this
+    checkout)."""
+    if code != "baseline":
+        return measure(kind, path, args.repeat)
+    base = Path(args.baseline).resolve()
+    os.environ["PYTHONPATH"] = str(base)
+    try:
+        return measure(kind, path, args.repeat, cwd=base)
+    finally:
+        os.environ.pop("PYTHONPATH", None)
+
+
+def targets(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Targets 2-4, each configuration with the baseline and with this checkout."""
+    data = Path(args.data_dir)
+    both = ("baseline", "this")
+    plan: list[tuple[Any, list[tuple[str, str]]]] = []
+    for n in args.cache_n:
+        plan.append(((n, CACHE_SHAPE), [("cache-read-keys", "-"), ("cache-read-kv", "-")]
+                     + [("cache-select", c) for c in both]))
+    if args.budget_log2n:
+        plan.append(((2**args.budget_log2n, 128), [("zarr-loop", "-"), ("uset-plain", "this")]
+                     + [(k, c) for k in ("uset-budget", "dask-cluster") for c in both]))
+    for k in args.ckpt_log2n:
+        plan.append(((2**k, 64), [("zarr-loop", "-")] + [
+            (kind, c) for kind in ("dask-ckpt", "dask-ckpt-cluster") for c in both]))
+    rows: list[dict[str, Any]] = []
+    for case, kinds in plan:
+        cache = isinstance(case[1], tuple)
+        path = (ensure_cache_store(data, *case) if cache else
+                ensure_bench_store(data, case[0], case[1], "none"))
+        base: dict[str, float] = {}
+        for kind, code in kinds:
+            res = measure_as(code, kind, path, args)
+            row: dict[str, Any] = {"n": case[0], "d": case[1][2] if cache else case[1],
+                                   "compressor": "none", "config": kind, "code": code, **res}
+            if cache:
+                row["store"] = "cache {}x{}x{}".format(*case[1])
+            if code != "-":
+                row["store"] = f"{row.get('store', 'single head')} ({code})"
+            if res.get("status") == "ok":
+                sec = res["seconds"]
+                if code != "baseline":
+                    base.setdefault(kind, sec)
+                first = base.get("cache-read-keys" if cache else "zarr-loop", sec)
+                width = int(np.prod(case[1])) if cache else case[1]
+                row["rows_per_s"], row["gb_per_s"] = case[0] / sec, case[0] * width * 4 / sec / 1e9
+                _ratios(row, {**base, "zarr-loop": first})
+                row.update(target_check(kind, row))
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", required=True, help="directory holding a streamattn/")
@@ -79,8 +150,25 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--fold-only", action="store_true",
                         help="time the operator alone, in this process (no I/O)")
+    parser.add_argument("--targets", action="store_true", help="issue 16's targets 2-4")
+    parser.add_argument("--cache-n", type=int, nargs="*", default=[25_000, 50_000])
+    parser.add_argument("--budget-log2n", type=int, default=21, help="0: no budget case")
+    parser.add_argument("--ckpt-log2n", type=int, nargs="*", default=[19, 20, 21])
     args = parser.parse_args()
     n = 2**args.log2n
+    if args.targets:
+        saved = os.environ.pop("PYTHONPATH", None)
+        try:
+            rows = targets(args)
+        finally:
+            if saved is not None:
+                os.environ["PYTHONPATH"] = saved
+        flat_checks(rows)  # the baseline's and this checkout's rows are separate stores
+        out = Path(args.out) if args.out else fresh_run_dir(Path("runs"))
+        command = "python scripts/bench_compare.py " + " ".join(sys.argv[1:])
+        write_results(out, rows, {"command": command, "repeat": args.repeat})
+        print(f"wrote {out}/results.json and results.md")
+        return 0
     if args.fold_only:
         fold_only(Path(args.baseline), n, args.d, args.repeat)
         return 0
@@ -91,10 +179,7 @@ def main() -> int:
             path = ensure_bench_store(Path(args.data_dir), n, d, "none")
             base: dict[str, float] = {}
             for kind, code in PLAN:
-                if code == "baseline":
-                    os.environ["PYTHONPATH"] = str(Path(args.baseline).resolve())
-                res = measure(kind, path, args.repeat)
-                os.environ.pop("PYTHONPATH", None)
+                res = measure_as(code, kind, path, args)
                 row: dict[str, Any] = {"n": n, "d": d, "compressor": "none",
                                        "config": kind if code == "-" else f"{kind} ({code})",
                                        **res}

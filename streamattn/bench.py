@@ -18,8 +18,9 @@ by dask.array, then scores by map_blocks) and ``dask-tsqr`` (``da.linalg.tsqr``,
 norms of Q).
 
 Issue 16's other targets have their own configurations: ``uset-budget`` (exact top-B,
-budget mode, against the zarr loop), ``dask-ckpt`` (``streamattn select --engine dask``
-with its default checkpointing: the client's peak RSS at two or more n, flat?), and on a
+budget mode, against the zarr loop), ``dask-ckpt`` / ``dask-ckpt-cluster``
+(``streamattn select --engine dask`` with its default checkpointing, threads scheduler or
+a 2-worker LocalCluster: the client's peak RSS at two or more n, flat?), and on a
 generated whole KV cache (``CACHE_KINDS``: layers × KV heads × head_dim, per-layer
 ``keys/layer_{l}`` and ``values/layer_{l}`` arrays) ``cache-read-keys`` (a plain zarr loop
 over every keys array: the baseline), ``cache-read-kv`` (keys and values arrays) and
@@ -71,6 +72,7 @@ KINDS = (
     "dask-tsqr",
     "uset-budget",
     "dask-ckpt",
+    "dask-ckpt-cluster",
 )
 #: Configurations on a whole KV cache (``cache-read-keys`` is their baseline).
 CACHE_KINDS = ("cache-read-keys", "cache-read-kv", "cache-select")
@@ -94,7 +96,8 @@ RATIO_TARGETS: dict[str, tuple[str, float, str]] = {
     "uset-budget": ("zarr-loop", 2.0, "≤ 2.0× zarr loop"),
 }
 #: Issue 16's memory targets: peak RSS at the largest n ≤ this × at the smallest n.
-FLAT_TARGETS: dict[str, float] = {"cache-select": 1.1, "dask-ckpt": 1.1}
+FLAT_TARGETS: dict[str, float] = {"cache-select": 1.1, "dask-ckpt": 1.1,
+                                   "dask-ckpt-cluster": 1.1}
 
 
 class NotAvailable(Exception):
@@ -219,15 +222,22 @@ def run_cache_select(path: Path) -> dict[str, Any]:
         "reads": plan["reads"],
         "chunk_rows": plan["chunk_rows"],
         "selected": sum(int(s["size"]) for s in report["sets"].values()),
-        "values_opened": any(c["source"]["values_opened"] for c in certs),
+        # before values_opened existed, has_values said whether values were opened
+        "values_opened": any(c["source"].get("values_opened", c["source"]["has_values"])
+                             for c in certs),
         "projected_peak_bytes": plan["projected_peak_bytes"],
     }
 
 
-def run_dask_ckpt(path: Path) -> dict[str, Any]:
-    """``streamattn select --engine dask --scheduler threads`` (checkpointing: the CLI's
-    default); the client's peak RSS is the process's."""
-    report = _cli_select(path, "--eps", str(EPS), "--engine", "dask", "--scheduler", "threads")
+def run_dask_ckpt(path: Path, cluster: bool = False) -> dict[str, Any]:
+    """``streamattn select --engine dask`` with the CLI's default checkpointing, on the
+    threads scheduler (the client process is also the worker) or a 2-worker LocalCluster
+    (the workers read their own chunks; the client holds states only)."""
+    where = ["--scheduler", "threads"]
+    if cluster:
+        where = ["--scheduler", "local-cluster", "--n-workers", "2", "--threads-per-worker",
+                 "1", "--no-dashboard"]
+    report = _cli_select(path, "--eps", str(EPS), "--engine", "dask", *where)
     (name,) = report["sets"]
     return {"selected": int(report["sets"][name]["size"]),
             "checkpointed": all(p["checkpointed"] for p in report["plan"]["passes"])}
@@ -354,8 +364,8 @@ def run_one(kind: str, path: Path) -> dict[str, Any]:
         return run_dask_tsqr(path)
     if kind == "uset-budget":
         return run_budget(path)
-    if kind == "dask-ckpt":
-        return run_dask_ckpt(path)
+    if kind in ("dask-ckpt", "dask-ckpt-cluster"):
+        return run_dask_ckpt(path, cluster=kind == "dask-ckpt-cluster")
     if kind in ("cache-read-keys", "cache-read-kv"):
         return run_cache_read(path, values=kind == "cache-read-kv")
     if kind == "cache-select":
@@ -415,15 +425,22 @@ def child_main(kind: str, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------- driver
-def measure(kind: str, path: Path, repeat: int, timeout: float = 1800) -> dict[str, Any]:
-    """Fastest of ``repeat`` fresh-process runs of one configuration."""
+def measure(kind: str, path: Path, repeat: int, timeout: float = 1800,
+            cwd: Path | None = None) -> dict[str, Any]:
+    """Fastest of ``repeat`` fresh-process runs of one configuration.
+
+    ``cwd``: the children's working directory. ``python -m`` puts it first on
+    ``sys.path``, ahead of ``PYTHONPATH``: a baseline package given by ``PYTHONPATH`` is
+    only imported when the children do not start in a checkout of this one.
+    """
     runs = []
     for _ in range(repeat):
         proc = subprocess.run(
-            [sys.executable, "-m", "streamattn.bench", "--one", kind, str(path)],
+            [sys.executable, "-m", "streamattn.bench", "--one", kind, str(Path(path).resolve())],
             capture_output=True,
             text=True,
             timeout=timeout,
+            cwd=cwd,
         )
         if proc.returncode != 0:
             tail = proc.stderr.strip().splitlines()[-3:]
@@ -564,7 +581,7 @@ def target_check(kind: str, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rss_key(kind: str) -> str:
-    return "client_peak_rss_bytes" if kind == "dask-ckpt" else "peak_rss_bytes"
+    return "client_peak_rss_bytes" if kind.startswith("dask-ckpt") else "peak_rss_bytes"
 
 
 def flat_checks(rows: list[dict[str, Any]]) -> None:
@@ -589,7 +606,7 @@ def flat_checks(rows: list[dict[str, Any]]) -> None:
         ratio = big[rss] / small[rss]
         big["rss_ratio_to_smallest_n"] = ratio
         big["rss_target"] = (f"peak RSS flat in n: ≤ {limit:g}× at n = {small['n']}"
-                             + (" (client)" if kind == "dask-ckpt" else ""))
+                             + (" (client)" if kind.startswith("dask-ckpt") else ""))
         ok = ratio <= limit
         if kind == "cache-select":
             within = all(r[rss] - r["import_rss_bytes"] <= r["projected_peak_bytes"]
@@ -653,7 +670,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 #: results.md's first table: issue 16's target number of each configuration.
 TARGET_NUMBER = {"uset-plain": 1, "uset-affine": 1, "uset+jl": 1, "cache-select": 2,
-                 "dask-ckpt": 3, "dask-cluster": 3, "uset-budget": 4}
+                 "dask-ckpt": 3, "dask-ckpt-cluster": 3, "dask-cluster": 3, "uset-budget": 4}
 
 
 STORE_NAMES = {"none": "uncompressed", "zstd": "zstd"}
@@ -721,7 +738,7 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]], extra: dict[str, An
         f"Command: `{extra.get('command', '')}`\n\n"
         "Issue 16's targets (each ratio from configurations measured in this run, a fresh "
         "process each; peak RSS: VmHWM of the process, with its waited-for children for "
-        "a LocalCluster; dask-ckpt: the client process):\n\n"
+        "a LocalCluster; dask-ckpt, dask-ckpt-cluster: the client process only):\n\n"
         + targets_table(rows) + "\nEvery configuration:\n\n" + markdown_table(rows)
     )
     tmp = out_dir / "results.md.tmp"
@@ -729,21 +746,24 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]], extra: dict[str, An
     tmp.replace(out_dir / "results.md")
 
 
-MAIN_KINDS = [k for k in KINDS if k != "dask-ckpt"]
+MAIN_KINDS = [k for k in KINDS if not k.startswith("dask-ckpt")]
 SIDE_KINDS = ["zarr-loop", "parallel-read", "uset-plain", "uset-affine"]
-D64_KINDS = [*SIDE_KINDS, "dask-ckpt"]
+CKPT_KINDS = ["dask-ckpt", "dask-ckpt-cluster"]
+D64_KINDS = [*SIDE_KINDS, *CKPT_KINDS]
 ZSTD_KINDS = ["zarr-loop", "parallel-read", "uset-plain"]
 
 
 def default_cases(big: bool, quick: bool) -> list[Case]:
     """d = 64 and 128, n = 2^20 and 2^22 (2^24 with ``big``); everything at d=128, n=2^22;
-    the Dask client's checkpointed RSS at d = 64 and both n."""
+    the Dask client's checkpointed RSS at d = 64, n = 2^21 and 2^22 (from 2^21 on, a leaf
+    task folds the most blocks it ever does, so its read-ahead no longer grows with n)."""
     if quick:
         return [(2**20, 128, "none", [*SIDE_KINDS, "dask-gram", "uset-budget", "dask-cluster"]),
-                (2**19, 64, "none", ["zarr-loop", "dask-ckpt"]),
-                (2**20, 64, "none", ["zarr-loop", "dask-ckpt"])]
+                (2**19, 64, "none", ["zarr-loop", *CKPT_KINDS]),
+                (2**20, 64, "none", ["zarr-loop", *CKPT_KINDS])]
     cases = [
-        (2**20, 64, "none", D64_KINDS),
+        (2**20, 64, "none", SIDE_KINDS),
+        (2**21, 64, "none", ["zarr-loop", *CKPT_KINDS]),
         (2**22, 64, "none", D64_KINDS),
         (2**20, 128, "none", SIDE_KINDS),
         (2**22, 128, "none", MAIN_KINDS),
@@ -826,8 +846,9 @@ def plan_cases(args: argparse.Namespace) -> tuple[list[Case], list[CacheCase]]:
         single = [k for k in args.only if k in KINDS]
         cache = [k for k in args.only if k in CACHE_KINDS]
         cases = [(2**22, 128, "none", ["zarr-loop", "parallel-read", *single])] if single else []
-        if "dask-ckpt" in single:  # flat in n: two sizes at d = 64
-            cases += [(n, 64, "none", ["zarr-loop", "dask-ckpt"]) for n in (2**20, 2**22)]
+        ckpt = [k for k in single if k in CKPT_KINDS]
+        if ckpt:  # flat in n: two sizes at d = 64
+            cases += [(n, 64, "none", ["zarr-loop", *ckpt]) for n in (2**21, 2**22)]
         base = ["cache-read-keys", *[k for k in cache if k != "cache-read-keys"]]
         caches = [(n, shp, base) for n, shp, _ in caches] if cache else []
     if args.log2n:

@@ -472,11 +472,11 @@ class RowRange(RowWindow):
         self.start, self.stop = start, stop
 
     def blocks(self, chunk_rows: int | None = None, *, start: int = 0, stop: int | None = None,
-               prefetch: int = 2) -> Iterator[Any]:
+               prefetch: int = 2, digests: bool = False) -> Iterator[Any]:
         a = max(start, self.start)
         b = self.stop if stop is None else min(stop, self.stop)
         return iter(()) if b <= a else self._source.blocks(
-            chunk_rows, start=a, stop=b, prefetch=prefetch
+            chunk_rows, start=a, stop=b, prefetch=prefetch, digests=digests
         )
 
 

@@ -131,3 +131,22 @@ def test_inspect_says_a_cache_holds_values_without_opening_them(
                                   chunk_rows=32), layers=1, heads=2)
     assert open_kv(no_values).describe()["has_values"] is False
     assert open_kv(store).describe()["values_dim"] == 0
+
+
+def test_the_reader_thread_takes_each_block_s_read_log_crc(tmp_path: Path) -> None:
+    import zlib
+
+    from streamattn.sources import Block
+    from streamattn.sources.keys import block_crc
+
+    store = make_cache(tmp_path / "kv.zarr")
+    group = zarr.open_group(str(store), mode="r")["keys"]
+    src = open_kv(store)
+    blocks = list(src.blocks(1024, digests=True))
+    assert len(blocks) == 3
+    for b in blocks:  # the bytes of every layer's rows, layer after layer
+        layers = np.stack([np.asarray(group[f"layer_{lay}"][b.start : b.stop])
+                           for lay in range(LAYERS)])
+        assert b.crc == zlib.crc32(layers.tobytes())
+        assert block_crc(Block(b.start, b.rows)) == b.crc  # computed here: the same
+    assert all(b.crc is None for b in src.blocks(1024))

@@ -5,7 +5,6 @@ uses it to refuse a store that changed under a checkpoint or a saved state.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,27 +12,7 @@ import numpy as np
 
 from streamattn.operators.protocol import Operator, State
 from streamattn.sources import Block
-
-
-def _buffer(a: np.ndarray) -> memoryview:
-    """The bytes of ``a`` in a fixed order, without a copy when a layout allows.
-
-    Multi-head blocks are ``(r, L, H, d)`` views of an ``(L, H, r, d)`` buffer; their
-    bytes are taken in the buffer's order (the same for every read of the same source).
-    """
-    if not a.flags.c_contiguous and a.ndim == 4:
-        b = a.transpose(1, 2, 0, 3)
-        if b.flags.c_contiguous:
-            a = b
-    return np.ascontiguousarray(a).data.cast("B")
-
-
-def block_crc(block: Block) -> int:
-    """CRC-32 of the block's key bytes followed by its value bytes."""
-    crc = zlib.crc32(_buffer(np.asarray(block.rows)))
-    if block.values is not None:
-        crc = zlib.crc32(_buffer(np.asarray(block.values)), crc)
-    return crc
+from streamattn.sources.keys import block_crc
 
 
 @dataclass(frozen=True)

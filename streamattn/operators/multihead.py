@@ -2,11 +2,21 @@
 
 ``update`` takes blocks with rows ``(r, layers, heads, d)`` (a
 :class:`streamattn.sources.MultiHeadSource`) and runs a Python loop over the
-``layers × heads`` head operators *per block* (never per row); each head's work is
-block-level BLAS/LAPACK on a contiguous ``r × d`` slice, so for the usual 64k-row blocks
-the loop costs microseconds against milliseconds of QR per head. Memory is bounded by
-``layers × heads`` times the single-head bound of the wrapped operator
-(``MultiHead.nbytes_bound``), still independent of n.
+``layers × heads`` head operators *per block* (never per row), with one BLAS thread for
+the whole loop; each head's work is block-level BLAS/LAPACK on its ``r × d`` view of the
+block (strided: the source reads each layer's ``(r, H·d)`` rows once and hands out views,
+the operators convert pieces to float64 themselves), so the loop costs microseconds
+against milliseconds of factor updates per head.
+
+Measured alternatives (30 layers × 3 heads × d = 64, 4096-row blocks, 2 cores): one
+batched ``np.matmul`` over a layer's ``(H, m, d)`` stack for the preconditioned product
+and Gram took 6.5 ms per layer-block against 3.6 ms for the per-head TRMM + SYRK loop
+(a batched GEMM does twice the flops of TRMM / SYRK and forgoes the triangle); a
+2-thread pool over heads or layers was within the noise of the plain loop (0.82–0.93 s
+against 0.90 s for the fold), since each head's update already shares its GEMM work
+between two threads. So heads stay a loop. Memory is bounded by ``layers × heads`` times
+the single-head bound of the wrapped operator (``MultiHead.nbytes_bound``), independent
+of n.
 """
 
 from __future__ import annotations
@@ -60,9 +70,9 @@ def _split_prefixed(state: State) -> dict[tuple[int, int], State]:
 class MultiHead(Operator[MultiHeadSpec, list[list[Any]]]):
     """One operator per (layer, head), fed from one read of each block.
 
-    ``update`` takes blocks with rows ``(r, layers, heads, d)`` and folds the slice
-    ``rows[:, l, h]`` (contiguous) into head (l, h)'s operator: a loop over heads per
-    block, block-level BLAS inside each. ``merge``, states and results are per head.
+    ``update`` takes blocks with rows ``(r, layers, heads, d)`` and folds the view
+    ``rows[:, l, h]`` into head (l, h)'s operator: a loop over heads per block,
+    block-level BLAS inside each. ``merge``, states and results are per head.
     A head may hold no operator (``None``: nothing is folded there, its result is None),
     so a pass serves only the heads that asked for it.
     Memory: the sum of the heads' bounds (``layers × heads`` × the single-head bound).

@@ -23,9 +23,9 @@ from streamattn.operators.leverage import (
     LeverageScores,
     LeverageSpec,
     ScoringMap,
-    TopScores,
     TopScoresSpec,
 )
+from streamattn.operators.screened_top import ScreenedTopScores
 from streamattn.recipes.lp import LewisSet
 from streamattn.recipes.selection import (
     BUDGET_NOTE,
@@ -119,7 +119,8 @@ class LeverageSet(Recipe[UniversalSet]):
         if needs_second_pass(sel, t, first):
             assert sel.budget is not None
             smap = first["scoring_map"]
-            top = TopScores(TopScoresSpec(sel.budget, smap.w, affine, smap.shift, smap.offset))
+            top = ScreenedTopScores(TopScoresSpec(sel.budget, smap.w, affine, smap.shift,
+                                                  smap.offset))
             done = yield Pass({"top-B": top}, "top-B")
             second = done["top-B"].result()
         return finish_selection(src, sel, t, first, second, chunk_rows=ctx.chunk_rows,

@@ -13,9 +13,10 @@ Inputs are only ever opened read-only.
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,47 @@ FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
 @dataclass(frozen=True)
 class Block:
-    """Rows ``start .. start + len(rows)`` of the key matrix (and matching value rows)."""
+    """Rows ``start .. start + len(rows)`` of the key matrix (and matching value rows).
+
+    ``crc``: the block's :func:`block_crc`, when the reader computed it ahead of the
+    consumer (``BlockStream.blocks(digests=True)``, for a checkpointed pass's read log).
+    """
 
     start: int
     rows: np.ndarray
     values: np.ndarray | None = None
+    crc: int | None = None
 
     @property
     def stop(self) -> int:
         return self.start + self.rows.shape[0]
+
+
+def _buffer(a: np.ndarray) -> memoryview:
+    """The bytes of ``a`` in a fixed order, without a copy when a layout allows.
+
+    Multi-head blocks are ``(r, L, H, d)`` views of an ``(L, r, H, d)`` buffer (per-layer
+    arrays) or of an ``(L, H, r, d)`` one (4-D arrays); their bytes are taken in the
+    buffer's order (the same for every read of the same source), so no block is copied.
+    """
+    if not a.flags.c_contiguous and a.ndim == 4:
+        for axes in ((1, 0, 2, 3), (1, 2, 0, 3)):
+            b = a.transpose(axes)
+            if b.flags.c_contiguous:
+                a = b
+                break
+    return np.ascontiguousarray(a).data.cast("B")
+
+
+def block_crc(block: Block) -> int:
+    """CRC-32 of the block's key bytes followed by its value bytes (``block.crc`` when the
+    reader already computed it)."""
+    if block.crc is not None:
+        return block.crc
+    crc = zlib.crc32(_buffer(np.asarray(block.rows)))
+    if block.values is not None:
+        crc = zlib.crc32(_buffer(np.asarray(block.values)), crc)
+    return crc
 
 
 def _check_float_array(arr: Any, what: str) -> None:
@@ -213,6 +246,10 @@ class BlockStream:
     def _read_block(self, start: int, stop: int) -> Block:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _read_digested(self, start: int, stop: int) -> Block:
+        block = self.read(start, stop)
+        return replace(block, crc=block_crc(block))
+
     def default_chunk_rows(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -250,24 +287,29 @@ class BlockStream:
         start: int = 0,
         stop: int | None = None,
         prefetch: int = 2,
+        digests: bool = False,
     ) -> Iterator[Block]:
         """Yield validated blocks in row order, reading up to ``prefetch`` blocks ahead.
 
-        Memory: at most ``prefetch + 1`` blocks are alive at once, whatever ``n`` is.
+        Memory: at most ``prefetch + 1`` blocks are alive at once, whatever ``n`` is: the
+        one the consumer holds and ``prefetch`` read (or being read) ahead of it.
+        ``digests``: each block also carries its ``crc`` (:func:`block_crc`), computed by
+        the reader thread, off the consumer's path (zlib releases the GIL).
         """
         ranges = self.block_ranges(chunk_rows, start, stop)
+        read = self._read_digested if digests else self.read
         if prefetch <= 0:
-            yield from (self.read(a, b) for a, b in ranges)
+            yield from (read(a, b) for a, b in ranges)
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamattn-read") as pool:
-            pending = [pool.submit(self.read, a, b) for a, b in ranges[: prefetch + 1]]
-            rest = iter(ranges[prefetch + 1 :])
+            pending = [pool.submit(read, a, b) for a, b in ranges[:prefetch]]
+            rest = iter(ranges[prefetch:])
             try:
                 while pending:
                     block = pending.pop(0).result()
                     nxt = next(rest, None)
                     if nxt is not None:
-                        pending.append(pool.submit(self.read, *nxt))
+                        pending.append(pool.submit(read, *nxt))
                     yield block
             finally:
                 for fut in pending:
