@@ -19,6 +19,7 @@ Usage::
     .venv/bin/python scripts/bench_dask.py [--store /tmp/bench_dask_keys.zarr]
         [--n 4194304] [--d 128] [--repeat 2] [--out results/bench_dask]
     .venv/bin/python scripts/bench_dask.py --many-blocks   # 2^17 blocks: the graph at scale
+    .venv/bin/python scripts/bench_dask.py --checkpoint    # with the CLI's checkpointing
 
 Writes ``OUT/results.json`` and ``OUT/results.md`` (``--many-blocks``:
 ``OUT/many_blocks.json``: n = 2^20, d = 16, 8-row blocks, 8 blocks per leaf task, the
@@ -49,13 +50,26 @@ def peak_rss() -> int:
     return int(peak_rss_bytes())
 
 
-def run_one(config: str, store: str) -> dict[str, Any]:
-    """Time one configuration in this (fresh) process."""
+def run_one(config: str, store: str, checkpoint: bool = False) -> dict[str, Any]:
+    """Time one configuration in this (fresh) process (``checkpoint``: with the CLI's
+    default checkpointing, into a temporary directory)."""
+    import tempfile
+
     import zarr
 
     import streamattn
+    from streamattn.io.checkpoint import CheckpointConfig, Checkpointer
 
-    out: dict[str, Any] = {"config": config}
+    with tempfile.TemporaryDirectory() as tmp:
+        extra: dict[str, Any] = {}
+        if checkpoint:
+            extra["checkpoint"] = Checkpointer.from_config(CheckpointConfig(), Path(tmp) / "o")
+        return _run_one(config, store, extra, zarr, streamattn)
+
+
+def _run_one(config: str, store: str, extra: dict[str, Any], zarr: Any, streamattn: Any
+             ) -> dict[str, Any]:
+    out: dict[str, Any] = {"config": config, "checkpointed": "checkpoint" in extra}
     if config == "read":
         node = zarr.open(store, mode="r")
         arr = node["keys"] if isinstance(node, zarr.Group) else node
@@ -70,7 +84,7 @@ def run_one(config: str, store: str) -> dict[str, Any]:
         if config == "dask-threads":
             options = {"engine": "dask", "scheduler": "threads"}
         t0 = time.perf_counter()
-        u = streamattn.universal_set(store, EPS, **options)
+        u = streamattn.universal_set(store, EPS, **options, **extra)
         out["seconds"] = time.perf_counter() - t0
         out["indices"] = u.indices.tolist()
     else:
@@ -89,7 +103,7 @@ def run_one(config: str, store: str) -> dict[str, Any]:
         ):
             out["startup_seconds"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            u = streamattn.universal_set(store, EPS, engine="dask", client=client)
+            u = streamattn.universal_set(store, EPS, engine="dask", client=client, **extra)
             out["seconds"] = time.perf_counter() - t0
             out["indices"] = u.indices.tolist()
             out["worker_peak_rss_bytes"] = sorted(client.run(peak_rss).values())
@@ -229,13 +243,15 @@ def main() -> None:
         "workers use 1; nested BLAS threads oversubscribe a busy machine)",
     )
     parser.add_argument("--many-blocks", action="store_true", help="the 2^17-block check")
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="every pass with the CLI's default checkpointing (client RSS)")
     parser.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.many_blocks:
         many_blocks(Path(args.out))
         return
     if args.one:
-        print(json.dumps(run_one(args.one, args.store)))
+        print(json.dumps(run_one(args.one, args.store, args.checkpoint)))
         return
 
     from streamattn.sources import open_keys
@@ -251,7 +267,8 @@ def main() -> None:
         env[var] = str(args.blas_threads)
     for _ in range(args.repeat):
         for config in CONFIGS:
-            cmd = [sys.executable, __file__, "--one", config, "--store", args.store]
+            cmd = [sys.executable, __file__, "--one", config, "--store", args.store,
+                   *(["--checkpoint"] if args.checkpoint else [])]
             done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
             runs[config].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(config, f"{runs[config][-1]['seconds']:.2f} s", flush=True)

@@ -382,12 +382,20 @@ def _cpu_idle() -> tuple[int, int]:
         return 0, 0
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its waited-for children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def measure_here(kind: str, path: Path) -> dict[str, Any]:
     """Run one configuration in this process: its record (time, peak RSS, CPU idle).
 
     ``import_rss_bytes`` is the peak RSS after importing the libraries, before the run (a
     fresh process's floor); ``client_peak_rss_bytes`` this process's own peak, and
-    ``peak_rss_bytes`` the larger of it and its waited-for children's (cluster workers).
+    ``peak_rss_bytes`` the larger of it and its waited-for children's (cluster workers);
+    ``cpu_seconds`` the CPU time it used (less sensitive to other jobs than ``seconds``).
     A configuration's ``startup_seconds`` (cluster start) is not counted in ``seconds``.
     """
     import scipy.linalg  # noqa: F401  (the libraries every configuration loads)
@@ -397,6 +405,7 @@ def measure_here(kind: str, path: Path) -> dict[str, Any]:
 
     import_rss = peak_rss_bytes()
     idle0, total0 = _cpu_idle()
+    cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
     try:
         info = run_one(kind, path)
@@ -404,6 +413,7 @@ def measure_here(kind: str, path: Path) -> dict[str, Any]:
     except NotAvailable as exc:
         info, status = {"reason": str(exc)}, "not available"
     seconds = time.perf_counter() - t0 - float(info.get("startup_seconds", 0.0))
+    cpu = _cpu_seconds() - cpu0
     idle1, total1 = _cpu_idle()
     self_rss = peak_rss_bytes()  # VmHWM: ru_maxrss would inherit the parent's peak
     child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
@@ -413,6 +423,7 @@ def measure_here(kind: str, path: Path) -> dict[str, Any]:
         "seconds": seconds,
         "peak_rss_bytes": max(self_rss, child_rss),
         "client_peak_rss_bytes": self_rss,
+        "cpu_seconds": cpu,
         "import_rss_bytes": import_rss,
         "cpu_idle_share": (idle1 - idle0) / busy if busy else None,
         **info,
@@ -605,7 +616,7 @@ def flat_checks(rows: list[dict[str, Any]]) -> None:
         rss, limit = _rss_key(kind), FLAT_TARGETS[kind]
         ratio = big[rss] / small[rss]
         big["rss_ratio_to_smallest_n"] = ratio
-        big["rss_target"] = (f"peak RSS flat in n: ≤ {limit:g}× at n = {small['n']}"
+        big["rss_target"] = (f"peak RSS flat in n: ≤ {limit:g}× at n = {_n(small['n'])}"
                              + (" (client)" if kind.startswith("dask-ckpt") else ""))
         ok = ratio <= limit
         if kind == "cache-select":

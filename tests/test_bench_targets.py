@@ -55,3 +55,23 @@ def test_budget_and_dask_checkpoint_rows_and_the_targets_table(tmp_path: Path) -
     table = md.split("Every configuration:")[0]
     assert "| 3 | dask-ckpt |" in table and "| 4 | uset-budget |" in table
     assert ("| met |" in table) or ("| missed |" in table)
+
+
+def test_only_and_cache_flags_choose_the_cases() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    cases, caches = bench.plan_cases(parser.parse_args(["--only", "cache-select", "dask-ckpt"]))
+    assert [k for *_, k in caches] == [["cache-read-keys", "cache-select"]] * 2
+    assert [(n, k) for n, _, _, k in cases] == [
+        (2**22, ["zarr-loop", "parallel-read", "dask-ckpt"]),
+        (2**21, ["zarr-loop", "dask-ckpt"]), (2**22, ["zarr-loop", "dask-ckpt"])]
+    cases, caches = bench.plan_cases(parser.parse_args(["--no-cache", "--quick"]))
+    assert caches == [] and all(n <= 2**20 for n, *_ in cases)
+    _, caches = bench.plan_cases(parser.parse_args(["--cache-n", "1000", "--cache-shape", "2",
+                                                    "2", "8"]))
+    assert caches == [(1000, (2, 2, 8), list(bench.CACHE_KINDS))]
+    full, _ = bench.plan_cases(parser.parse_args([]))
+    ckpt = sorted(n for n, d, _, k in full if "dask-ckpt" in k)
+    assert ckpt == [2**21, 2**22]  # two sizes: the flatness check has a pair
