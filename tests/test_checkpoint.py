@@ -446,3 +446,20 @@ def test_state_file_round_trip_and_time_trigger(tmp_path: Path) -> None:
     sa.run_operators(src, [op], chunk_rows=100, checkpoint=ckpt)
     meta, ops = ck.unpack_operators(read_state_file(tmp_path / "ck" / "pass0.npz"))
     assert meta["position"] == 400 and ops[0].n_rows == 400
+
+
+def test_a_format_2_record_of_a_kv_cache_is_refused_but_not_of_a_single_head_store() -> None:
+    # Format 3 changed the byte order of a KV cache's block checksums; an older cache record
+    # would otherwise fail as "the store changed". Single-head checksums did not change.
+    from streamattn.errors import StateFormatError
+    from streamattn.io.checkpoint import split_reads
+    from streamattn.operators.block_digests import BlockDigests, BlockDigestsSpec
+
+    def meta(layout: str) -> dict:
+        return {"format": 2, "reads": True, "position": 0, "chunk_rows": 10,
+                "fingerprint": {"layout": layout}}
+
+    with pytest.raises(StateFormatError, match="another byte order"):
+        split_reads(meta("kv-layers-2x3"), [BlockDigests(BlockDigestsSpec(4))], "CKPT")
+    rec = split_reads(meta("2d"), [BlockDigests(BlockDigestsSpec(4))], "CKPT")
+    assert rec.position == 0 and rec.chunk_rows == 10

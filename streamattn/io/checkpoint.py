@@ -61,7 +61,8 @@ from streamattn.io.readlog import (
 from streamattn.operators.protocol import Operator, State, specs_equal
 from streamattn.progress import progress_bar
 
-FORMAT = 2  # 2: read checksums (BlockDigests) and file stamps
+FORMAT = 3  # 2: read checksums (BlockDigests) and file stamps; 3: a KV cache's checksums
+#: over its block buffer's byte order (a format-2 record of a cache cannot be verified)
 CHECKSUM_KEY = "__sha256__"
 META_KEY = "__meta__"
 
@@ -248,6 +249,12 @@ def split_reads(meta: dict[str, Any], ops: list[Operator], where: Any) -> Record
         raise StateFormatError(
             f"{where}: written by an older streamattn without checksums of what was read, "
             "so an unchanged store cannot be verified. Delete it and run from scratch."
+        )
+    if int(meta["format"]) == 2 and str(meta["fingerprint"].get("layout", "")).startswith("kv-"):
+        raise StateFormatError(
+            f"{where}: written by an older streamattn whose checksums of a KV cache's blocks "
+            "followed another byte order, so an unchanged cache cannot be verified. Delete it "
+            "and run from scratch."
         )
     reads = ops[-1]
     if not isinstance(reads, BlockDigests):

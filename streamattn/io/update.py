@@ -36,6 +36,7 @@ from typing import Any
 
 from streamattn.errors import InvalidInputError, StateFormatError
 from streamattn.io.checkpoint import (
+    FORMAT,
     Checkpointer,
     pack_operators,
     read_state_file,
@@ -64,7 +65,7 @@ def state_writer(
         return None
     rec = checkpoint.finals[0]
     meta = {
-        "format": 2,
+        "format": FORMAT,
         "reads": rec.reads is not None,
         "stamps": stamps_to_json(rec.stamps),
         "n_ops": len(rec.ops) + (rec.reads is not None),
