@@ -40,6 +40,7 @@ import numpy as np
 from streamattn.bench import (
     CACHE_SHAPE,
     _ratios,
+    compared_row,
     ensure_bench_store,
     ensure_cache_store,
     flat_checks,
@@ -180,17 +181,8 @@ def main() -> int:
             base: dict[str, float] = {}
             for kind, code in PLAN:
                 res = measure_as(code, kind, path, args)
-                row: dict[str, Any] = {"n": n, "d": d, "compressor": "none",
-                                       "config": kind if code == "-" else f"{kind} ({code})",
-                                       **res}
-                if res.get("status") == "ok":
-                    sec = res["seconds"]
-                    base.setdefault(kind, sec)
-                    row["rows_per_s"], row["gb_per_s"] = n / sec, n * d * 4 / sec / 1e9
-                    row["ratio_to_zarr_loop"] = sec / base["zarr-loop"]
-                    if "parallel-read" in base:
-                        row["ratio_to_parallel_read"] = sec / base["parallel-read"]
-                    row.update(target_check(kind, row))
+                label = kind if code == "-" else f"{kind} ({code})"
+                row = compared_row(n, d, kind, label, res, base)
                 rows.append(row)
                 print(format_row(row), flush=True)
     finally:

@@ -26,12 +26,12 @@ from typing import Any
 
 from streamattn.bench import (
     KINDS,
+    compared_row,
     ensure_bench_store,
     format_row,
     fresh_run_dir,
     measure,
     store_path,
-    target_check,
     write_results,
 )
 
@@ -71,17 +71,8 @@ def main() -> int:
                         os.environ["PYTHONPATH"] = baseline
                     res = measure(kind, path, args.repeat)
                     os.environ.pop("PYTHONPATH", None)
-                    row: dict[str, Any] = {"n": n, "d": d, "compressor": "none",
-                                           "config": kind if code == "-" else f"{kind} ({code})",
-                                           **res}
-                    if res.get("status") == "ok":
-                        sec = res["seconds"]
-                        base.setdefault(kind, sec)
-                        row["rows_per_s"], row["gb_per_s"] = n / sec, n * d * 4 / sec / 1e9
-                        row["ratio_to_zarr_loop"] = sec / base["zarr-loop"]
-                        if "parallel-read" in base:
-                            row["ratio_to_parallel_read"] = sec / base["parallel-read"]
-                        row.update(target_check(kind, row))
+                    label = kind if code == "-" else f"{kind} ({code})"
+                    row = compared_row(n, d, kind, label, res, base)
                     rows.append(row)
                     print(format_row(row), flush=True)
                 os.chdir(here)

@@ -513,6 +513,23 @@ def _ratios(row: dict[str, Any], base: dict[str, float]) -> None:
         row[f"ratio_to_{spec[0]}"] = sec / base[spec[0]]
 
 
+def compared_row(n: int, d: int, kind: str, label: str, res: dict[str, Any],
+                 base: dict[str, float]) -> dict[str, Any]:
+    """The row of ``kind`` (shown as ``label``) on the uncompressed (n, d) store of a
+    before/after comparison: rates, ratios to the zarr loop and parallel read measured
+    before it (``base``: the first time of each kind, updated here) and its target check."""
+    row: dict[str, Any] = {"n": n, "d": d, "compressor": "none", "config": label, **res}
+    if res.get("status") == "ok":
+        sec = res["seconds"]
+        base.setdefault(kind, sec)
+        row["rows_per_s"], row["gb_per_s"] = n / sec, n * d * 4 / sec / 1e9
+        row["ratio_to_zarr_loop"] = sec / base["zarr-loop"]
+        if "parallel-read" in base:
+            row["ratio_to_parallel_read"] = sec / base["parallel-read"]
+        row.update(target_check(kind, row))
+    return row
+
+
 def bench_rows(
     cases: list[Case], data_dir: Path, repeat: int, log: Any = print,
     measure_fn: Measure = measure,
