@@ -6,7 +6,7 @@ import dask.array as da
 import numpy as np
 import pytest
 from conftest import svd_leverage
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from streamattn import Selection, open_keys, universal_set, universal_sets
@@ -231,6 +231,9 @@ def test_zarr_v2_group_with_values_equals_v3(zarr_store) -> None:  # type: ignor
 
 
 @settings(max_examples=25, deadline=None)
+# offset 3e3 ≫ the graded spread: the old [K, 1] reference lost a direction to its rank cut
+@example(seed=65535, shape=(10, 8), structure="graded", scale=1000.0, variant="affine",
+         eps=0.7, chunk_rows=1)
 @given(
     seed=st.integers(0, 2**16),
     shape=st.tuples(st.integers(1, 60), st.integers(1, 9)),
