@@ -200,12 +200,19 @@ def run_cache_read(path: Path, values: bool) -> dict[str, Any]:
 
 
 def _cli_select(path: Path, *flags: str) -> dict[str, Any]:
-    """``streamattn select PATH FLAGS --out TMP --quiet``; the run's report.json."""
-    from streamattn.cli.main import main as cli
+    """``streamattn select PATH FLAGS --out TMP --quiet``; the run's report.json.
 
+    The select command's own parser and run function (``streamattn.cli.select``), not the
+    CLI's entry point, which lists ``bench`` among its commands (an import circle).
+    """
+    from streamattn.cli import select as select_cmd
+
+    parser = argparse.ArgumentParser(prog="streamattn")
+    select_cmd.add_parser(parser.add_subparsers(dest="command", required=True))
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / "out"
-        code = cli(["select", str(path), *flags, "--out", str(out), "--quiet"])
+        args = parser.parse_args(["select", str(path), *flags, "--out", str(out), "--quiet"])
+        code = select_cmd.run(args)
         if code != 0:
             raise RuntimeError(f"streamattn select exited with {code}")
         report: dict[str, Any] = json.loads((out / "report.json").read_text())
