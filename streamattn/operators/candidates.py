@@ -8,6 +8,8 @@ that triple under the same state keys (``idx``, ``rows``, ``values``) for all of
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from streamattn.operators.protocol import State
@@ -31,3 +33,17 @@ def load_candidates(state: State) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
 def stack_values(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
     """The value rows of two stacked candidate sets (None unless both have them)."""
     return None if a is None or b is None else np.vstack([a, b])
+
+
+def merge_scored(
+    held: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None],
+    new: tuple[np.ndarray, np.ndarray, np.ndarray, Any],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Two scored candidate sets ``(idx, scores, rows, values)`` as one, in index order
+    (a stable sort, so equal indices keep held-before-new); values stay only when both
+    sets have them."""
+    idx = np.concatenate([held[0], new[0]])
+    order = np.argsort(idx, kind="stable")
+    values = stack_values(held[3], new[3])
+    return (idx[order], np.concatenate([held[1], new[1]])[order],
+            np.vstack([held[2], new[2]])[order], None if values is None else values[order])

@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.operators.candidates import candidate_state, load_candidates
+from streamattn.operators.candidates import candidate_state, load_candidates, merge_scored
 from streamattn.operators.factors import centred_factor_result, centred_factor_update
 from streamattn.operators.leverage import (
     DEFAULT_RTOL,
@@ -239,13 +239,8 @@ class LewisPass(Operator[LewisPassSpec, dict[str, Any]]):
             self.rows = self.rows[:0]
             self.values = None if self.values is None else self.values[:0]
             return
-        idx = np.concatenate([self.idx, idx])
-        order = np.argsort(idx, kind="stable")
-        self.idx = idx[order]
-        self.weights = np.concatenate([self.weights, w])[order]
-        self.rows = np.vstack([self.rows, rows])[order]
-        if self.values is not None and values is not None:
-            self.values = np.vstack([self.values, values])[order]
+        self.idx, self.weights, self.rows, self.values = merge_scored(
+            (self.idx, self.weights, self.rows, self.values), (idx, w, rows, values))
 
     def _merge(self, other: LewisPass) -> None:
         self.r = stack_qr(self.r, other.r)

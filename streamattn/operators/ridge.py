@@ -45,7 +45,12 @@ from typing import Any
 import numpy as np
 
 from streamattn.errors import ConfigError
-from streamattn.operators.candidates import candidate_state, load_candidates, stack_values
+from streamattn.operators.candidates import (
+    candidate_state,
+    load_candidates,
+    merge_scored,
+    stack_values,
+)
 from streamattn.operators.frequent_directions import FDSketch, FDSpec, FrequentDirections
 from streamattn.operators.protocol import Operator, State
 from streamattn.sources import Block
@@ -230,13 +235,8 @@ class SketchedScores(Operator[SketchedScoresSpec, dict[str, Any]]):
     def _add(self, idx: np.ndarray, s: np.ndarray, rows: np.ndarray, vals: Any) -> None:
         if vals is not None and self.values is None and self.idx.size == 0:
             self.values = np.zeros((0, vals.shape[1]))
-        idx = np.concatenate([self.idx, idx])
-        order = np.argsort(idx, kind="stable")
-        self.idx = idx[order]
-        self.scores = np.concatenate([self.scores, s])[order]
-        self.rows = np.vstack([self.rows, rows])[order]
-        if self.values is not None and vals is not None:
-            self.values = np.vstack([self.values, vals])[order]
+        self.idx, self.scores, self.rows, self.values = merge_scored(
+            (self.idx, self.scores, self.rows, self.values), (idx, s, rows, vals))
 
     def _merge(self, other: SketchedScores) -> None:
         self.total += other.total

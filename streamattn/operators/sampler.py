@@ -72,6 +72,7 @@ from scipy.linalg import lapack
 
 from streamattn.blas import single_blas_thread
 from streamattn.errors import ConfigError, IncompatibleMergeError
+from streamattn.operators.candidates import merge_scored
 from streamattn.operators.leverage import DEFAULT_RTOL, ScoringMap, map_scores, stack_qr
 from streamattn.operators.projection import keyed_uniform
 from streamattn.operators.protocol import Operator, State
@@ -708,13 +709,8 @@ class ApproxLeverage(Operator):
         self.rows_dtype = ""
 
     def _add(self, idx: np.ndarray, s: np.ndarray, rows: np.ndarray, vals: Any) -> None:
-        idx = np.concatenate([self.idx, idx])
-        order = np.argsort(idx, kind="stable")
-        self.idx = idx[order]
-        self.scores = np.concatenate([self.scores, s])[order]
-        self.rows = np.vstack([self.rows, rows])[order]
-        if self.values is not None and vals is not None:
-            self.values = np.vstack([self.values, vals])[order]
+        self.idx, self.scores, self.rows, self.values = merge_scored(
+            (self.idx, self.scores, self.rows, self.values), (idx, s, rows, vals))
 
     def _update(self, block: Block) -> None:
         if not self.rows_dtype:
