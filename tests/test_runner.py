@@ -46,9 +46,9 @@ def test_plan_over_memory_limit_is_refused_before_any_read() -> None:
     # under the limit the same plan runs, and the report states projected vs measured
     out = run_recipes(src, [selection_recipe(sel)], chunk_rows=500, memory_limit="1GiB")
     report = out.report.as_dict()
-    # the leverage state: R factor (16 x 16) + <= d/eps candidates (row, index), float64
+    # the leverage state: R, an open Gram window (7 x 16 x 16), <= d/eps candidates (row, index)
     state = out.report.passes[0]["projected_bytes"]["operators"]
-    assert state == 8 * (16 * 16 + int(16 / 0.01) * (16 + 1))
+    assert state == 8 * (7 * 16 * 16 + int(16 / 0.01) * (16 + 1))
     assert report["projected_peak_bytes"] == state + 3 * 500 * 16 * 8
     assert report["measured_peak_rss_bytes"] > 0
     assert report["reads"] == 1

@@ -55,7 +55,10 @@ since the Gram only grows, they bound every later score of the row.
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -96,11 +99,39 @@ def pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(STREAM_THREADS, thread_name_prefix="streamattn-blas")
 
 
+_local = threading.local()
+
+
+@contextmanager
+def serial_rows() -> Iterator[None]:
+    """Within the body, this thread's kernels take one row span (no stream threads).
+
+    For callers that already run kernels side by side (``MultiHead`` folds its heads in
+    stream threads of its own): the same arithmetic per span, no nested pool.
+    """
+    before = getattr(_local, "serial", False)
+    _local.serial = True
+    try:
+        yield
+    finally:
+        _local.serial = before
+
+
+#: Row spans per stream thread: the pool hands them out as threads free up, so a thread
+#: that shares its core with the reader does fewer (one span each left one thread idle
+#: ~half of a d = 64 pass, measured).
+SPANS_PER_THREAD = 4
+
+
 def split_rows(m: int) -> list[tuple[int, int]]:
-    """Contiguous row spans, one per stream thread, each a whole number of pieces."""
-    if STREAM_THREADS == 1 or m < 2 * PIECE_ROWS:
+    """Contiguous row spans, ``SPANS_PER_THREAD`` per stream thread (fewer for small m),
+    each a whole number of pieces (one span inside :func:`serial_rows`). Their results
+    are summed in span order, whichever thread computed them."""
+    if STREAM_THREADS == 1 or m < 2 * PIECE_ROWS or getattr(_local, "serial", False):
         return [(0, m)]
-    per = -(-m // (STREAM_THREADS * PIECE_ROWS)) * PIECE_ROWS
+    pieces = -(-m // PIECE_ROWS)
+    spans = min(SPANS_PER_THREAD * STREAM_THREADS, pieces)
+    per = -(-pieces // spans) * PIECE_ROWS
     return [(a, min(a + per, m)) for a in range(0, m, per)]
 
 
@@ -114,7 +145,8 @@ def accumulation_length(m: int) -> int:
 
     Any summation order of n terms has error ≤ γ_{n−1}·Σ|terms|; here every entry is a
     sum of ≤ SYRK_ROWS products (one SYRK call), ⌈PIECE_ROWS/SYRK_ROWS⌉ call results per
-    piece, ⌈m/PIECE_ROWS⌉ piece sums per thread and two thread sums (+2 for slack).
+    piece, then a = ⌈p/s⌉ piece sums per span and b ≤ s span sums (``split_rows``, s spans,
+    p = ⌈m/PIECE_ROWS⌉ pieces): a + b ≤ ⌈p/s⌉ + s ≤ p + 1 for 1 ≤ s ≤ p (+1 for slack).
     """
     return SYRK_ROWS + -(-PIECE_ROWS // SYRK_ROWS) + -(-max(m, 1) // PIECE_ROWS) + 2
 
@@ -339,16 +371,24 @@ def _chol_and_product(m_hat: np.ndarray, right: np.ndarray, abs_rt: np.ndarray, 
     return c, c @ right, gamma(d + 1) * cf2 + 2 * rho + rho**2
 
 
-def gram_step(frame: Frame, gram: np.ndarray, x_fro2: float, m: int, tol: float = GRAM_TOL
-              ) -> tuple[np.ndarray, float] | None:
+def window_length(longest: int, calls: int) -> int:
+    """L for the sum of ``calls`` results of ``gram_and_bounds`` (each over ≤ ``longest``
+    rows), added one after the other: each call's L plus one addition per later call."""
+    return accumulation_length(longest) + max(calls, 1) - 1
+
+
+def gram_step(frame: Frame, gram: np.ndarray, x_fro2: float, m: int, tol: float = GRAM_TOL,
+              length: int | None = None) -> tuple[np.ndarray, float] | None:
     """(R', δ): R'ᵀR' within relative δ ≤ ``tol`` of RᵀR + G_b (Loewner), or None.
 
-    ``gram`` = fl(XᵀX) from ``gram_and_bounds`` over m rows, ``x_fro2`` = Σ fl(‖x‖²).
+    ``gram`` = fl(XᵀX) from ``gram_and_bounds`` over m rows (or the sum of several calls'
+    results: ``length`` = their ``window_length``), ``x_fro2`` = Σ fl(‖x‖²).
     """
     d = gram.shape[0]
     t2 = frame.rinv_norm**2
+    L = accumulation_length(m) if length is None else length
     # L + 1: float64 keys round their products too (float32/16 products are exact).
-    d_syrk = gamma(accumulation_length(m) + 1) * x_fro2 * (1 + gamma(d + m)) * t2
+    d_syrk = gamma(L + 1) * x_fro2 * (1 + gamma(d + m)) * t2
     if d_syrk > tol:
         return None
     w, d_tr = _transform(frame, gram)
@@ -368,18 +408,19 @@ def gram_step(frame: Frame, gram: np.ndarray, x_fro2: float, m: int, tol: float 
 
 def centred_gram_step(
     frame: Frame, root_n: float, mean: np.ndarray, zz: np.ndarray, zsum: np.ndarray,
-    z_fro2: float, m: int, tol: float = GRAM_TOL,
+    z_fro2: float, m: int, tol: float = GRAM_TOL, length: int | None = None,
 ) -> tuple[np.ndarray, float] | None:
     """(R', δ) for the factor of [1, K] (``centred_fast_update``'s layout), or None.
 
     ``frame`` is that of R_c, ``root_n`` = |r₀₀| and ``mean`` = μ̂ of the old factor;
-    ``zz`` = fl(ZᵀZ), ``zsum`` = fl(Σz), ``z_fro2`` = Σ fl(‖z‖²) for z = fl(x − μ̂).
+    ``zz`` = fl(ZᵀZ), ``zsum`` = fl(Σz), ``z_fro2`` = Σ fl(‖z‖²) for z = fl(x − μ̂)
+    (``length``: as for :func:`gram_step`).
     In the frame D = diag(√n, R_c) the block adds W = D⁻ᵀ[[m, Σzᵀ], [Σz, ZᵀZ]]D⁻¹;
     R' = chol(I + W) D, then row 0 gains r'₀₀ μ̂ (back from the shifted frame).
     """
     d = zz.shape[0]
     dim = d + 1
-    L = accumulation_length(m)
+    L = accumulation_length(m) if length is None else length
     t2 = frame.rinv_norm**2
     zf2 = z_fro2 * (1 + gamma(d + m + 4))  # ≥ ‖x − μ̂‖_F² (z rounds by u per entry)
     d_syrk = gamma(L + 3) * zf2 * t2

@@ -22,13 +22,16 @@ of n.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
 
 from streamattn.blas import single_blas_thread
 from streamattn.errors import ConfigError, InvalidInputError
+from streamattn.operators.gram_step import STREAM_THREADS, serial_rows
 from streamattn.operators.protocol import (
     Operator,
     RowRanges,
@@ -38,6 +41,17 @@ from streamattn.operators.protocol import (
     spec_to_state,
 )
 from streamattn.sources import Block
+
+
+@cache
+def _head_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(STREAM_THREADS, thread_name_prefix="streamattn-heads")
+
+
+def _fold_heads(jobs: list[tuple[Operator[Any, Any], Block]]) -> None:
+    with serial_rows():
+        for op, part in jobs:
+            op.update(part)
 
 
 @dataclass(frozen=True)
@@ -121,10 +135,18 @@ class MultiHead(Operator[MultiHeadSpec, list[list[Any]]]):
                 f"shape {rows.shape}; expected (rows, {want[0]}, {want[1]}, d)."
             )
         vals = block.values
+        jobs = [(op, Block(block.start, rows[:, layer, h],
+                           None if vals is None else vals[:, layer, h]))
+                for layer, h, op in self._heads()]
+        lanes = min(STREAM_THREADS, len(jobs))
         with single_blas_thread():
-            for layer, h, op in self._heads():
-                op.update(Block(block.start, rows[:, layer, h],
-                                None if vals is None else vals[:, layer, h]))
+            if lanes < 2 or not all(op.concurrent_updates for op, _ in jobs):
+                for op, part in jobs:
+                    op.update(part)
+                return
+            # each head on one lane, the same lane every block: heads run side by side, each
+            # with the same arithmetic as alone (one row span, no nested stream threads)
+            list(_head_pool().map(_fold_heads, [jobs[i::lanes] for i in range(lanes)]))
 
     def _merge(self, other: MultiHead) -> None:
         with single_blas_thread():

@@ -174,6 +174,10 @@ class Operator(ABC, Generic[SpecT, ResultT]):
     family: ClassVar[str]
     format_version: ClassVar[int] = 1
     Spec: ClassVar[type]
+    #: True where two instances may be updated from different threads at once (all mutable
+    #: state lives in the instance; kernels release the GIL): ``MultiHead`` then folds its
+    #: heads side by side.
+    concurrent_updates: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
