@@ -30,6 +30,8 @@ R'ᵀR' = Rᵀ(M + E)R for the E the rounding leaves, so ‖E‖ ≤ δ gives
   in the stored factor: relative ψ_μ = √n‖4u μ̂‖/σ_lo) and of the final row-0 update.
 
 The terms are summed (×1.01, which covers their products while δ ≤ ``GRAM_TOL`` ≪ 1e-3).
+G_b may be the sum of several calls' results (a window of blocks against one frame):
+``window_length`` adds one addition per later call to L; nothing else changes.
 The step is taken only when δ ≤ ``GRAM_TOL`` = 1e-9 and the accumulated relative error Δ
 (Δ' = (1 + Δ)(1 + δ) − 1) stays ≤ ``REL_ERR_BUDGET`` = 1e-7, below float32's unit
 roundoff (the precision of the keys themselves); else the caller takes the TRMM step. The

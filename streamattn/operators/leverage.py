@@ -33,6 +33,11 @@ seen), a block instead takes the *Gram step* of :mod:`.gram_step`: G_b = XᵀX b
 R ← chol(I + R⁻ᵀG_bR⁻¹) R, half the flops, with a certified relative Gram error δ ≤ 1e-9
 per step; its rows are pruned by a certified norm / eigen-split bound against the old
 factor, and the accumulated error Δ lowers every pruning cut to threshold / (1 + Δ).
+Several blocks share one such frame (a *Gram window*, up to ``WINDOW_ROWS`` rows or as many
+as the factor held when it opened): their Grams are summed, the window's step is computed
+and certified after every block (so the window can close at any block with a certified
+R'), and the held candidates are pruned when it closes. Small blocks (a KV cache's
+4096-row chunks) then pay the d × d work (SVD, inverse, Cholesky) once per window.
 
 The affine factor (R of [1, K]) is updated the same way in the centred frame
 (``centred_fast_update``): y = [1/√n, (k − μ) R_c⁻¹], whose ‖y‖² is the row's affine
@@ -295,7 +300,7 @@ def fast_factor_update(r: np.ndarray, rows: np.ndarray) -> FactorUpdate | None:
     Cholesky factor is as accurate as Householder QR of [R; X] (relative score error
     ~ u·cond(R), u = 2⁻⁵³) — the normal equations' cond² loss is avoided because the
     Gram is formed from the preconditioned Y, not from X. The work is two level-3
-    BLAS calls per piece (Y = X R⁻¹ by TRMM, YᵀY by SYRK), ≈ 2·m·dim² flops, against
+    BLAS calls per piece (Y = X R⁻¹ by GEMM, YᵀY by SYRK), ≈ 3·m·dim² flops, against
     Householder's 4·m·dim² in slower panel code, and the row norms ‖y_i‖² come free.
 
     Returns None (the caller falls back to Householder QR) when R is not square, not

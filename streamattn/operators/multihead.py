@@ -1,22 +1,23 @@
 """``MultiHead``: one operator per (layer, head) of a KV cache, fed from one read per block.
 
 ``update`` takes blocks with rows ``(r, layers, heads, d)`` (a
-:class:`streamattn.sources.MultiHeadSource`) and runs a Python loop over the
-``layers × heads`` head operators *per block* (never per row), with one BLAS thread for
-the whole loop; each head's work is block-level BLAS/LAPACK on its ``r × d`` view of the
-block (strided: the source reads each layer's ``(r, H·d)`` rows once and hands out views,
-the operators convert pieces to float64 themselves), so the loop costs microseconds
-against milliseconds of factor updates per head.
+:class:`streamattn.sources.MultiHeadSource`) and folds the ``layers × heads`` head
+operators *per block* (never per row), with one BLAS thread; each head's work is
+block-level BLAS/LAPACK on its ``r × d`` view of the block (strided: the source reads each
+layer's ``(r, H·d)`` rows once and hands out views, the operators convert pieces to
+float64 themselves).
 
-Measured alternatives (30 layers × 3 heads × d = 64, 4096-row blocks, 2 cores): one
-batched ``np.matmul`` over a layer's ``(H, m, d)`` stack for the preconditioned product
-and Gram took 6.5 ms per layer-block against 3.6 ms for the per-head TRMM + SYRK loop
-(a batched GEMM does twice the flops of TRMM / SYRK and forgoes the triangle); a
-2-thread pool over heads or layers was within the noise of the plain loop (0.82–0.93 s
-against 0.90 s for the fold), since each head's update already shares its GEMM work
-between two threads. So heads stay a loop. Memory is bounded by ``layers × heads`` times
-the single-head bound of the wrapped operator (``MultiHead.nbytes_bound``), independent
-of n.
+Where every head operator allows it (``Operator.concurrent_updates``: the leverage set),
+the heads are dealt to the stream threads (``gram_step.STREAM_THREADS``), the same heads
+to the same thread every block, and each head runs on one row span (``serial_rows``): the
+same arithmetic as that head folded alone, whatever the thread count. Measured on 2 cores
+(30 layers × 3 heads × d = 64, 4096-row blocks): splitting each head's rows over the two
+threads instead made a 4096-row Gram pass slower than one thread (1.11 ms against
+0.93 ms: the hand-off costs more than it saves at this size). An earlier batched
+``np.matmul`` over a layer's ``(H, m, d)`` stack took 6.5 ms per layer-block against
+3.6 ms for the per-head loop (twice the flops of TRMM / SYRK, no triangle). Memory is
+bounded by ``layers × heads`` times the single-head bound of the wrapped operator
+(``MultiHead.nbytes_bound``), independent of n.
 """
 
 from __future__ import annotations
