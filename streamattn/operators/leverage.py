@@ -65,8 +65,10 @@ from streamattn.operators.factors import centred_factor_result, centred_factor_u
 from streamattn.operators.gram_step import (
     ADMIT_LIMIT,
     GRAM_TOL,
+    LONG_SYRK_ROWS,
     PIECE_ROWS,
     REL_ERR_BUDGET,
+    SYRK_ROWS,
     Frame,
     U,
     accumulation_length,
@@ -112,6 +114,7 @@ class _Window:
     root_n: float
     n_old: float  # ‖ |T|ᵀ|RᵀR||T| ‖_∞, for the predicted δ
     seen: int  # rows in R₀
+    syrk_rows: int  # rows per SYRK call in this window (its L)
     gram: np.ndarray
     colsum: np.ndarray
     fro2: float = 0.0
@@ -609,7 +612,7 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         d = base.shape[1]
         at = np.abs(frame.rinv)
         n_old = at.T @ (np.abs(frame.r.T @ frame.r) @ at)
-        return _Window(frame, shift, root_n, float(n_old.sum(axis=1).max()), seen,
+        return _Window(frame, shift, root_n, float(n_old.sum(axis=1).max()), seen, SYRK_ROWS,
                        np.zeros((d, d)), np.zeros(d))
 
     def _flush(self) -> None:
@@ -654,6 +657,11 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
             if win is None or tol <= 0 or self._predicted(win, rows, m) > tol:
                 self._window = None
                 return None
+            # one SYRK call per piece where the certificate has room for its longer sums
+            # (predicted for a full window; a block that would not fit closes the window)
+            longer = replace(win, syrk_rows=LONG_SYRK_ROWS)
+            if self._predicted(longer, rows, max(m, min(WINDOW_ROWS, seen))) <= tol / 4:
+                win = self._window = longer
         frame, shift = win.frame, win.shift
         thr = self._threshold()
         affine = self.spec.affine
@@ -667,13 +675,14 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         screen = (np.sqrt(need) * (1 - 1e-9) - d_mu) / (1 + z_round + 8 * U)
         if need < 1e-6 * thr:  # (1 − 1e-9)² no longer covers the rounding of thr − 1/n
             screen = 0.0
-        gram, colsum, s, xx, split = gram_and_bounds(rows, frame, shift, max(screen, 0.0))
+        gram, colsum, s, xx, split = gram_and_bounds(rows, frame, shift, max(screen, 0.0),
+                                                     win.syrk_rows)
         if win.rows:  # 0 + x = x exactly: a window of one block is the one-block step
             gram += win.gram
             colsum += win.colsum
         fro2 = win.fro2 + float(xx.sum())
         total, calls, longest = win.rows + m, win.calls + 1, max(win.longest, m)
-        length = window_length(longest, calls)
+        length = window_length(longest, calls, win.syrk_rows)
         if affine:
             assert shift is not None
             step = centred_gram_step(frame, win.root_n, shift, gram, colsum, fro2, total, tol,
@@ -711,7 +720,8 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
             sample = sample - win.shift
         typical = float(np.einsum("ij,ij->", sample, sample)) / sample.shape[0]
         scale = m * typical / max(float(np.sum(frame.r * frame.r)), np.finfo(float).tiny)
-        return (gamma(accumulation_length(m) + 3) * m * typical * frame.rinv_norm**2
+        return (gamma(accumulation_length(m, win.syrk_rows) + 3) * m * typical
+                * frame.rinv_norm**2
                 + 2 * gamma(frame.r.shape[1]) * scale * win.n_old)
 
     def _householder(self, rows: np.ndarray) -> np.ndarray:
@@ -749,8 +759,8 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
             state |= {"window_gram": win.gram, "window_colsum": win.colsum,
                       "window_r_next": win.r_next,
                       "window_sums": np.array([win.fro2, win.delta]),
-                      "window_counts": np.array([win.seen, win.rows, win.calls, win.longest],
-                                                dtype=np.int64)}
+                      "window_counts": np.array([win.seen, win.rows, win.calls, win.longest,
+                                                 win.syrk_rows], dtype=np.int64)}
         return state
 
     def _load(self, state: State) -> None:
@@ -761,7 +771,7 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         self.rows_dtype = str(state["rows_dtype"])
         self._window = None
         if "window_gram" in state:
-            seen, rows, calls, longest = (int(v) for v in state["window_counts"])
+            seen, rows, calls, longest, syrk_rows = (int(v) for v in state["window_counts"])
             win = self._open_window(seen)
             if win is None:
                 raise ValueError("a leverage-scores state holds a Gram window its factor "
@@ -770,7 +780,7 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
             self._window = replace(
                 win, gram=np.array(state["window_gram"], dtype=np.float64),
                 colsum=np.array(state["window_colsum"], dtype=np.float64), fro2=fro2,
-                rows=rows, calls=calls, longest=longest,
+                rows=rows, calls=calls, longest=longest, syrk_rows=syrk_rows,
                 r_next=np.array(state["window_r_next"], dtype=np.float64), delta=delta)
 
     def scoring_map(self) -> ScoringMap:
