@@ -14,6 +14,7 @@ from test_gram_step import fold, loewner_error, offline_scores, spread_keys
 
 from streamattn.operators.factors import centred_factor_result, centred_factor_update, stack_qr
 from streamattn.operators.gram_step import (
+    LONG_SYRK_ROWS,
     PIECE_ROWS,
     SYRK_ROWS,
     accumulation_length,
@@ -66,6 +67,38 @@ def test_a_window_of_several_calls_is_within_its_certificate() -> None:
     ref = stack_qr(r, x[30000:a].astype(np.float64))
     assert loewner_error(new, ref) <= delta < 1e-6
     assert window_length(2500, 5) == window_length(2500, 1) + 4
+
+
+def test_long_syrk_calls_are_within_their_certificate() -> None:
+    x = spread_keys(50000, 12, 10.0, 1.0, seed=13)
+    r = stack_qr(x[:30000].astype(np.float64))
+    frame = make_frame(r, k=1)
+    assert frame is not None
+    block = x[30000:]
+    gram, _, _, xx, _ = gram_and_bounds(block, frame, syrk_rows=LONG_SYRK_ROWS)
+    step = gram_step(frame, gram, float(xx.sum()), block.shape[0], tol=1.0,
+                     length=window_length(block.shape[0], 1, LONG_SYRK_ROWS))
+    assert step is not None
+    new, delta = step
+    assert loewner_error(new, stack_qr(r, block.astype(np.float64))) <= delta < 1e-6
+    # the longer sums are in the certificate: the same Gram certified with L for 128-row
+    # calls would claim less than it must
+    short = gram_step(frame, gram, float(xx.sum()), block.shape[0], tol=1.0)
+    assert short is not None and short[1] < delta
+
+
+def test_windows_take_long_syrk_calls_on_well_conditioned_keys() -> None:
+    n, d, eps = 200000, 8, 0.01
+    x = gaussian_keys(n, d, seed=14)
+    op = LeverageScores(LeverageSpec(eps))
+    long_rows = 0
+    for a in range(0, n, 8192):
+        op.update(Block(a, x[a : a + 8192]))
+        if op._window is not None and op._window.syrk_rows == LONG_SYRK_ROWS:
+            long_rows += 8192
+    assert long_rows >= n // 4
+    tau = offline_scores(x, False)
+    np.testing.assert_array_equal(op.result()["indices"], np.flatnonzero(tau >= eps))
 
 
 def test_a_centred_window_is_within_its_certificate() -> None:
