@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import zarr
 
 from streamattn.errors import InvalidInputError
 from streamattn.sources import open_keys, open_kv
-from streamattn.sources.keys import all_finite
+from streamattn.sources.keys import BufferPool, all_finite
 from streamattn.synthetic import SyntheticSpec, generate_kv_store
 
 N, D, CHUNK = 1200, 5, 100
@@ -113,6 +114,8 @@ def test_a_consumer_that_drops_each_block_gets_the_same_few_buffers_back(
     store, x, _ = key_store(tmp_path / "k.zarr")
     src = open_keys(store)
     blocks = N // CHUNK
+    # prefetch + 1 buffers (2 without a reader thread); one more only if the consumer's
+    # loop were stalled past the pool's patience (0.1 s) on a loaded machine
     assert distinct_buffers(src.blocks(CHUNK, prefetch=prefetch)) <= prefetch + 2 < blocks
     assert distinct_buffers(src.blocks(CHUNK, prefetch=prefetch, digests=True)) <= prefetch + 2
     cache, _ = cache_store(tmp_path / "kv.zarr")
@@ -120,6 +123,35 @@ def test_a_consumer_that_drops_each_block_gets_the_same_few_buffers_back(
     # the reused buffers still hold each block's own rows when it is handed out
     for b in src.blocks(CHUNK, prefetch=prefetch):
         np.testing.assert_array_equal(b.rows, x[b.start : b.stop])
+
+
+def test_the_pool_hands_out_only_unreferenced_buffers_and_waits_for_a_dropped_one() -> None:
+    pool = BufferPool(2, patience=5.0)
+    a, b = pool.empty((4, 3), np.float32), pool.empty((4, 3), np.float32)
+    ref_a, ref_b = weakref.ref(a.base), weakref.ref(b.base)
+    assert a.base is not b.base and pool.allocated == 2
+    del b  # dropped: the next one of that size is b's buffer again
+    c = pool.empty((4, 3), np.float32)
+    assert c.base is ref_b() and pool.allocated == 2
+    assert pool.empty((5, 3), np.float32).base is not a.base  # another size: its own
+    view = c[1:, :2]
+    del c  # a view still holds the buffer: not free
+    # both in use: the pool waits; a thread drops ``a`` a moment later, and the pool
+    # hands out a's buffer, not a fresh one
+    held = [a]
+    del a
+    timer = threading.Timer(0.05, held.clear)
+    timer.start()
+    d = pool.empty((4, 3), np.float32)
+    timer.join()
+    assert d.base is ref_a() and pool.allocated == 3  # (the 5 × 3 one)
+    # nothing dropped within the patience: a fresh, unpooled buffer (and the next one too)
+    quick = BufferPool(1, patience=0.05)
+    e = quick.empty((2,), np.float64)
+    f = quick.empty((2,), np.float64)
+    g = quick.empty((2,), np.float64)
+    assert len({id(e.base), id(f.base), id(g.base)}) == 3 and quick.allocated == 3
+    assert view.base is ref_b()
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])

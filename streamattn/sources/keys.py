@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
@@ -125,18 +126,24 @@ class BufferPool:
     reference count: every numpy view keeps its base alive and every memoryview or Block
     its array, so while a consumer holds a block's rows, a view of them, a memoryview or
     the Block itself, the buffer's count exceeds the pool's own and it is not handed out
-    (the reader thread checks; a reference cannot reappear once the last one is dropped,
-    so the check has no race). The pool's own count is measured, not assumed, on a probe
-    held the same way. Why: glibc maps every allocation over 32 MB afresh and unmaps it on
-    free, so a fresh buffer per block costs a page fault per 4 KiB it is written (about
-    0.1 s per GB read here).
+    (a reference cannot reappear once the last one is dropped, so the check has no race).
+    The pool's own count is measured, not assumed, on a probe held the same way.
+
+    When all ``limit`` buffers are in use, ``empty`` waits up to ``patience`` seconds for
+    one to be dropped: the read-ahead asks for the next buffer while the consumer's loop
+    still holds the block before the one it is being handed, and drops it a moment later.
+    A wait that runs out means the consumer keeps blocks: a fresh buffer, unpooled, and no
+    more waiting until a pooled buffer is free again. Why pool: glibc maps every
+    allocation over 32 MB afresh and unmaps it on free, so a fresh buffer per block costs
+    a page fault per 4 KiB it is written (about 0.1 s per GB read here).
     """
 
-    def __init__(self, limit: int) -> None:
-        self.limit = int(limit)
+    def __init__(self, limit: int, patience: float = 0.0) -> None:
+        self.limit, self.patience = int(limit), float(patience)
         self.allocated = 0  # fresh buffers made (pooled or not)
         self._buffers: dict[tuple[str, str, int], list[np.ndarray]] = {}
         self._lock = threading.Lock()
+        self._patient = True
         self._idle = self._count([np.empty(0, np.uint8)], 0)
 
     @staticmethod
@@ -147,16 +154,23 @@ class BufferPool:
         """An uninitialised ``shape`` array of ``dtype`` that nothing else references."""
         dtype = np.dtype(dtype)
         count = int(np.prod(shape))
-        with self._lock:
-            buffers = self._buffers.setdefault((what, dtype.str, count), [])
-            for i in range(len(buffers)):
-                if self._count(buffers, i) == self._idle:
-                    return buffers[i].reshape(shape)
-            fresh = np.empty(count, dtype)
-            self.allocated += 1
-            if len(buffers) < self.limit:
-                buffers.append(fresh)
-            return fresh.reshape(shape)
+        deadline = time.monotonic() + self.patience
+        while True:
+            with self._lock:
+                buffers = self._buffers.setdefault((what, dtype.str, count), [])
+                for i in range(len(buffers)):
+                    if self._count(buffers, i) == self._idle:
+                        self._patient = True
+                        return buffers[i].reshape(shape)
+                full = len(buffers) >= self.limit
+                if not full or not self._patient or time.monotonic() >= deadline:
+                    self._patient = self._patient and not full
+                    fresh = np.empty(count, dtype)
+                    self.allocated += 1
+                    if not full:
+                        buffers.append(fresh)
+                    return fresh.reshape(shape)
+            time.sleep(5e-5)
 
 
 #: The pool of the read-ahead stream this thread is reading a block for (None: fresh).
@@ -392,16 +406,19 @@ class BlockStream:
     ) -> Iterator[Block]:
         """Yield validated blocks in row order, reading up to ``prefetch`` blocks ahead.
 
-        Memory: at most ``prefetch + 2`` blocks are alive at once, whatever ``n`` is: the
-        one the consumer holds, the one it held before (until its loop moves on), and
-        ``prefetch`` read (or being read) ahead. Their buffers come from a
-        :class:`BufferPool` of ``prefetch + 2`` per array, reused once the consumer has
-        dropped every reference to a block (a consumer that keeps blocks gets fresh
-        buffers, never a reused one). ``digests``: each block also carries its ``digest``
-        (:func:`block_digest`), computed by the reader thread, off the consumer's path.
+        Memory: ``prefetch + 1`` block buffers per array (a :class:`BufferPool`), whatever
+        ``n`` is: the block the consumer holds and ``prefetch`` read (or being read) ahead;
+        a buffer is reused once the consumer has dropped every reference to its block (the
+        read ahead waits a moment for the consumer's loop to move on). A consumer that
+        keeps blocks gets fresh buffers, never a reused one (and holds them itself).
+        ``prefetch = 0``: two buffers, read in the consumer's thread. ``digests``: each
+        block also carries its ``digest`` (:func:`block_digest`), computed by the reader
+        thread, off the consumer's path.
         """
         ranges = self.block_ranges(chunk_rows, start, stop)
-        buffers = BufferPool(max(prefetch, 0) + 2)
+        # the read ahead waits for the consumer's last block; a read in the consumer's own
+        # thread cannot (it holds that block), so it has one more buffer instead
+        buffers = BufferPool(prefetch + 1, patience=0.1) if prefetch > 0 else BufferPool(2)
         read = self._read_digested if digests else self.read
         if prefetch <= 0:
             yield from (_pooled(buffers, read, a, b) for a, b in ranges)

@@ -166,25 +166,19 @@ class MultiHeadSource(BlockStream):
         #: per part, one direct chunk-file reader per layer array (None: zarr's own read)
         self._raw = {id(part): self._raw_readers(part, what, label)
                      for part, what in ((keys, "key"), (values, "value")) if part is not None}
-        self._files = [
-            (files, what)
-            for part, what in ((keys, "key"), (values, "value"))
-            if part is not None
-            for files in (ChunkFiles.of(a, part.row_axis) for a in part.arrays)
-            if files is not None
-        ]
-        #: the chunk files checked again after each block's read: those of the arrays
-        #: zarr reads (it reads a vanished file as fill); a direct read opens every chunk
-        #: file of the block itself, and a missing one is an error naming it
-        self._files_after_read = [
-            (files, what)
+        found = [
+            (files, what, raw is not None)
             for part, what in ((keys, "key"), (values, "value"))
             if part is not None
             for a, raw in zip(part.arrays, self._raw[id(part)], strict=True)
-            if raw is None
             for files in (ChunkFiles.of(a, part.row_axis),)
             if files is not None
         ]
+        self._files = [(files, what) for files, what, _ in found]
+        #: the chunk files checked again after each block's read: those of the arrays
+        #: zarr reads (it reads a vanished file as fill); a direct read opens every chunk
+        #: file of the block itself, and a missing one is an error naming it
+        self._files_after_read = [(files, what) for files, what, direct in found if not direct]
         if not self.fill_missing:
             self._check_chunks(0, self.n)
 
