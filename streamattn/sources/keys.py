@@ -121,8 +121,9 @@ class BufferPool:
     """Block buffers of one read-ahead stream, handed out again once nothing uses them.
 
     ``empty(shape, dtype, what)`` is ``np.empty`` served from pooled 1-D buffers: a view of
-    a pooled buffer of exactly that size that nothing outside the pool references, else of
-    a fresh buffer (pooled while fewer than ``limit`` of its kind exist). Reuse is safe by
+    the front of a pooled buffer at least that large that nothing outside the pool
+    references (a pass's last, shorter block reuses a full one), else of a fresh buffer
+    (pooled while fewer than ``limit`` of its kind exist). Reuse is safe by
     reference count: every numpy view keeps its base alive and every memoryview or Block
     its array, so while a consumer holds a block's rows, a view of them, a memoryview or
     the Block itself, the buffer's count exceeds the pool's own and it is not handed out
@@ -141,7 +142,7 @@ class BufferPool:
     def __init__(self, limit: int, patience: float = 0.0) -> None:
         self.limit, self.patience = int(limit), float(patience)
         self.allocated = 0  # fresh buffers made (pooled or not)
-        self._buffers: dict[tuple[str, str, int], list[np.ndarray]] = {}
+        self._buffers: dict[tuple[str, str], list[np.ndarray]] = {}
         self._lock = threading.Lock()
         self._patient = True
         self._idle = self._count([np.empty(0, np.uint8)], 0)
@@ -157,11 +158,11 @@ class BufferPool:
         deadline = time.monotonic() + self.patience
         while True:
             with self._lock:
-                buffers = self._buffers.setdefault((what, dtype.str, count), [])
+                buffers = self._buffers.setdefault((what, dtype.str), [])
                 for i in range(len(buffers)):
-                    if self._count(buffers, i) == self._idle:
+                    if buffers[i].size >= count and self._count(buffers, i) == self._idle:
                         self._patient = True
-                        return buffers[i].reshape(shape)
+                        return buffers[i][:count].reshape(shape)
                 full = len(buffers) >= self.limit
                 if not full or not self._patient or time.monotonic() >= deadline:
                     self._patient = self._patient and not full
