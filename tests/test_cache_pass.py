@@ -133,11 +133,11 @@ def test_inspect_says_a_cache_holds_values_without_opening_them(
     assert open_kv(store).describe()["values_dim"] == 0
 
 
-def test_the_reader_thread_takes_each_block_s_read_log_crc(tmp_path: Path) -> None:
-    import zlib
+def test_the_reader_thread_takes_each_block_s_read_log_digest(tmp_path: Path) -> None:
+    import xxhash
 
     from streamattn.sources import Block
-    from streamattn.sources.keys import block_crc
+    from streamattn.sources.keys import block_digest
 
     store = make_cache(tmp_path / "kv.zarr")
     group = zarr.open_group(str(store), mode="r")["keys"]
@@ -147,6 +147,6 @@ def test_the_reader_thread_takes_each_block_s_read_log_crc(tmp_path: Path) -> No
     for b in blocks:  # the bytes of every layer's rows, layer after layer
         layers = np.stack([np.asarray(group[f"layer_{lay}"][b.start : b.stop])
                            for lay in range(LAYERS)])
-        assert b.crc == zlib.crc32(layers.tobytes())
-        assert block_crc(Block(b.start, b.rows)) == b.crc  # computed here: the same
-    assert all(b.crc is None for b in src.blocks(1024))
+        assert b.digest == xxhash.xxh3_64_intdigest(layers.tobytes())
+        assert block_digest(Block(b.start, b.rows)) == b.digest  # computed here: the same
+    assert all(b.digest is None for b in src.blocks(1024))

@@ -448,18 +448,39 @@ def test_state_file_round_trip_and_time_trigger(tmp_path: Path) -> None:
     assert meta["position"] == 400 and ops[0].n_rows == 400
 
 
-def test_a_format_2_record_of_a_kv_cache_is_refused_but_not_of_a_single_head_store() -> None:
-    # Format 3 changed the byte order of a KV cache's block checksums; an older cache record
-    # would otherwise fail as "the store changed". Single-head checksums did not change.
+def test_a_record_with_crc_checksums_is_refused_with_the_reason(tmp_path: Path) -> None:
+    # Format 4 records XXH3-64 digests; a format-2/3 record's CRC-32s would otherwise make
+    # an unchanged store fail as "the store changed" (or its read log fail to load).
     from streamattn.errors import StateFormatError
-    from streamattn.io.checkpoint import split_reads
+    from streamattn.io.checkpoint import FORMAT, split_reads
     from streamattn.operators.block_digests import BlockDigests, BlockDigestsSpec
 
-    def meta(layout: str) -> dict:
-        return {"format": 2, "reads": True, "position": 0, "chunk_rows": 10,
+    def meta(version: int, layout: str) -> dict:
+        return {"format": version, "reads": True, "position": 0, "chunk_rows": 10,
                 "fingerprint": {"layout": layout}}
 
-    with pytest.raises(StateFormatError, match="another byte order"):
-        split_reads(meta("kv-layers-2x3"), [BlockDigests(BlockDigestsSpec(4))], "CKPT")
-    rec = split_reads(meta("2d"), [BlockDigests(BlockDigestsSpec(4))], "CKPT")
+    for version in (2, 3):
+        for layout in ("kv-layers-2x3", "2d"):
+            with pytest.raises(StateFormatError, match=r"CKPT: .*format \d.*CRC-32.*XXH3-64"):
+                split_reads(meta(version, layout), [BlockDigests(BlockDigestsSpec(4))], "CKPT")
+    rec = split_reads(meta(FORMAT, "2d"), [BlockDigests(BlockDigestsSpec(4))], "CKPT")
     assert rec.position == 0 and rec.chunk_rows == 10
+    # a format-3 checkpoint on disk (its read log a format-1 operator state of CRC-32s):
+    # resuming refuses it with the reason before its operators are rebuilt
+    import json
+
+    src = sa.open_keys(np.random.default_rng(0).standard_normal((400, 4)))
+    sa.run_operators(src, [sa.LeverageScores(LeverageSpec(0.1))], chunk_rows=100,
+                     checkpoint=Checkpointer(tmp_path / "ck", every_blocks=1))
+    path = tmp_path / "ck" / "pass0.npz"
+    payload = read_state_file(path)
+    old = json.loads(str(payload[ck.META_KEY]))
+    old["format"] = 3
+    payload[ck.META_KEY] = np.array(json.dumps(old, sort_keys=True))
+    log = old["n_ops"] - 1
+    payload[f"op{log}|format_version"] = np.array(1, dtype=np.int64)
+    payload[f"op{log}|state.crcs"] = payload.pop(f"op{log}|state.digests").astype(np.uint32)
+    write_state_file(path, payload)
+    with pytest.raises(StateFormatError, match=r"pass0.npz: .*record format 3.*CRC-32"):
+        sa.run_operators(src, [sa.LeverageScores(LeverageSpec(0.1))], chunk_rows=100,
+                         checkpoint=Checkpointer(tmp_path / "ck", resume=True))

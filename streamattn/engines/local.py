@@ -40,7 +40,7 @@ def run_local(
         start = checkpoint.begin(source, ops, start=start, stop=stop, chunk_rows=chunk_rows)
     folded = ops if checkpoint is None else [*ops, checkpoint.reads]  # + read checksums
     with progress_bar(stop - start, description, enabled=progress) as bar:
-        # with a checkpoint, the read log's CRC of each block is taken by the reader thread
+        # with a checkpoint, the read log's digest of each block is taken by the reader thread
         for block in source.blocks(chunk_rows, start=start, stop=stop, prefetch=prefetch,
                                    digests=checkpoint is not None):
             for op in folded:

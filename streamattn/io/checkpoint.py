@@ -19,7 +19,7 @@ an uninterrupted one and its result is bit-identical.
 The store is checked against the fingerprint before each checkpoint and at the end of
 each pass: its shape is re-read from disk, and a store that changed during the run is
 refused (``InvalidInputError``). What was read is fingerprinted as well
-(``streamattn.io.readlog``): each checkpoint records the CRC-32 of every block folded so far
+(``streamattn.io.readlog``): each checkpoint records the XXH3-64 digest of every block folded so far
 and the stamps of the store's files taken before the pass read them, and a resume first
 checks that the rows ``[0, position)`` are unchanged (re-reading only blocks whose files
 were touched), refusing a store rewritten in place or replaced, with the first changed
@@ -61,8 +61,9 @@ from streamattn.io.readlog import (
 from streamattn.operators.protocol import Operator, State, specs_equal
 from streamattn.progress import progress_bar
 
-FORMAT = 3  # 2: read checksums (BlockDigests) and file stamps; 3: a KV cache's checksums
-#: over its block buffer's byte order (a format-2 record of a cache cannot be verified)
+FORMAT = 4  # 2: read checksums (BlockDigests) and file stamps; 3: a KV cache's checksums
+#: over its block buffer's byte order; 4: XXH3-64 block digests (3 and older: CRC-32; such
+#: a record cannot be verified and is refused, see check_format)
 CHECKSUM_KEY = "__sha256__"
 META_KEY = "__meta__"
 
@@ -145,9 +146,12 @@ def pack_operators(ops: list[Operator], meta: dict[str, Any]) -> State:
     return out
 
 
-def unpack_operators(payload: State) -> tuple[dict[str, Any], list[Operator]]:
-    """Inverse of :func:`pack_operators`."""
+def unpack_operators(payload: State, where: Any = None) -> tuple[dict[str, Any], list[Operator]]:
+    """Inverse of :func:`pack_operators`; with ``where`` (the file, for messages) a pass
+    record of an older format is refused first (:func:`check_format`)."""
     meta = json.loads(str(payload[META_KEY]))
+    if where is not None:
+        check_format(meta, where)
     states: list[State] = [{} for _ in range(int(meta["n_ops"]))]
     for key, value in payload.items():
         if key.startswith("op"):
@@ -243,19 +247,26 @@ class Record:
     stamps: dict[str, Any] | None = None
 
 
-def split_reads(meta: dict[str, Any], ops: list[Operator], where: Any) -> Record:
-    """A Record from unpacked operators whose last one is the read log (format 2)."""
-    if int(meta.get("format", 1)) < 2 or not meta.get("reads"):
+def check_format(meta: dict[str, Any], where: Any) -> None:
+    """Refuse a pass record whose read log this streamattn cannot check against the store."""
+    version = int(meta.get("format", 1))
+    if version < 2 or not meta.get("reads"):
         raise StateFormatError(
             f"{where}: written by an older streamattn without checksums of what was read, "
             "so an unchanged store cannot be verified. Delete it and run from scratch."
         )
-    if int(meta["format"]) == 2 and str(meta["fingerprint"].get("layout", "")).startswith("kv-"):
+    if version < FORMAT:
         raise StateFormatError(
-            f"{where}: written by an older streamattn whose checksums of a KV cache's blocks "
-            "followed another byte order, so an unchanged cache cannot be verified. Delete it "
-            "and run from scratch."
+            f"{where}: written by an older streamattn (record format {version}) whose read "
+            f"log holds CRC-32 checksums of the blocks; this one (format {FORMAT}) compares "
+            "XXH3-64 digests, so an unchanged store cannot be verified. Delete it and run "
+            "from scratch."
         )
+
+
+def split_reads(meta: dict[str, Any], ops: list[Operator], where: Any) -> Record:
+    """A Record from unpacked operators whose last one is the read log (format 4)."""
+    check_format(meta, where)
     reads = ops[-1]
     if not isinstance(reads, BlockDigests):
         raise StateFormatError(f"{where}: the read log is missing or corrupt.")
@@ -347,7 +358,7 @@ class Checkpointer:
 
     def _load(self, k: int) -> Record | None:
         if self._on_disk(k):
-            meta, ops = unpack_operators(read_state_file(self._file(k)))
+            meta, ops = unpack_operators(read_state_file(self._file(k)), self._file(k))
             return split_reads(meta, ops, self._file(k))
         return self.initial.get(k)
 

@@ -17,7 +17,7 @@ threshold) and scores equal to ~1e-12 relative.
 Budget mode is honest about its cost: when the top-B cannot be certified from the
 one-pass state, the second pass (top-B by the final scoring map) needs every row again,
 so it rereads the whole store; the report says so (``update.second_pass_reread_rows``).
-The store must only have grown: ``state.npz`` also records the CRC-32 of every block
+The store must only have grown: ``state.npz`` also records the XXH3-64 digest of every block
 folded into it and the stamps of the store's files (``streamattn.io.readlog``), and the
 update first verifies that rows ``[0, n_old)`` are unchanged — re-reading only blocks
 whose files were written since (for an appended store, the last partial chunk) — so a
@@ -98,7 +98,7 @@ def load_state(out: str | Path) -> tuple[dict[str, Any], list[Any]]:
             "sets); rerun once to create them."
         )
     try:
-        return unpack_operators(read_state_file(path))
+        return unpack_operators(read_state_file(path), path)
     except (KeyError, ValueError, json.JSONDecodeError) as exc:
         if isinstance(exc, StateFormatError):
             raise

@@ -1,6 +1,7 @@
-"""``BlockDigests``: the CRC-32 of every block's bytes, keyed by row range (an operator, so
-it runs wherever the blocks are read, Dask workers included). :mod:`streamattn.io.readlog`
-uses it to refuse a store that changed under a checkpoint or a saved state.
+"""``BlockDigests``: the XXH3-64 digest of every block's bytes, keyed by row range (an
+operator, so it runs wherever the blocks are read, Dask workers included).
+:mod:`streamattn.io.readlog` uses it to refuse a store that changed under a checkpoint or a
+saved state.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 
 from streamattn.operators.protocol import Operator, State
 from streamattn.sources import Block
-from streamattn.sources.keys import block_crc
+from streamattn.sources.keys import block_digest
 
 
 @dataclass(frozen=True)
@@ -23,56 +24,59 @@ class BlockDigestsSpec:
 
 
 class BlockDigests(Operator[BlockDigestsSpec, list[tuple[int, int, int]]]):
-    """The row range and CRC-32 of every block folded (merge: the union, by row).
+    """The row range and XXH3-64 digest (:func:`block_digest`) of every block folded
+    (merge: the union, by row).
 
     Unlike the algorithms' operators its result depends on the chunking by design: it
-    records the blocks as they were read. Memory: 20 bytes per block
-    (``nbytes_bound`` = 20 · ``max_blocks``).
+    records the blocks as they were read. Memory: 24 bytes per block
+    (``nbytes_bound`` = 24 · ``max_blocks``). State format 2: 64-bit digests (format 1
+    held CRC-32s).
     """
 
     family = "block-digests"
+    format_version = 2
     Spec = BlockDigestsSpec
 
     def __init__(self, spec: BlockDigestsSpec) -> None:
         super().__init__(spec)
         self.starts = np.zeros(0, dtype=np.int64)
         self.stops = np.zeros(0, dtype=np.int64)
-        self.crcs = np.zeros(0, dtype=np.uint32)
+        self.digests = np.zeros(0, dtype=np.uint64)
 
     def _update(self, block: Block) -> None:
         self._put(
             np.array([block.start], np.int64),
             np.array([block.stop], np.int64),
-            np.array([block_crc(block)], np.uint32),
+            np.array([block_digest(block)], np.uint64),
         )
 
-    def _put(self, starts: np.ndarray, stops: np.ndarray, crcs: np.ndarray) -> None:
+    def _put(self, starts: np.ndarray, stops: np.ndarray, digests: np.ndarray) -> None:
         a = np.concatenate([self.starts, starts])
         order = np.argsort(a, kind="stable")
         self.starts = a[order]
         self.stops = np.concatenate([self.stops, stops])[order]
-        self.crcs = np.concatenate([self.crcs, crcs])[order]
+        self.digests = np.concatenate([self.digests, digests])[order]
 
     def _merge(self, other: BlockDigests) -> None:
-        self._put(other.starts, other.stops, other.crcs)
+        self._put(other.starts, other.stops, other.digests)
 
     def _state(self) -> State:
-        return {"starts": self.starts, "stops": self.stops, "crcs": self.crcs}
+        return {"starts": self.starts, "stops": self.stops, "digests": self.digests}
 
     def _load(self, state: State) -> None:
         self.starts = np.array(state["starts"], dtype=np.int64)
         self.stops = np.array(state["stops"], dtype=np.int64)
-        self.crcs = np.array(state["crcs"], dtype=np.uint32)
+        self.digests = np.array(state["digests"], dtype=np.uint64)
 
     def result(self) -> list[tuple[int, int, int]]:
-        """``(start, stop, crc32)`` per block, in row order."""
+        """``(start, stop, digest)`` per block, in row order."""
         return [
             (int(a), int(b), int(c))
-            for a, b, c in zip(self.starts, self.stops, self.crcs, strict=True)
+            for a, b, c in zip(self.starts, self.stops, self.digests, strict=True)
         ]
 
     def nbytes_bound(self, d: int) -> int:
-        return 20 * self.spec.max_blocks
+        return 24 * self.spec.max_blocks
 
     def resized(self, max_blocks: int) -> BlockDigests:
         """The same digests under a larger ``max_blocks`` (a store that grew)."""

@@ -4,11 +4,14 @@ Two uses. (1) **Missing chunks.** zarr reads a chunk file that does not exist as
 fill value, silently; for a key store that is data loss read as zeros. A source checks
 once at open that every chunk file of its arrays exists, and again for each block it
 reads (a file deleted mid-run), and raises an error naming the chunk and its rows
-unless the caller asked for fill values explicitly. (2) **Stamps.** The store-change
-check (``streamattn.io.readlog``) records each file's ``(size, mtime_ns, ctime_ns, inode)``
-before a pass reads it; a later resume or update skips re-reading a block only when all
-the files holding its rows still carry the same stamp (the ctime cannot be set by a
-user, so rewriting or replacing a file changes it).
+unless the caller asked for fill values explicitly. The per-block check is a ``stat``
+after zarr's read for arrays zarr reads; uncompressed local arrays read directly
+(``sources.keys._RawChunkReader``) need none: the read opens every chunk file holding
+the block's rows (a missing one is the same error) and checks its size.
+(2) **Stamps.** The store-change check (``streamattn.io.readlog``) records each file's
+``(size, mtime_ns, ctime_ns, inode)`` before a pass reads it; a later resume or update
+skips re-reading a block only when all the files holding its rows still carry the same
+stamp (the ctime cannot be set by a user, so rewriting or replacing a file changes it).
 
 Covered: zarr v2/v3 arrays in a ``LocalStore``, and ``.npy`` files (one file for all
 rows). For sharded arrays the chunk grid is the shard grid: a missing shard file is

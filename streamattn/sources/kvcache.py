@@ -55,6 +55,9 @@ from streamattn.sources.keys import (
     KeySource,
     _chunk_rows_of,
     _RawChunkReader,
+    all_finite,
+    block_buffer,
+    storage_order,
 )
 
 
@@ -163,13 +166,19 @@ class MultiHeadSource(BlockStream):
         #: per part, one direct chunk-file reader per layer array (None: zarr's own read)
         self._raw = {id(part): self._raw_readers(part, what, label)
                      for part, what in ((keys, "key"), (values, "value")) if part is not None}
-        self._files = [
-            (files, what)
+        found = [
+            (files, what, raw is not None)
             for part, what in ((keys, "key"), (values, "value"))
             if part is not None
-            for files in (ChunkFiles.of(a, part.row_axis) for a in part.arrays)
+            for a, raw in zip(part.arrays, self._raw[id(part)], strict=True)
+            for files in (ChunkFiles.of(a, part.row_axis),)
             if files is not None
         ]
+        self._files = [(files, what) for files, what, _ in found]
+        #: the chunk files checked again after each block's read: those of the arrays
+        #: zarr reads (it reads a vanished file as fill); a direct read opens every chunk
+        #: file of the block itself, and a missing one is an error naming it
+        self._files_after_read = [(files, what) for files, what, direct in found if not direct]
         if not self.fill_missing:
             self._check_chunks(0, self.n)
 
@@ -183,9 +192,10 @@ class MultiHeadSource(BlockStream):
                 raw.fill_missing, raw.label, raw.what = self.fill_missing, label, what
         return out
 
-    def _check_chunks(self, start: int, stop: int) -> None:
-        """Every chunk file holding rows ``[start, stop)`` exists (zarr on local disk)."""
-        for files, what in self._files:
+    def _check_chunks(self, start: int, stop: int, after_read: bool = False) -> None:
+        """Every chunk file holding rows ``[start, stop)`` exists (zarr on local disk);
+        ``after_read``: only those of arrays not read directly (``_files_after_read``)."""
+        for files, what in self._files_after_read if after_read else self._files:
             found = files.first_missing(start, stop)
             if found is not None:
                 raise InvalidInputError(missing_chunk_message(self.label, what, found))
@@ -271,7 +281,7 @@ class MultiHeadSource(BlockStream):
         if len(part.arrays) == 1 and isinstance(first, np.ndarray) and first.ndim == 2:
             buf = first[start:stop][None]
         else:
-            buf = np.empty((part.layers, r, width), dtype=part.dtype)
+            buf = block_buffer((part.layers, r, width), part.dtype, what)
             for lay, (arr, raw) in enumerate(zip(part.arrays, raws, strict=True)):
                 if raw is not None:
                     raw(start, stop, out=buf[lay])
@@ -297,10 +307,10 @@ class MultiHeadSource(BlockStream):
                 f"{type(exc).__name__}: {exc}. The chunk holding these rows may be corrupt."
             ) from exc
         if not self.fill_missing:
-            self._check_chunks(start, stop)
-        # min and max propagate NaN and show ±Inf: one pass without a boolean array; the
-        # offending row is located only when there is one.
-        if rows.size and not (np.isfinite(rows.min()) and np.isfinite(rows.max())):
+            self._check_chunks(start, stop, after_read=True)
+        # one pass over the block buffer, no boolean array; the offending row is located
+        # only when there is one
+        if rows.size and not all_finite(storage_order(rows)):
             bad = ~np.isfinite(rows)
             r, layer, head = np.argwhere(bad.any(axis=3))[0]
             raise InvalidInputError(

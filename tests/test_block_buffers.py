@@ -1,0 +1,208 @@
+"""The read path's block buffers, finite check and per-block file checks (issue 16, read side).
+
+- ``BlockStream.blocks`` reads into pooled buffers; a consumer that keeps blocks, views of
+  their rows or memoryviews must still see every block's own rows (compared with the arrays
+  written to the store), and a consumer that drops each block gets the same few buffers back.
+- ``all_finite`` against ``np.isfinite(a).all()``, including finite entries whose sum
+  overflows (the fast sum says "not finite"; the exact check must clear them).
+- A chunk file vanishing mid-pass is still an error naming it, for a cache's direct reads and
+  for a single-head store's value array (whose direct reads no longer stat the files again).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+
+from streamattn.errors import InvalidInputError
+from streamattn.sources import open_keys, open_kv
+from streamattn.sources.keys import BufferPool, all_finite
+from streamattn.synthetic import SyntheticSpec, generate_kv_store
+
+N, D, CHUNK = 1200, 5, 100
+LAYERS, HEADS = 3, 2
+
+
+def key_store(path: Path, values: bool = False) -> tuple[Path, np.ndarray, np.ndarray | None]:
+    """An uncompressed zarr group (read by direct chunk-file reads) and what it holds."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((N, D)).astype(np.float32)
+    v = rng.standard_normal((N, D)).astype(np.float32) if values else None
+    group = zarr.open_group(str(path), mode="w")
+    for name, a in (("keys", x), ("values", v)):
+        if a is not None:
+            arr = group.create_array(name, shape=a.shape, dtype=a.dtype,
+                                     chunks=(CHUNK, D), compressors=None)
+            arr[...] = a
+    return path, x, v
+
+
+def cache_store(path: Path) -> tuple[Path, np.ndarray]:
+    """A synthetic cache (per-layer uncompressed arrays) and its keys as (n, L, H, d)."""
+    spec = SyntheticSpec(n=N, d=D, rank=3, chunk_rows=CHUNK, compressor="none", seed=5)
+    store = generate_kv_store(path, spec, layers=LAYERS, heads=HEADS)
+    keys = zarr.open_group(str(store), mode="r")["keys"]
+    rows = np.stack([np.asarray(keys[f"layer_{lay}"][...]) for lay in range(LAYERS)], axis=1)
+    return store, rows.reshape(N, LAYERS, HEADS, D)
+
+
+def distinct_buffers(blocks: Any) -> int:
+    """How many buffer objects the blocks' rows view, holding none of them (weakrefs)."""
+    seen: list[weakref.ref[Any]] = []
+    for blk in blocks:
+        base = blk.rows.base
+        assert base is not None  # a view of a pooled buffer
+        if not any(ref() is base for ref in seen):
+            seen.append(weakref.ref(base))
+        del base
+    return len(seen)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_a_consumer_that_keeps_every_block_gets_its_own_rows(
+    tmp_path: Path, prefetch: int
+) -> None:
+    store, x, v = key_store(tmp_path / "k.zarr", values=True)
+    kept = list(open_keys(store).blocks(2 * CHUNK, prefetch=prefetch, digests=True))
+    assert len(kept) == N // (2 * CHUNK)
+    assert len({id(b.rows.base) for b in kept}) == len(kept)  # no two share a buffer
+    for b in kept:
+        np.testing.assert_array_equal(b.rows, x[b.start : b.stop])
+        assert v is not None and b.values is not None
+        np.testing.assert_array_equal(b.values, v[b.start : b.stop])
+    cache, rows = cache_store(tmp_path / "kv.zarr")
+    kept = list(open_kv(cache).blocks(CHUNK, prefetch=prefetch))
+    for b in kept:
+        np.testing.assert_array_equal(b.rows, rows[b.start : b.stop])
+
+
+def test_views_and_memoryviews_kept_past_their_block_are_never_overwritten(
+    tmp_path: Path,
+) -> None:
+    store, x, _ = key_store(tmp_path / "k.zarr")
+    views, memories, starts = [], [], []
+    for i, b in enumerate(open_keys(store).blocks(CHUNK)):
+        if i % 3 == 0:
+            views.append(b.rows[::2, 1:])  # a strided view
+            memories.append(memoryview(b.rows))
+            starts.append(b.start)
+    for view, mem, a in zip(views, memories, starts, strict=True):
+        np.testing.assert_array_equal(view, x[a : a + CHUNK][::2, 1:])
+        np.testing.assert_array_equal(np.asarray(mem), x[a : a + CHUNK])
+    cache, rows = cache_store(tmp_path / "kv.zarr")
+    heads, starts = [], []
+    for i, b in enumerate(open_kv(cache).blocks(CHUNK)):
+        if i % 4 == 1:
+            heads.append(b.rows[:, 2, 1])  # one head: an r × d view with row stride H·d
+            starts.append(b.start)
+    assert len(heads) == 3
+    for head, a in zip(heads, starts, strict=True):
+        np.testing.assert_array_equal(head, rows[a : a + CHUNK, 2, 1])
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_a_consumer_that_drops_each_block_gets_the_same_few_buffers_back(
+    tmp_path: Path, prefetch: int
+) -> None:
+    store, x, _ = key_store(tmp_path / "k.zarr")
+    src = open_keys(store)
+    blocks = N // CHUNK
+    # prefetch + 1 buffers (2 without a reader thread); one more only if the consumer's
+    # loop were stalled past the pool's patience (0.1 s) on a loaded machine
+    assert distinct_buffers(src.blocks(CHUNK, prefetch=prefetch)) <= prefetch + 2 < blocks
+    assert distinct_buffers(src.blocks(CHUNK, prefetch=prefetch, digests=True)) <= prefetch + 2
+    cache, _ = cache_store(tmp_path / "kv.zarr")
+    assert distinct_buffers(open_kv(cache).blocks(CHUNK, prefetch=prefetch)) <= prefetch + 2
+    # the reused buffers still hold each block's own rows when it is handed out
+    for b in src.blocks(CHUNK, prefetch=prefetch):
+        np.testing.assert_array_equal(b.rows, x[b.start : b.stop])
+
+
+def test_the_pool_hands_out_only_unreferenced_buffers_and_waits_for_a_dropped_one() -> None:
+    pool = BufferPool(2, patience=5.0)
+    a, b = pool.empty((4, 3), np.float32), pool.empty((4, 3), np.float32)
+    ref_a, ref_b = weakref.ref(a.base), weakref.ref(b.base)
+    assert a.base is not b.base and pool.allocated == 2
+    del b  # dropped: the next one of that size is b's buffer again
+    c = pool.empty((4, 3), np.float32)
+    assert c.base is ref_b() and pool.allocated == 2
+    view = c[1:, :2]
+    del c  # a view still holds the buffer: not free
+    # both in use: the pool waits; a thread drops ``a`` a moment later, and the pool
+    # hands out a's buffer, not a fresh one
+    held = [a]
+    del a
+    timer = threading.Timer(0.05, held.clear)
+    timer.start()
+    d = pool.empty((4, 3), np.float32)
+    timer.join()
+    assert d.base is ref_a() and pool.allocated == 2
+    # nothing dropped within the patience: a fresh, unpooled buffer (and the next one too)
+    quick = BufferPool(1, patience=0.05)
+    e = quick.empty((2,), np.float64)
+    f = quick.empty((2,), np.float64)
+    g = quick.empty((2,), np.float64)
+    assert len({id(e.base), id(f.base), id(g.base)}) == 3 and quick.allocated == 3
+    assert view.base is ref_b()
+    # a smaller request (a pass's last block) takes the front of a free larger buffer;
+    # a larger one, or another array's ("value"), gets its own
+    sizes = BufferPool(2)
+    full = sizes.empty((4, 3), np.float32)
+    ref_full = weakref.ref(full.base)
+    del full
+    assert sizes.empty((2, 3), np.float32).base is ref_full()
+    assert sizes.empty((5, 3), np.float32).base is not ref_full()
+    assert sizes.empty((4, 3), np.float32, "value").base is not ref_full()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_all_finite_agrees_with_isfinite_even_when_the_sum_overflows(dtype: Any) -> None:
+    rng = np.random.default_rng(0)
+    big = np.finfo(dtype).max / 4
+    for trial in range(40):
+        a = rng.standard_normal((64, 7)).astype(dtype)
+        if trial % 2:  # finite entries whose (pairwise) sum overflows to +Inf
+            a[rng.random(a.shape) < 0.5] = big
+        if trial % 4 >= 2:
+            a[rng.integers(64), rng.integers(7)] = rng.choice([np.nan, np.inf, -np.inf])
+        for view in (a, a[:, 1:5], a.T):  # contiguous, strided, transposed
+            assert all_finite(view) == bool(np.isfinite(view).all())
+    pair = np.array([np.inf, -np.inf], dtype=dtype)  # Inf − Inf: a NaN sum, still caught
+    assert not all_finite(pair)
+
+
+def test_a_nan_among_huge_finite_keys_is_named_by_row(tmp_path: Path) -> None:
+    path = tmp_path / "big.zarr"
+    x = np.full((N, D), 3e38, dtype=np.float32)  # finite; every block's sum overflows
+    arr = zarr.create_array(str(path), shape=x.shape, dtype=x.dtype, chunks=(CHUNK, D),
+                            compressors=None)
+    arr[...] = x
+    assert sum(b.rows.shape[0] for b in open_keys(path).blocks(CHUNK)) == N  # accepted
+    x[777, 3] = np.nan
+    arr[...] = x
+    with pytest.raises(InvalidInputError, match=r"key row 777 contains NaN or Inf"):
+        list(open_keys(path).blocks(CHUNK))
+
+
+def test_a_chunk_file_vanishing_mid_pass_is_named_for_caches_and_value_arrays(
+    tmp_path: Path,
+) -> None:
+    cache, _ = cache_store(tmp_path / "kv.zarr")
+    src = open_kv(cache)  # opened (and checked) while complete
+    os.remove(cache / "keys" / "layer_1" / "c" / "7" / "0")
+    with pytest.raises(InvalidInputError, match=r"key chunk file .*layer_1/c/7/0 \(rows "
+                       r"\[700, 800\)\) is missing"):
+        list(src.blocks(CHUNK))
+    store, _, _ = key_store(tmp_path / "k.zarr", values=True)
+    src = open_keys(store)
+    os.remove(store / "values" / "c" / "4" / "0")
+    with pytest.raises(InvalidInputError, match=r"value chunk file .*values/c/4/0 \(rows "
+                       r"\[400, 500\)\) is missing"):
+        list(src.blocks(CHUNK))
