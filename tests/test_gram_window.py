@@ -210,3 +210,23 @@ def test_heads_folded_side_by_side_equal_each_head_alone(affine: bool) -> None:
             near = np.abs(tau - eps) < 1e-9
             assert (set(want["indices"]) ^ set(np.flatnonzero(tau >= eps))) <= set(
                 np.flatnonzero(near))
+
+
+def test_top_scores_heads_side_by_side_equal_each_head_alone() -> None:
+    from streamattn.operators.leverage import TopScores, TopScoresSpec
+
+    n, layers, heads, d, budget = 9000, 2, 2, 6, 50
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((n, layers, heads, d)).astype(np.float32)
+    w = rng.standard_normal((d, d))
+    multi = MultiHead.of([[TopScores(TopScoresSpec(budget, w)) for _ in range(heads)]
+                          for _ in range(layers)])
+    for a in range(0, n, 1000):
+        multi.update(Block(a, x[a : a + 1000]))
+    got = multi.result()
+    for layer in range(layers):
+        for h in range(heads):
+            s = np.einsum("ij,ij->i", x[:, layer, h].astype(np.float64) @ w,
+                          x[:, layer, h].astype(np.float64) @ w)
+            want = np.sort(np.argsort(-s, kind="stable")[:budget])
+            np.testing.assert_array_equal(np.sort(got[layer][h]["indices"]), want)

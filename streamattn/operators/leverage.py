@@ -833,6 +833,7 @@ class TopScores(Operator[TopScoresSpec, dict[str, Any]]):
     """
 
     family = "top-scores"
+    concurrent_updates = True
     Spec = TopScoresSpec
 
     def __init__(self, spec: TopScoresSpec) -> None:
