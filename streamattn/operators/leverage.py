@@ -101,7 +101,7 @@ SEED_ROWS_PER_DIM = 4
 
 #: A Gram window closes once it holds this many rows, or as many as its factor had when it
 #: opened (bounds against that factor stay within 2× of the current scores).
-WINDOW_ROWS = 65536
+WINDOW_ROWS = 2**20
 
 
 @dataclass(frozen=True)
