@@ -4,8 +4,10 @@ Each configuration runs in a fresh process, baseline tree and this checkout alte
 ``--rounds`` times; the table shows the median wall time and the process's user and system
 CPU seconds of the loop. Modes: ``zarr`` (a plain zarr chunk loop over the key arrays, the
 reference), ``read`` (``source.read`` per block, fresh buffers), ``blocks`` (the read-ahead
-stream the engines use) and ``digests`` (the same with the read log's block digests, what a
-checkpointed pass, the CLI default, reads)::
+stream the engines use), ``digests`` (the same with the read log's block digests, what a
+checkpointed pass, the CLI default, reads) and ``select`` (the whole command,
+``streamattn select STORE --eps 0.05``, checkpointed as by default, output to a temporary
+directory removed after; the table adds the process's peak RSS)::
 
     git archive main streamattn | tar -x -C /tmp/base
     python scripts/bench_read.py --baseline /tmp/base STORE [STORE ...]
@@ -31,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-MODES = ("zarr", "read", "blocks", "digests")
+MODES = ("zarr", "read", "blocks", "digests", "select")
 
 
 def one(tree: str, store: str, mode: str) -> dict[str, Any]:
@@ -40,15 +42,28 @@ def one(tree: str, store: str, mode: str) -> dict[str, Any]:
         sys.meta_path[:] = [f for f in sys.meta_path
                             if "editable" not in str(getattr(f, "__module__", ""))]
         sys.path.insert(0, tree)
+    import resource
+    import shutil
+    import tempfile
+
     import numpy as np
     import zarr
 
+    from streamattn.cli import main
     from streamattn.sources import open_keys
 
     src = open_keys(store)
     t0, c0 = time.perf_counter(), os.times()
     nbytes = 0
-    if mode == "zarr":
+    if mode == "select":
+        tmp = tempfile.mkdtemp(prefix="bench-read-")
+        try:
+            code = main(["select", store, "--eps", "0.05", "--out", f"{tmp}/out", "--quiet"])
+        finally:
+            shutil.rmtree(tmp)
+        if code != 0:
+            raise SystemExit(f"select failed with exit code {code}")
+    elif mode == "zarr":
         node: Any = zarr.open(store, mode="r")
         keys = node if isinstance(node, zarr.Array) else node["keys"]
         arrays = [keys] if isinstance(keys, zarr.Array) else [
@@ -65,7 +80,8 @@ def one(tree: str, store: str, mode: str) -> dict[str, Any]:
             nbytes += blk.rows.nbytes
     c1 = os.times()
     return {"wall_s": time.perf_counter() - t0, "user_s": c1.user - c0.user,
-            "sys_s": c1.system - c0.system, "bytes": nbytes}
+            "sys_s": c1.system - c0.system, "bytes": nbytes,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def rate(f: Callable[[], object], nbytes: int, reps: int = 20) -> float:
@@ -162,15 +178,18 @@ def main() -> int:
                         got = json.loads(subprocess.check_output(cmd).decode().splitlines()[-1])
                         runs.setdefault((store, mode, name), []).append(got)
         rows = []
-        lines = ["| store | mode | tree | wall s (median) | user s | sys s | GB |",
-                 "|---|---|---|---|---|---|---|"]
+        lines = ["| store | mode | tree | wall s (median) | user s | sys s | GB read | peak RSS MB "
+                 "|",
+                 "|---|---|---|---|---|---|---|---|"]
+        keys = ("wall_s", "user_s", "sys_s", "peak_rss_mb")
         for (store, mode, name), got in runs.items():
-            med = {k: statistics.median(g[k] for g in got) for k in ("wall_s", "user_s", "sys_s")}
+            med = {k: statistics.median(g[k] for g in got) for k in keys}
             rows.append({"store": store, "mode": mode, "tree": name, **med,
                          "walls": [g["wall_s"] for g in got], "bytes": got[0]["bytes"]})
+            read = f"{got[0]['bytes'] / 1e9:.2f}" if mode != "select" else "-"
             lines.append(f"| {Path(store).name} | {mode} | {name} | {med['wall_s']:.3f} | "
-                         f"{med['user_s']:.2f} | {med['sys_s']:.2f} | "
-                         f"{got[0]['bytes'] / 1e9:.2f} |")
+                         f"{med['user_s']:.2f} | {med['sys_s']:.2f} | {read} | "
+                         f"{med['peak_rss_mb']:.0f} |")
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -128,7 +128,8 @@ class BufferPool:
     its array, so while a consumer holds a block's rows, a view of them, a memoryview or
     the Block itself, the buffer's count exceeds the pool's own and it is not handed out
     (a reference cannot reappear once the last one is dropped, so the check has no race).
-    The pool's own count is measured, not assumed, on a probe held the same way.
+    The pool's own count is measured, not assumed, on a probe held the same way (and an
+    interpreter on which one more reference does not show gets no pooling at all).
 
     When all ``limit`` buffers are in use, ``empty`` waits up to ``patience`` seconds for
     one to be dropped: the read-ahead asks for the next buffer while the consumer's loop
@@ -144,8 +145,13 @@ class BufferPool:
         self.allocated = 0  # fresh buffers made (pooled or not)
         self._buffers: dict[tuple[str, str], list[np.ndarray]] = {}
         self._lock = threading.Lock()
-        self._patient = True
-        self._idle = self._count([np.empty(0, np.uint8)], 0)
+        probe = [np.empty(0, np.uint8)]
+        self._idle = self._count(probe, 0)
+        held = probe[0]
+        if self._count(probe, 0) <= self._idle:  # an interpreter whose counts hide a
+            self.limit = 0  # reference: pool nothing (every buffer fresh, no waits)
+        del held
+        self._patient = self.limit > 0
 
     @staticmethod
     def _count(buffers: list[np.ndarray], i: int) -> int:
