@@ -9,13 +9,13 @@ import pytest
 
 from streamattn.operators.factors import stack_qr
 from streamattn.operators.gram_step import (
-    ADMIT_LIMIT,
     GRAM_TOL,
     accumulation_length,
     centred_gram_step,
     gram_and_bounds,
     gram_step,
     make_frame,
+    triangular_bounds,
 )
 from streamattn.operators.leverage import LeverageScores, LeverageSpec
 from streamattn.sources import Block
@@ -223,23 +223,37 @@ def test_centred_gram_step_matches_householder_and_its_certificate() -> None:
     assert loewner_error(new, ref) <= delta < 1e-6
 
 
-def test_too_many_admitted_rows_switch_the_next_block_to_trmm() -> None:
-    # spread spectrum and a threshold close to the typical score: the bound admits many rows
+def test_triangular_bound_dominates_the_exact_score_and_is_tight() -> None:
+    for name, r, rows in adversarial_cases():
+        frame = make_frame(r, k=0)
+        assert frame is not None, name
+        s = triangular_bounds(frame, np.asarray(rows, dtype=np.float64))
+        tau = exact_tau(r, rows)
+        assert np.all(s**2 >= tau), (name, np.min(s**2 / tau))
+        if name != "cancellation":  # ‖fl(xT)‖ itself, up to its small allowances
+            assert np.max(s**2 / tau) < 1.0 + 1e-6, name
+
+
+def test_dropping_the_triangular_allowance_is_caught() -> None:
+    """A planted bug (‖fl(xT)‖ with no allowance) fails the check the real bound passes."""
+    r, rows = cancellation_case()
+    frame = make_frame(r, k=0)
+    assert frame is not None
+    y = np.asarray(rows, dtype=np.float64) @ frame.rinv
+    tau = exact_tau(r, rows)
+    assert np.any(np.einsum("ij,ij->i", y, y) < tau * (1 - 1e-12))
+    assert np.all(triangular_bounds(frame, np.asarray(rows, dtype=np.float64)) ** 2 >= tau)
+
+
+def test_heavily_admitting_gram_steps_rescore_and_give_the_offline_set() -> None:
+    # spread spectrum and a threshold close to the typical score: the norm / split bound
+    # admits many rows, the triangular second stage drops most of them again
     n, d, block = 40000, 8, 4000
     x = spread_keys(n, d, 1e2, 1.0, seed=9)
     eps = 3.0 * d / n
-    op = LeverageScores(LeverageSpec(eps))
-    heavy, switched = False, 0
-    for a in range(0, n, block):
-        before = dict(op.fold_stats)
-        op.update(Block(a, x[a : a + block]))
-        step = {key: op.fold_stats[key] - before[key] for key in before}
-        if heavy:  # the block after a Gram step that admitted > 25 %: TRMM
-            assert step["gram_steps"] == 0 and step["trmm_steps"] == 1
-            switched += 1
-        heavy = (step["gram_steps"] == 1 and step["trmm_steps"] == 0
-                 and step["admitted_rows"] > ADMIT_LIMIT * block)
-    assert switched >= 1 and op.fold_stats["gram_steps"] >= 1
+    op = fold(x, eps, False, block)
+    stats = op.fold_stats
+    assert stats["gram_steps"] >= 5 and stats["rescored_rows"] > 1.5 * stats["admitted_rows"]
     tau = offline_scores(x, False)
     np.testing.assert_array_equal(op.result()["indices"], np.flatnonzero(tau >= eps))
 

@@ -87,8 +87,6 @@ SVD_BACKWARD = 8.0
 SPLIT_RATIO = 2.0
 #: ... and at most this fraction of d directions (beyond it the TRMM step costs about as much).
 SPLIT_MAX_FRACTION = 0.25
-#: If the bound admits more than this fraction of a block, the next block takes the TRMM step.
-ADMIT_LIMIT = 0.25
 
 
 def gamma(n: int | float) -> float:
@@ -200,6 +198,24 @@ class Frame:
         s = np.sqrt(res) / self.sigma_lo
         s += np.sqrt(np.maximum(q + self.q_allow * a_up, 0.0)) + self.f_over * np.sqrt(a_up)
         return s * (1.0 + 8 * U)
+
+
+def triangular_bounds(frame: Frame, z: np.ndarray) -> np.ndarray:
+    """Upper bounds of ‖R⁻ᵀz‖ per row of float64 ``z`` from ŷ = fl(z T) (2·d² flops a row).
+
+    With RT = I + Ψ (‖Ψ‖ ≤ ψ), R⁻¹ = T(I + Ψ)⁻¹, so ‖zR⁻¹‖ ≤ ‖zT‖/(1 − ψ); and
+    |fl(zT) − zT| ≤ γ_d|z||T| entrywise, so ‖zT‖ ≤ ‖ŷ‖ + γ_d‖z‖‖T‖_F. The two norms are
+    computed sums of d squares (relative error ≤ γ_d each, ≤ 1 + γ_d after the root; ×(1 + 8u)
+    covers the roots, the products and the division). The tight second stage for rows the
+    norm and split bounds admit: about the TRMM step's exact bound, for those rows only.
+    """
+    d = frame.r.shape[0]
+    y = z @ frame.rinv
+    up = 1.0 + 2 * gamma(d)
+    yn = np.sqrt(np.einsum("ij,ij->i", y, y)) * up
+    zn = np.sqrt(np.einsum("ij,ij->i", z, z)) * up
+    tf = float(np.linalg.norm(frame.rinv)) * up
+    return (yn + gamma(d) * zn * tf) / (1.0 - frame.psi) * (1.0 + 8 * U)
 
 
 def make_frame(r: np.ndarray, k: int | None = None) -> Frame | None:

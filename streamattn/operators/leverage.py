@@ -63,7 +63,6 @@ from streamattn.blas import single_blas_thread
 from streamattn.operators.candidates import candidate_state, load_candidates, stack_values
 from streamattn.operators.factors import centred_factor_result, centred_factor_update, stack_qr
 from streamattn.operators.gram_step import (
-    ADMIT_LIMIT,
     GRAM_TOL,
     LONG_SYRK_ROWS,
     PIECE_ROWS,
@@ -77,6 +76,7 @@ from streamattn.operators.gram_step import (
     gram_and_bounds,
     gram_step,
     make_frame,
+    triangular_bounds,
     window_length,
 )
 from streamattn.operators.gram_step import pool as _pool
@@ -99,6 +99,13 @@ SUBBLOCK_GROWTH = 8
 SEED_ROWS_PER_DIM = 4
 
 
+#: The predicted δ (a heuristic) runs 5–10 % below the certified one on the bench keys:
+#: a window is planned for tol / PREDICTION_MARGIN, so the certificate rarely refuses a
+#: block whose Gram was already computed.
+PREDICTION_MARGIN = 1.25
+#: Fewest rows worth a Gram window of their own at the start of a stream (its d × d work
+#: costs about what 2 000–3 000 rows of the TRMM step's extra flops do, d = 64–128).
+MIN_GRAM_ROWS = 4096
 #: A Gram window closes once it holds this many rows, or as many as its factor had when it
 #: opened (bounds against that factor stay within 2× of the current scores).
 WINDOW_ROWS = 2**20
@@ -439,7 +446,8 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         #: per path ("gram", "trmm", "householder"), rows admitted to exact scoring, and
         #: rows of Gram steps that needed the split bound (the norm bound did not prune).
         self.fold_stats = {f"{kind}_{unit}": 0 for kind in ("gram", "trmm", "householder")
-                           for unit in ("steps", "rows")} | {"admitted_rows": 0, "split_rows": 0}
+                           for unit in ("steps", "rows")} | {"admitted_rows": 0, "split_rows": 0,
+                                                        "rescored_rows": 0}
 
     def _dim(self, d: int) -> int:
         return d + 1 if self.spec.affine else d
@@ -544,11 +552,13 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
             # Bounds ≈ dim / seen cannot prune before seen ≈ dim / threshold: go there first.
             reach = int(self.r.shape[1] / self.spec.threshold) - seen
             stop = min(m, head + max(PIECE_ROWS, SUBBLOCK_GROWTH * seen, reach))
-            sub = x[head:stop]
-            gram = self._gram_fold(sub, seen)
-            if gram is not None:
-                spans.append(head + gram)
+            gram = self._gram_fold(x[head:stop], seen)
+            if gram is not None:  # it may take fewer rows than offered (its certificate)
+                admitted_here, used = gram
+                spans.append(head + admitted_here)
+                stop = head + used
             else:
+                sub = x[head:stop]
                 step = fast(self.r, sub)
                 if step is None:
                     self.r = self._householder(sub)
@@ -560,8 +570,6 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
                     self.rel_err = (1.0 + self.rel_err) * (1.0 + step.rel_err) - 1.0
                     spans.append(head + np.flatnonzero(step.bounds >= cut))
                     self._count("trmm", stop - head, spans[-1].size)
-                    if spans[-1].size <= ADMIT_LIMIT * (stop - head):
-                        self._gram_wait = 0
             seen += stop - head
             head = stop
         admitted = np.concatenate(spans)
@@ -625,20 +633,24 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         self.r = win.r_next
         self.rel_err = (1.0 + self.rel_err) * (1.0 + win.delta) - 1.0
 
-    def _gram_fold(self, rows: np.ndarray, seen: int) -> np.ndarray | None:
-        """Fold ``rows`` into the Gram window (:mod:`.gram_step`); the admitted rows.
+    def _gram_fold(self, rows: np.ndarray, seen: int) -> tuple[np.ndarray, int] | None:
+        """Fold the first rows of ``rows`` into the Gram window (:mod:`.gram_step`):
+        (the admitted rows among them, how many were folded), or None.
 
         A window keeps one certified frame of the factor R₀ at its start and sums the
         blocks' Grams; after every block the step R' = chol(I + TᵀΣG_bT)R₀ of the whole
         window is computed and certified (δ ≤ GRAM_TOL), so a window is always ready to
         close (``_flush``) with a certified factor. Rows are admitted by their certified
         bound against R₀ (the Gram only grows, so it bounds every later score), times
-        1 + Δ. Returns None, with no window left open (the caller then takes the TRMM
-        step), where the step is not certified (ill-conditioned keys, large offsets in the
-        plain variant, small factors; a block that would take its window past GRAM_TOL
-        closes the window without it) or the back-off is running. When more than
-        ADMIT_LIMIT of the rows are admitted, the next ``_gram_wait`` steps take the TRMM
-        step (whose exact bound is tighter); a TRMM step that admits fewer ends the wait.
+        1 + Δ: the norm / split bound for every row, then ‖fl(z T)‖ with its allowances
+        (``triangular_bounds``, about the TRMM step's own bound) for the rows it admits.
+        The certificate's main terms grow like the rows folded against R₀, so where the
+        offered rows would not fit (the start of a stream) only as many are folded as the
+        predicted δ allows, if that is at least ``MIN_GRAM_ROWS``. Returns None, with no
+        window left open (the caller then takes the TRMM step), where the step is not
+        certified (ill-conditioned keys, large offsets in the plain variant, small
+        factors; a block that would take its window past GRAM_TOL closes the window
+        without it), or for the one step after such a refusal (``_gram_wait``).
         """
         if self._gram_wait > 0:
             self._flush()
@@ -648,19 +660,26 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         if m == 0:
             return None
         tol = min(GRAM_TOL, (1.0 + REL_ERR_BUDGET) / (1.0 + self.rel_err) - 1.0)
+        aim = tol / PREDICTION_MARGIN
         win = self._window
-        if win is not None and self._predicted(win, rows, win.rows + m) > tol:
+        if win is not None and self._predicted(win, rows, win.rows + m) > aim:
             self._flush()
             win = None
         if win is None:
             win = self._window = self._open_window(seen)
-            if win is None or tol <= 0 or self._predicted(win, rows, m) > tol:
+            predicted = 0.0 if win is None or tol <= 0 else self._predicted(win, rows, m)
+            if win is not None and tol > 0 and predicted > aim:  # fewer rows, if enough fit
+                fit = int(m * aim / (2 * predicted)) // PIECE_ROWS * PIECE_ROWS
+                if fit >= MIN_GRAM_ROWS:
+                    rows, m = rows[:fit], fit
+                    predicted = self._predicted(win, rows, m)
+            if win is None or tol <= 0 or predicted > aim:
                 self._window = None
                 return None
             # one SYRK call per piece where the certificate has room for its longer sums
             # (predicted for a full window; a block that would not fit closes the window)
             longer = replace(win, syrk_rows=LONG_SYRK_ROWS)
-            if self._predicted(longer, rows, max(m, min(WINDOW_ROWS, seen))) <= tol / 4:
+            if self._predicted(longer, rows, max(m, min(WINDOW_ROWS, seen))) <= aim / 4:
                 win = self._window = longer
         frame, shift = win.frame, win.shift
         thr = self._threshold()
@@ -696,18 +715,25 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         self._window = replace(win, gram=gram, colsum=colsum, fro2=fro2, rows=total,
                                calls=calls, longest=longest, r_next=step[0], delta=step[1])
         self.fold_stats["split_rows"] += split
-        if affine:
-            s = s + d_mu + 1.01 * U * np.sqrt(xx) * frame.rinv_norm
-            bound = (np.square(s) + 1.0 / win.root_n**2) * (1 + 4 * U)
-        else:
-            bound = np.square(s) * (1 + 4 * U)
-        admitted = np.flatnonzero(bound >= thr)
+
+        def squared(s: np.ndarray, zz: np.ndarray) -> np.ndarray:
+            if affine:  # + the roundings of μ̂ and of z = fl(x − μ̂)
+                s = s + d_mu + 1.01 * U * np.sqrt(zz) * frame.rinv_norm
+                return (np.square(s) + 1.0 / win.root_n**2) * (1 + 4 * U)
+            return np.square(s) * (1 + 4 * U)
+
+        admitted = np.flatnonzero(squared(s, xx) >= thr)
+        if admitted.size:  # second stage: ‖fl(z T)‖ with its allowances, those rows only
+            z = np.asarray(rows[admitted], dtype=np.float64)
+            if shift is not None:
+                z -= shift
+            tight = squared(triangular_bounds(frame, z), xx[admitted])
+            self.fold_stats["rescored_rows"] += admitted.size
+            admitted = admitted[tight >= thr]
         self._count("gram", m, admitted.size)
-        if admitted.size > ADMIT_LIMIT * m:
-            self._gram_wait = 2
-        if total >= min(WINDOW_ROWS, max(win.seen, PIECE_ROWS)) or self._gram_wait > 0:
+        if total >= min(WINDOW_ROWS, max(win.seen, PIECE_ROWS)):
             self._flush()
-        return admitted
+        return admitted, m
 
     def _predicted(self, win: _Window, rows: np.ndarray, m: int) -> float:
         """Predicted δ of a window of m rows like ``rows`` (a heuristic; the certificate is
@@ -730,7 +756,7 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
             return centred_factor_update(self.r, rows)
         return stack_qr(self.r, augment(rows, False))
 
-    def _settled(self) -> LeverageScores:
+    def settled(self) -> LeverageScores:
         """This operator with its Gram window closed: self, or a closed shallow copy."""
         if self._window is None:
             return self
@@ -740,7 +766,7 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
 
     def _merge(self, other: LeverageScores) -> None:
         self._flush()
-        other = other._settled()
+        other = other.settled()
         self.r = stack_qr(self.r, other.r)
         self.rel_err = max(self.rel_err, other.rel_err)
         self._prune(
@@ -785,7 +811,7 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
 
     def scoring_map(self) -> ScoringMap:
         if self._window is not None:
-            return self._settled().scoring_map()
+            return self.settled().scoring_map()
         if self.spec.affine:
             return ScoringMap.from_centred(self._centred(), self.spec.rtol)
         return ScoringMap.from_factor(self.r, self.spec.rtol, self.r.shape[1])
@@ -793,7 +819,7 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
     def result(self) -> dict[str, Any]:
         """Held rows whose exact final score is ≥ threshold, their scores, and the map."""
         if self._window is not None:
-            return self._settled().result()
+            return self.settled().result()
         smap = self.scoring_map()
         scores = smap.scores(augment(self.rows, False)) if self.idx.size else np.zeros(0)
         keep = scores >= self.spec.threshold

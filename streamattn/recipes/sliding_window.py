@@ -163,7 +163,7 @@ class SlidingWindow:
             self.t += stop - a
             a = stop
             if self.t % self.block == 0:
-                st = self.current._state()
+                st = self.current.settled()._state()  # an open Gram window closed
                 self.done.append(
                     _Done(self.t - self.block, st["r"], st["idx"], st["rows"], st.get("values"),
                           self.block)
@@ -179,7 +179,7 @@ class SlidingWindow:
         s = self.window_start
         parts = [b for b in self.done if b.start >= s]
         if self.current.n_rows:
-            st = self.current._state()
+            st = self.current.settled()._state()  # an open Gram window closed
             parts.append(_Done(self.t - self.current.n_rows, st["r"], st["idx"], st["rows"],
                                st.get("values"), self.current.n_rows))
         r = stack_qr(*[p.r for p in parts])  # affine: TSQR of the [1, K] factors
