@@ -67,7 +67,7 @@ SCHEDULER_ADDRESS = re.compile(r"(tcp|tls)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]
 DEFAULT_SPLIT_EVERY = 8
 DEFAULT_RETRIES = 2
 DEFAULT_TIMEOUT = 30.0
-MAX_AUTO_BLOCKS_PER_TASK = 8
+MAX_AUTO_BLOCKS_PER_TASK = 64
 
 
 # ---------------------------------------------------------------------------- options
@@ -364,12 +364,14 @@ class MergeGraph:
 def auto_blocks_per_task(n_blocks: int, threads: int) -> int:
     """Blocks folded sequentially per leaf task when not configured.
 
-    Enough leaves to keep every thread busy with slack for balancing (4 per thread),
-    and at most ``MAX_AUTO_BLOCKS_PER_TASK`` blocks per leaf so a retried or recomputed
-    leaf stays cheap. Folding a few consecutive blocks per task amortises what a fresh
-    operator's first update costs (e.g. seeding a factor) and shrinks the graph.
+    One leaf per thread, at most ``MAX_AUTO_BLOCKS_PER_TASK`` blocks per leaf (a retried or
+    recomputed leaf stays bounded). Long leaves matter for the exact kernels: a fresh
+    operator's start (the leverage set's seed QR, TRMM steps and small Gram windows until
+    it has seen ~2^16 rows) costs about what 2–3·10^5 rows of its steady state do. Measured
+    (2^22 × 128 keys, 64 blocks, threads scheduler, 2 cores): 8 blocks per leaf 4.34 s,
+    16 → 3.55 s, 32 → 3.17 s, against 2.95 s for the local engine.
     """
-    return max(1, min(MAX_AUTO_BLOCKS_PER_TASK, n_blocks // (4 * max(1, threads))))
+    return max(1, min(MAX_AUTO_BLOCKS_PER_TASK, -(-n_blocks // max(1, threads))))
 
 
 def build_graph(

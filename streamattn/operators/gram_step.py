@@ -74,8 +74,11 @@ U = 2.0**-53
 #: in cache, and the float32 → float64 conversion happens piece by piece.
 PIECE_ROWS = 2048
 #: Python threads sharing one block's GEMM/SYRK work (single-threaded BLAS each; they
-#: block instead of spinning, so a busy machine degrades gracefully).
-STREAM_THREADS = max(1, min(2, os.cpu_count() or 1))
+#: block instead of spinning, so a busy machine degrades gracefully). The environment
+#: variable STREAMATTN_STREAM_THREADS sets it (e.g. 1 in each of several worker processes
+#: sharing a machine's cores).
+STREAM_THREADS = max(1, int(os.environ.get("STREAMATTN_STREAM_THREADS", "0"))
+                     or min(2, os.cpu_count() or 1))
 #: Largest certified relative Gram error of one Gram step (else: the TRMM step) ...
 GRAM_TOL = 1e-9
 #: ... and of all steps together (Δ): below float32's unit roundoff 6e-8, so below the

@@ -103,9 +103,10 @@ SEED_ROWS_PER_DIM = 4
 #: a window is planned for tol / PREDICTION_MARGIN, so the certificate rarely refuses a
 #: block whose Gram was already computed.
 PREDICTION_MARGIN = 1.25
-#: Fewest rows worth a Gram window of their own at the start of a stream (its d × d work
-#: costs about what 2 000–3 000 rows of the TRMM step's extra flops do, d = 64–128).
-MIN_GRAM_ROWS = 4096
+#: Fewest rows worth a Gram window of their own at the start of a stream, per key
+#: dimension: a window's d × d work (SVD, inverse, Cholesky, prune: ≈ 5 ms at d = 128)
+#: costs what ≈ 50·d rows of the TRMM step's extra 2·d² flops do; twice that is asked.
+MIN_GRAM_ROWS_PER_DIM = 96
 #: A Gram window closes once it holds this many rows, or as many as its factor had when it
 #: opened (bounds against that factor stay within 2× of the current scores).
 WINDOW_ROWS = 2**20
@@ -646,7 +647,7 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         (``triangular_bounds``, about the TRMM step's own bound) for the rows it admits.
         The certificate's main terms grow like the rows folded against R₀, so where the
         offered rows would not fit (the start of a stream) only as many are folded as the
-        predicted δ allows, if that is at least ``MIN_GRAM_ROWS``. Returns None, with no
+        predicted δ allows, if that is at least ``MIN_GRAM_ROWS_PER_DIM`` · d. Returns None, with no
         window left open (the caller then takes the TRMM step), where the step is not
         certified (ill-conditioned keys, large offsets in the plain variant, small
         factors; a block that would take its window past GRAM_TOL closes the window
@@ -670,7 +671,7 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
             predicted = 0.0 if win is None or tol <= 0 else self._predicted(win, rows, m)
             if win is not None and tol > 0 and predicted > aim:  # fewer rows, if enough fit
                 fit = int(m * aim / (2 * predicted)) // PIECE_ROWS * PIECE_ROWS
-                if fit >= MIN_GRAM_ROWS:
+                if fit >= max(2 * PIECE_ROWS, MIN_GRAM_ROWS_PER_DIM * win.frame.r.shape[1]):
                     rows, m = rows[:fit], fit
                     predicted = self._predicted(win, rows, m)
             if win is None or tol <= 0 or predicted > aim:
