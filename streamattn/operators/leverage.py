@@ -78,6 +78,7 @@ from streamattn.operators.gram_step import (
     make_frame,
     triangular_bounds,
     window_length,
+    work_buffer,
 )
 from streamattn.operators.gram_step import pool as _pool
 from streamattn.operators.gram_step import split_rows as _split_rows
@@ -218,8 +219,8 @@ def _gram_pass(
     dim = rinv.shape[0]
     piece = min(PIECE_ROWS, hi - lo)
     top = np.ascontiguousarray(rinv[:d])
-    buf = np.empty((piece, d))
-    y = np.empty((piece, dim))
+    buf = work_buffer("trmm-piece", piece, d)
+    y = work_buffer("trmm-y", piece, dim)
     gram = np.zeros((dim, dim))
     scratch = np.empty((dim, dim))
     colsum = np.zeros(dim)
@@ -273,8 +274,8 @@ def map_scores(
         return out
     piece = min(PIECE_ROWS, m)
     top = np.ascontiguousarray(w[:d])
-    buf = np.empty((piece, d))
-    y = np.empty((piece, w.shape[1]))
+    buf = work_buffer("map-piece", piece, d)
+    y = work_buffer("map-y", piece, w.shape[1])
     for a in range(0, m, piece):
         k = min(piece, m - a)
         xb, yb = buf[:k], y[:k]
