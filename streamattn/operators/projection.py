@@ -406,6 +406,7 @@ class ProjectedEmbeddings(Operator[ProjectionSpec, ProjectionSummary]):
     """
 
     family = "projection"
+    concurrent_updates = True
     Spec = ProjectionSpec
 
     def __init__(self, spec: ProjectionSpec) -> None:

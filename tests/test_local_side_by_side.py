@@ -1,0 +1,91 @@
+"""The local engine folds concurrent-safe operators side by side: the same states as one
+operator after another, every block in order, errors raised after all updates stop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from streamattn.engines.local import run_local
+from streamattn.operators.leverage import LeverageScores, LeverageSpec
+from streamattn.operators.projection import ProjectedEmbeddings, ProjectionSpec
+from streamattn.operators.protocol import Operator
+from streamattn.sources import Block, KeySource
+
+
+def keys(n: int = 20000, d: int = 12) -> np.ndarray:
+    rng = np.random.default_rng(31)
+    return (rng.standard_normal((n, d)) * rng.uniform(0.5, 2.0, d)).astype(np.float32)
+
+
+def embeddings_target(path: Path, n: int, m: int) -> str:
+    zarr.create_array(str(path), shape=(n, m), chunks=(4096, m), dtype="float32")
+    return str(path)
+
+
+def test_side_by_side_equals_one_after_another(tmp_path: Path) -> None:
+    x = keys()
+    n, d = x.shape
+    out = [embeddings_target(tmp_path / f"y{i}.zarr", n, 4) for i in range(2)]
+    ops = [LeverageScores(LeverageSpec(0.01)), LeverageScores(LeverageSpec(0.02, True)),
+           ProjectedEmbeddings(ProjectionSpec("srht", d, 4, seed=3, out_path=out[0]))]
+    assert all(op.concurrent_updates for op in ops)
+    together = run_local(KeySource(x), ops, chunk_rows=3000)
+    alone = [run_local(KeySource(x), [op], chunk_rows=3000)[0] for op in (
+        LeverageScores(LeverageSpec(0.01)), LeverageScores(LeverageSpec(0.02, True)),
+        ProjectedEmbeddings(ProjectionSpec("srht", d, 4, seed=3, out_path=out[1])))]
+    for a, b in zip(together, alone, strict=True):
+        sa, sb = a.to_state(), b.to_state()
+        assert sa.keys() == sb.keys()
+        for k in sa.keys() - {"spec"}:  # the two projections differ in out_path only
+            np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+    np.testing.assert_array_equal(zarr.open_array(out[0])[:], zarr.open_array(out[1])[:])
+
+
+class Recorder(Operator[LeverageSpec, list[int]]):
+    """Records the block starts it sees; fails on a chosen block."""
+
+    family = "test-recorder"
+    concurrent_updates = True
+    Spec = LeverageSpec
+
+    def __init__(self, spec: LeverageSpec) -> None:
+        super().__init__(spec)
+        self.starts: list[int] = []
+
+    def _update(self, block: Block) -> None:
+        if block.start == int(self.spec.threshold):
+            raise RuntimeError(f"planted failure at row {block.start}")
+        self.starts.append(block.start)
+
+    def _merge(self, other: Recorder) -> None:
+        self.starts += other.starts
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"starts": np.array(self.starts)}
+
+    def _load(self, state: dict[str, np.ndarray]) -> None:
+        self.starts = list(state["starts"])
+
+    def result(self) -> list[int]:
+        return self.starts
+
+    def nbytes_bound(self, d: int) -> int:
+        return 0
+
+
+def test_every_operator_sees_every_block_in_order_and_errors_surface() -> None:
+    x = keys(5000, 4)
+    never = float(10**9)
+    ops = [Recorder(LeverageSpec(never)) for _ in range(3)]
+    run_local(KeySource(x), ops, chunk_rows=700)
+    for op in ops:
+        assert op.starts == list(range(0, 5000, 700))
+    failing = [Recorder(LeverageSpec(never)), Recorder(LeverageSpec(2100.0)),
+               Recorder(LeverageSpec(never))]
+    with pytest.raises(RuntimeError, match="planted failure at row 2100"):
+        run_local(KeySource(x), failing, chunk_rows=700)
+    assert failing[1].starts == [0, 700, 1400]
