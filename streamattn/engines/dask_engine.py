@@ -60,6 +60,7 @@ import streamattn
 from streamattn.errors import ConfigError, InvalidInputError, StreamattnError
 from streamattn.operators.protocol import Operator, State
 from streamattn.sources import Block, BlockStream, KeySource, open_keys
+from streamattn.sources.keys import BufferPool, pooled_read
 
 SCHEDULERS = ("threads", "local-cluster")
 #: A scheduler address: tcp:// or tls://, a host name, IPv4 or [IPv6] address, and a port.
@@ -244,16 +245,19 @@ def _read_ahead(
     """Yield the blocks in order, reading the next one in a background thread.
 
     Within a task, reading/decompressing block i+1 overlaps the BLAS work on block i
-    (both release the GIL), as in the local engine; at most two blocks are alive.
+    (both release the GIL), as in the local engine; at most two blocks are alive, read
+    into two pooled buffers (``BufferPool``: no page faults per block, which matters on
+    Dask workers, whose nanny sets MALLOC_TRIM_THRESHOLD_).
     """
     if len(ranges) == 1:
         yield read(*ranges[0])
         return
+    buffers = BufferPool(2, patience=0.1)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamattn-task-read") as pool:
-        pending = pool.submit(read, *ranges[0])
+        pending = pool.submit(pooled_read, buffers, read, *ranges[0])
         for nxt in ranges[1:]:
             block = pending.result()
-            pending = pool.submit(read, *nxt)
+            pending = pool.submit(pooled_read, buffers, read, *nxt)
             yield block
         yield pending.result()
 

@@ -191,8 +191,9 @@ def block_buffer(shape: tuple[int, ...], dtype: Any, what: str = "key") -> np.nd
     return np.empty(shape, dtype) if pool is None else pool.empty(shape, dtype, what)
 
 
-def _pooled(pool: BufferPool, read: Callable[[int, int], Block], start: int,
-            stop: int) -> Block:
+def pooled_read(pool: BufferPool, read: Callable[[int, int], Block], start: int,
+                stop: int) -> Block:
+    """``read(start, stop)`` with its block buffers served from ``pool``."""
     token = _POOL.set(pool)
     try:
         return read(start, stop)
@@ -428,17 +429,17 @@ class BlockStream:
         buffers = BufferPool(prefetch + 1, patience=0.1) if prefetch > 0 else BufferPool(2)
         read = self._read_digested if digests else self.read
         if prefetch <= 0:
-            yield from (_pooled(buffers, read, a, b) for a, b in ranges)
+            yield from (pooled_read(buffers, read, a, b) for a, b in ranges)
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamattn-read") as pool:
-            pending = [pool.submit(_pooled, buffers, read, a, b) for a, b in ranges[:prefetch]]
+            pending = [pool.submit(pooled_read, buffers, read, a, b) for a, b in ranges[:prefetch]]
             rest = iter(ranges[prefetch:])
             try:
                 while pending:
                     block = pending.pop(0).result()
                     nxt = next(rest, None)
                     if nxt is not None:
-                        pending.append(pool.submit(_pooled, buffers, read, *nxt))
+                        pending.append(pool.submit(pooled_read, buffers, read, *nxt))
                     yield block
             finally:
                 for fut in pending:
