@@ -206,3 +206,18 @@ def test_a_chunk_file_vanishing_mid_pass_is_named_for_caches_and_value_arrays(
     with pytest.raises(InvalidInputError, match=r"value chunk file .*values/c/4/0 \(rows "
                        r"\[400, 500\)\) is missing"):
         list(src.blocks(CHUNK))
+
+
+def test_a_dask_leaf_reads_into_the_same_few_buffers_and_keeps_kept_blocks_intact(
+    tmp_path: Path,
+) -> None:
+    from streamattn.engines.dask_engine import _read_ahead
+
+    store, x, _ = key_store(tmp_path / "k.zarr")
+    src = open_keys(store)
+    ranges = [(a, a + CHUNK) for a in range(0, N, CHUNK)]
+    assert distinct_buffers(_read_ahead(src.read, ranges)) <= 3 < len(ranges)
+    kept = list(_read_ahead(src.read, ranges))  # a consumer that keeps every block
+    assert len({id(b.rows.base) for b in kept}) == len(kept)
+    for b in kept:
+        np.testing.assert_array_equal(b.rows, x[b.start : b.stop])
