@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from streamattn.operators.factors import stack_qr
 from streamattn.operators.gram_step import (
     GRAM_TOL,
+    Frame,
     accumulation_length,
     centred_gram_step,
     gram_and_bounds,
@@ -205,14 +207,22 @@ def test_dropping_the_allowance_is_caught() -> None:
     assert np.any(s_bug**2 < tau)  # misses the residual along the smallest direction
 
 
-def test_centred_gram_step_matches_householder_and_its_certificate() -> None:
+def centred_setup(seen: int, seed: int) -> tuple[np.ndarray, np.ndarray, Any, Frame]:
+    """30000 offset keys (d = 6), the factor of [1, K] of the first ``seen`` and its frame."""
     from streamattn.operators.factors import centred_factor_result, centred_factor_update
 
-    x = spread_keys(30000, 6, 30.0, 50.0, seed=5)
-    r = centred_factor_update(np.zeros((0, 7)), x[:25000])
-    cf = centred_factor_result(r, 25000)
+    x = spread_keys(30000, 6, 30.0, 50.0, seed=seed)
+    r = centred_factor_update(np.zeros((0, 7)), x[:seen])
+    cf = centred_factor_result(r, seen)
     frame = make_frame(cf.r_centred, k=2)
     assert frame is not None
+    return x, r, cf, frame
+
+
+def test_centred_gram_step_matches_householder_and_its_certificate() -> None:
+    from streamattn.operators.factors import centred_factor_update
+
+    x, r, cf, frame = centred_setup(25000, seed=5)
     block = x[25000:]
     zz, zsum, _, xx, _ = gram_and_bounds(block, frame, cf.mean)
     step = centred_gram_step(frame, abs(float(r[0, 0])), cf.mean, zz, zsum, float(xx.sum()),

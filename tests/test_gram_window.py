@@ -10,9 +10,9 @@ import itertools
 
 import numpy as np
 import pytest
-from test_gram_step import fold, loewner_error, offline_scores, spread_keys
+from test_gram_step import centred_setup, fold, loewner_error, offline_scores, spread_keys
 
-from streamattn.operators.factors import centred_factor_result, centred_factor_update, stack_qr
+from streamattn.operators.factors import centred_factor_update, stack_qr
 from streamattn.operators.gram_step import (
     LONG_SYRK_ROWS,
     PIECE_ROWS,
@@ -102,11 +102,7 @@ def test_windows_take_long_syrk_calls_on_well_conditioned_keys() -> None:
 
 
 def test_a_centred_window_is_within_its_certificate() -> None:
-    x = spread_keys(30000, 6, 30.0, 50.0, seed=12)
-    r = centred_factor_update(np.zeros((0, 7)), x[:24000])
-    cf = centred_factor_result(r, 24000)
-    frame = make_frame(cf.r_centred, k=2)
-    assert frame is not None
+    x, r, cf, frame = centred_setup(24000, seed=12)
     zz, zsum, fro2 = np.zeros((6, 6)), np.zeros(6), 0.0
     for a in range(24000, 30000, 1500):
         g, s, _, xx, _ = gram_and_bounds(x[a : a + 1500], frame, cf.mean)
