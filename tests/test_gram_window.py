@@ -226,3 +226,22 @@ def test_top_scores_heads_side_by_side_equal_each_head_alone() -> None:
                           x[:, layer, h].astype(np.float64) @ w)
             want = np.sort(np.argsort(-s, kind="stable")[:budget])
             np.testing.assert_array_equal(np.sort(got[layer][h]["indices"]), want)
+
+
+def test_work_buffers_are_kept_per_thread_and_only_when_small() -> None:
+    import threading
+
+    from streamattn.operators.gram_step import KEEP_WORK_BYTES, work_buffer
+
+    a = work_buffer("test-buffer", 100, 8)
+    b = work_buffer("test-buffer", 50, 8)  # a smaller request: the front of the same buffer
+    assert b.base is a.base and b.shape == (50, 8)
+    other: list[np.ndarray] = []
+    t = threading.Thread(target=lambda: other.append(work_buffer("test-buffer", 100, 8)))
+    t.start()
+    t.join()
+    assert other[0].base is not a.base  # each thread has its own
+    wide = KEEP_WORK_BYTES // 8 + 1
+    first = work_buffer("test-wide", wide, 1)
+    assert first.base is None  # a fresh array, not a view of a kept buffer
+    assert work_buffer("test-wide", wide, 1) is not first

@@ -126,6 +126,10 @@ def serial_rows() -> Iterator[None]:
 SPANS_PER_THREAD = 4
 
 
+#: Largest work buffer a thread keeps between calls (``work_buffer``).
+KEEP_WORK_BYTES = 8 << 20
+
+
 def work_buffer(name: str, rows: int, cols: int) -> np.ndarray:
     """A float64 ``(rows, cols)`` work buffer of this thread, kept across calls.
 
@@ -134,10 +138,14 @@ def work_buffer(name: str, rows: int, cols: int) -> np.ndarray:
     (Dask's nanny does, for every worker) keeps doing so, so each call page-faults its
     buffers in again (measured: the local pass 2.9 → 3.3–3.7 s, sys 0.7 → 1.3–1.7 s, with
     MALLOC_TRIM_THRESHOLD_=65536). Callers use the buffer before their next call with the
-    same name in the same thread and never hand it out.
+    same name in the same thread and never hand it out. Buffers over ``KEEP_WORK_BYTES``
+    (very wide keys) are fresh each call: their size amortises the faults, and a thread
+    keeps at most a few of the small ones.
     """
-    bufs: dict[str, np.ndarray] = _local.__dict__.setdefault("work", {})
     size = rows * cols
+    if 8 * size > KEEP_WORK_BYTES:
+        return np.empty((rows, cols))
+    bufs: dict[str, np.ndarray] = _local.__dict__.setdefault("work", {})
     have = bufs.get(name)
     if have is None or have.size < size:
         have = bufs[name] = np.empty(max(size, 1))
