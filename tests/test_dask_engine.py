@@ -448,3 +448,12 @@ def test_cli_select_on_local_cluster(
     assert_same(load_universal_set(out, "affine-eps0.05"), local_sets["affine"])
     assert cli.main([*argv[:-2], "--split-every", "1", "--out", str(tmp_path / "o2")]) == 2
     assert "engine.split_every must be an integer >= 2" in capsys.readouterr().err
+
+
+def test_auto_leaves_are_one_per_thread_and_bounded() -> None:
+    from streamattn.engines.dask_engine import MAX_AUTO_BLOCKS_PER_TASK, auto_blocks_per_task
+
+    assert auto_blocks_per_task(64, 2) == 32  # one leaf per thread (a leaf's start is costly)
+    assert auto_blocks_per_task(65, 2) == 33
+    assert auto_blocks_per_task(3, 8) == 1
+    assert auto_blocks_per_task(10**6, 2) == MAX_AUTO_BLOCKS_PER_TASK == 64

@@ -101,6 +101,23 @@ def test_windows_take_long_syrk_calls_on_well_conditioned_keys() -> None:
     np.testing.assert_array_equal(op.result()["indices"], np.flatnonzero(tau >= eps))
 
 
+def test_a_stream_start_folds_as_many_rows_as_its_certificate_allows() -> None:
+    # κ(R) ≈ 30: the first 65536-row blocks are too large for one certified Gram step, so
+    # the step takes the largest piece whose predicted δ fits (else they would go by TRMM)
+    n, d, eps, block = 200000, 32, 0.01, 65536
+    x = spread_keys(n, d, 30.0, 0.0, seed=16)
+    op = LeverageScores(LeverageSpec(eps))
+    partial = 0
+    for a in range(0, n, block):
+        before = op.fold_stats["gram_steps"]
+        op.update(Block(a, x[a : a + block]))
+        partial += op.fold_stats["gram_steps"] - before > 1  # several pieces in one block
+    stats = op.fold_stats
+    assert partial >= 1 and stats["trmm_rows"] <= 4096, stats
+    tau = offline_scores(x, False)
+    np.testing.assert_array_equal(op.result()["indices"], np.flatnonzero(tau >= eps))
+
+
 def test_a_centred_window_is_within_its_certificate() -> None:
     x, r, cf, frame = centred_setup(24000, seed=12)
     zz, zsum, fro2 = np.zeros((6, 6)), np.zeros(6), 0.0

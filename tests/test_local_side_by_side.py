@@ -3,6 +3,7 @@ operator after another, every block in order, errors raised after all updates st
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +56,13 @@ class Recorder(Operator[LeverageSpec, list[int]]):
     def __init__(self, spec: LeverageSpec) -> None:
         super().__init__(spec)
         self.starts: list[int] = []
+        self.threads: set[str] = set()
 
     def _update(self, block: Block) -> None:
         if block.start == int(self.spec.threshold):
             raise RuntimeError(f"planted failure at row {block.start}")
         self.starts.append(block.start)
+        self.threads.add(threading.current_thread().name)
 
     def _merge(self, other: Recorder) -> None:
         self.starts += other.starts
@@ -84,8 +87,28 @@ def test_every_operator_sees_every_block_in_order_and_errors_surface() -> None:
     run_local(KeySource(x), ops, chunk_rows=700)
     for op in ops:
         assert op.starts == list(range(0, 5000, 700))
+    # really side by side: the first in this thread, the others in the pool's
+    assert ops[0].threads == {threading.current_thread().name}
+    assert all(t.startswith("streamattn-ops") for op in ops[1:] for t in op.threads)
     failing = [Recorder(LeverageSpec(never)), Recorder(LeverageSpec(2100.0)),
                Recorder(LeverageSpec(never))]
     with pytest.raises(RuntimeError, match="planted failure at row 2100"):
         run_local(KeySource(x), failing, chunk_rows=700)
     assert failing[1].starts == [0, 700, 1400]
+
+
+def test_a_cache_deals_its_heads_to_the_stream_threads() -> None:
+    from streamattn.operators.gram_step import STREAM_THREADS
+    from streamattn.operators.multihead import MultiHead
+
+    never = float(10**9)
+    x = keys(3000, 2 * 3 * 4).reshape(3000, 2, 3, 4)
+    multi = MultiHead.of([[Recorder(LeverageSpec(never)) for _ in range(3)] for _ in range(2)])
+    for a in range(0, 3000, 1000):
+        multi.update(Block(a, x[a : a + 1000]))
+    heads = [op for row in multi.ops for op in row]
+    assert all(isinstance(op, Recorder) and op.starts == [0, 1000, 2000] for op in heads)
+    names = set().union(*(op.threads for op in heads if isinstance(op, Recorder)))
+    if STREAM_THREADS > 1:  # side by side: the heads ran on the head pool's threads
+        assert len(names) == STREAM_THREADS and all(n.startswith("streamattn-heads")
+                                                     for n in names)
