@@ -109,6 +109,6 @@ def test_a_cache_deals_its_heads_to_the_stream_threads() -> None:
     heads = [op for row in multi.ops for op in row]
     assert all(isinstance(op, Recorder) and op.starts == [0, 1000, 2000] for op in heads)
     names = set().union(*(op.threads for op in heads if isinstance(op, Recorder)))
-    if STREAM_THREADS > 1:  # side by side: the heads ran on the head pool's threads
-        assert len(names) == STREAM_THREADS and all(n.startswith("streamattn-heads")
-                                                     for n in names)
+    if STREAM_THREADS > 1:  # side by side: the heads ran in the head pool's lanes, not here
+        # (which pool thread takes which lane is the pool's choice: one may take both)
+        assert names and all(n.startswith("streamattn-heads") for n in names)
