@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from streamattn import bench
@@ -63,7 +64,7 @@ def test_only_and_cache_flags_choose_the_cases() -> None:
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     cases, caches = bench.plan_cases(parser.parse_args(["--only", "cache-select", "dask-ckpt"]))
-    assert [k for *_, k in caches] == [["cache-read-keys", "cache-select"]] * 2
+    assert [k for *_, k in caches] == [["cache-read-keys", "cache-gram-floor", "cache-select"]] * 2
     assert [(n, k) for n, _, _, k in cases] == [
         (2**22, ["zarr-loop", "parallel-read", "dask-ckpt"]),
         (2**21, ["zarr-loop", "dask-ckpt"]), (2**22, ["zarr-loop", "dask-ckpt"])]
@@ -75,3 +76,53 @@ def test_only_and_cache_flags_choose_the_cases() -> None:
     full, _ = bench.plan_cases(parser.parse_args([]))
     ckpt = sorted(n for n, d, _, k in full if "dask-ckpt" in k)
     assert ckpt == [2**21, 2**22]  # two sizes: the flatness check has a pair
+
+
+def test_the_float64_floor_forms_every_heads_gram(tmp_path: Path) -> None:
+    """gram-floor / cache-gram-floor do the work they stand for: ‖KₕᵀKₕ‖_F against dense
+    numpy on the stores they read (all heads of a cache), and each time target carries it."""
+    import zarr
+
+    cases = [(5000, 16, "none", ["zarr-loop", "parallel-read", "gram-floor", "uset-plain"])]
+    rows = bench.bench_rows(cases, tmp_path, 1, log=lambda _: None, measure_fn=here)
+    floor = next(r for r in rows if r["config"] == "gram-floor")
+    keys = np.asarray(zarr.open_group(str(bench.store_path(tmp_path, 5000, 16, "none")),
+                                      mode="r")["keys"][:], dtype=np.float64)
+    assert floor["heads"] == 1
+    assert floor["gram_fro"] == pytest.approx(np.linalg.norm(keys.T @ keys), rel=1e-12)
+    uset = next(r for r in rows if r["config"] == "uset-plain")
+    assert "× loop" in uset["floor"] and "× parallel read" in uset["floor"]
+    assert isinstance(uset["floor_within_target"], bool)
+
+    (case,) = bench.default_cache_cases(quick=True, sizes=[700], shape=(2, 3, 8))
+    rows = bench.cache_rows([case], tmp_path, 1, log=lambda _: None, measure_fn=here)
+    floor = next(r for r in rows if r["config"] == "cache-gram-floor")
+    root = zarr.open_group(str(bench.cache_path(tmp_path, 700, (2, 3, 8))), mode="r")
+    fro2 = 0.0
+    for layer in range(2):
+        k = np.asarray(root["keys"][f"layer_{layer}"][:], dtype=np.float64)
+        fro2 += sum(float(np.sum((k[:, h * 8 : (h + 1) * 8].T @ k[:, h * 8 : (h + 1) * 8]) ** 2))
+                    for h in range(3))
+    assert floor["heads"] == 6 and floor["gram_fro"] == pytest.approx(np.sqrt(fro2), rel=1e-12)
+    select = next(r for r in rows if r["config"] == "cache-select")
+    assert "× cache-read-keys" in select["floor"]
+
+
+def test_floor_checks_mark_a_limit_below_the_floor() -> None:
+    def case(floor_seconds: float) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = [
+            {"config": "zarr-loop", "status": "ok", "seconds": 1.0},
+            {"config": "parallel-read", "status": "ok", "seconds": 0.5},
+            {"config": "gram-floor", "status": "ok", "seconds": floor_seconds},
+            {"config": "uset-plain", "status": "ok", "seconds": 2.0, "ratio_to_zarr_loop": 2.0,
+             "ratio_to_parallel_read": 4.0, "meets_target": False}]
+        bench.floor_checks(rows)
+        return rows
+
+    low, high = case(0.9)[-1], case(1.2)[-1]
+    assert low["floor"] == "0.90× loop, 1.80× parallel read" and low["floor_within_target"]
+    assert high["floor"] == "1.20× loop, 2.40× parallel read"
+    assert high["floor_within_target"] is False
+    table = bench.targets_table([{"n": 4096, "d": 8, "compressor": "none", **high,
+                                  "target": "≤ 1× loop, ≤ 2× parallel read"}])
+    assert "| 1.20× loop, 2.40× parallel read (above the limit) |" in table
