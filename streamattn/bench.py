@@ -102,7 +102,8 @@ FLAT_TARGETS: dict[str, float] = {"cache-select": 1.1, "dask-ckpt": 1.1,
                                    "dask-ckpt-cluster": 1.1}
 #: The float64 floor measured beside each time target (``run_gram_floor``): the same store
 #: read by the engine's stream and its float64 Gram summed, nothing else. Where the floor
-#: itself exceeds a limit, no exact float64 pass can meet it on this machine.
+#: itself exceeds a limit, no pass built on that read path and a float64 Gram meets it on
+#: this machine (only a faster read or Gram arrangement would move the floor itself).
 FLOORS: dict[str, str] = {"uset-plain": "gram-floor", "uset-affine": "gram-floor",
                           "uset+jl": "gram-floor", "uset-budget": "gram-floor",
                           "cache-select": "cache-gram-floor"}

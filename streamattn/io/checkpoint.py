@@ -415,10 +415,13 @@ class Checkpointer:
             self.reads.copy(), self._stamps,
         )
         if self.directory is not None:
-            self.save(source, ops, position)
+            self.save(source, ops, position, checked=True)
 
-    def save(self, source: Any, ops: list[Operator], position: int) -> None:
-        check_unchanged(source, self._fp)
+    def save(self, source: Any, ops: list[Operator], position: int, *,
+             checked: bool = False) -> None:
+        """Write the states (after checking the store, unless the caller just did)."""
+        if not checked:
+            check_unchanged(source, self._fp)
         assert self.directory is not None
         payload = pack_operators([*ops, self.reads], self._meta(position, ops))
         write_state_file(self._file(self._pass), payload)
