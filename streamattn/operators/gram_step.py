@@ -65,7 +65,6 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
-import scipy.linalg
 from scipy.linalg import lapack
 
 #: Unit roundoff of float64.
@@ -90,6 +89,33 @@ SVD_BACKWARD = 8.0
 SPLIT_RATIO = 2.0
 #: ... and at most this fraction of d directions (beyond it the TRMM step costs about as much).
 SPLIT_MAX_FRACTION = 0.25
+
+
+@cache
+def _strict_lower(d: int) -> np.ndarray:
+    """The strictly lower triangle of a d × d matrix, as a cached read-only mask."""
+    mask = np.tri(d, d, -1, dtype=bool)
+    mask.flags.writeable = False
+    return mask
+
+
+def upper(a: np.ndarray) -> np.ndarray:
+    """``np.triu(a)`` of a square matrix, the same values (np.triu builds its mask anew
+    with Python-level work on every call: 16 % of a cache head's GIL-held time)."""
+    return np.where(_strict_lower(a.shape[0]), 0.0, a)
+
+
+def symmetric_from_upper(a: np.ndarray) -> np.ndarray:
+    """The symmetric matrix with ``a``'s upper triangle (diagonal included)."""
+    return np.where(_strict_lower(a.shape[0]), a.T, a)
+
+
+def cholesky_upper(m: np.ndarray) -> np.ndarray | None:
+    """The upper Cholesky factor by LAPACK dpotrf, as ``scipy.linalg.cholesky(m,
+    lower=False)`` computes it (the same call, without its Python wrappers), or None where
+    dpotrf finds ``m`` not positive definite."""
+    c, info = lapack.dpotrf(m, lower=0, clean=1)
+    return None if info != 0 else c
 
 
 def gamma(n: int | float) -> float:
@@ -268,8 +294,8 @@ def make_frame(r: np.ndarray, k: int | None = None) -> Frame | None:
     rinv, info = lapack.dtrtri(r, lower=0)
     if info != 0:
         return None
-    rinv = np.triu(rinv)
-    rt = np.triu(r)
+    rinv = upper(rinv)
+    rt = upper(r)
     rf = float(np.linalg.norm(rt))
     abs_rt = np.abs(rt) @ np.abs(rinv) / (1 - gamma(d))  # ≥ |R||T| entrywise
     resid = rt @ rinv
@@ -388,7 +414,7 @@ def gram_and_bounds(
         gram += g
         colsum += c
         split += sp
-    gram = np.triu(gram) + np.triu(gram, 1).T
+    gram = symmetric_from_upper(gram)
     return gram, colsum, bounds, xx, split
 
 
@@ -412,11 +438,8 @@ def _chol_and_product(m_hat: np.ndarray, right: np.ndarray, abs_rt: np.ndarray, 
     ĈᵀĈ = M̂ + F with ‖F‖ ≤ γ_{d+1}‖Ĉ‖_F²; fl(ĈR) = ĈR + Δ, |Δ| ≤ γ_d|Ĉ||R|, and
     ‖Δ(ĈR)⁻¹‖ ≤ ‖ |Ĉ||R||T| ‖_F / (1 − ψ) · ‖Ĉ⁻¹‖ (R⁻¹ = T(I + Ψ)⁻¹, ‖Ĉ⁻¹‖ ≤ 1.01).
     """
-    try:
-        c = scipy.linalg.cholesky(m_hat, lower=False, check_finite=False)
-    except np.linalg.LinAlgError:
-        return None
-    if not np.all(np.isfinite(c)):
+    c = cholesky_upper(m_hat)
+    if c is None or not np.all(np.isfinite(c)):
         return None
     d = c.shape[0]
     cf2 = float(np.sum(c * c))

@@ -77,6 +77,7 @@ from streamattn.operators.gram_step import (
     gram_step,
     make_frame,
     triangular_bounds,
+    upper,
     window_length,
     work_buffer,
 )
@@ -404,7 +405,7 @@ def _triangular_scores(r: np.ndarray, rows: np.ndarray, rtol: float) -> np.ndarr
     kappa = float(np.linalg.norm(r) * np.linalg.norm(rinv))
     if not np.isfinite(kappa) or kappa >= min(FAST_COND_LIMIT, 1 / (PRUNE_RTOL_FACTOR * rtol)):
         return None
-    y = np.asarray(rows, dtype=np.float64) @ np.triu(rinv)
+    y = np.asarray(rows, dtype=np.float64) @ upper(rinv)
     return np.einsum("ij,ij->i", y, y)
 
 
