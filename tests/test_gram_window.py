@@ -19,11 +19,14 @@ from streamattn.operators.gram_step import (
     SYRK_ROWS,
     accumulation_length,
     centred_gram_step,
+    cholesky_upper,
     gram_and_bounds,
     gram_step,
     make_frame,
     serial_rows,
     split_rows,
+    symmetric_from_upper,
+    upper,
     window_length,
 )
 from streamattn.operators.leverage import LeverageScores, LeverageSpec
@@ -262,3 +265,25 @@ def test_work_buffers_are_kept_per_thread_and_only_when_small() -> None:
     first = work_buffer("test-wide", wide, 1)
     assert first.base is None  # a fresh array, not a view of a kept buffer
     assert work_buffer("test-wide", wide, 1) is not first
+
+
+def test_matrix_helpers_equal_numpy_and_scipy_bit_for_bit() -> None:
+    """upper / symmetric_from_upper / cholesky_upper replace np.triu, the triu-based
+    symmetrisation and scipy.linalg.cholesky in the per-block kernels: the same values."""
+    import scipy.linalg
+
+    rng = np.random.default_rng(3)
+    for d in (1, 2, 7, 64):
+        a = rng.standard_normal((d, d))
+        a[-1, 0] = np.nan  # below the diagonal (the diagonal itself when d = 1): dropped
+        assert np.array_equal(upper(a), np.triu(a), equal_nan=True)
+        b = rng.standard_normal((d, d))
+        assert np.array_equal(symmetric_from_upper(b), np.triu(b) + np.triu(b, 1).T)
+        m = b @ b.T + np.eye(d)
+        c = cholesky_upper(m)
+        assert c is not None
+        assert np.array_equal(c, scipy.linalg.cholesky(m, lower=False, check_finite=False))
+    indefinite = np.diag([1.0, -1.0, 2.0])
+    assert cholesky_upper(indefinite) is None
+    with pytest.raises(np.linalg.LinAlgError):
+        scipy.linalg.cholesky(indefinite, lower=False)
