@@ -109,20 +109,24 @@ def test_the_float64_floor_forms_every_heads_gram(tmp_path: Path) -> None:
 
 
 def test_floor_checks_mark_a_limit_below_the_floor() -> None:
-    def case(floor_seconds: float) -> list[dict[str, Any]]:
+    def case(floor_seconds: float, par: float = 4.0) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = [
             {"config": "zarr-loop", "status": "ok", "seconds": 1.0},
             {"config": "parallel-read", "status": "ok", "seconds": 0.5},
             {"config": "gram-floor", "status": "ok", "seconds": floor_seconds},
             {"config": "uset-plain", "status": "ok", "seconds": 2.0, "ratio_to_zarr_loop": 2.0,
-             "ratio_to_parallel_read": 4.0, "meets_target": False}]
+             "ratio_to_parallel_read": par, "meets_target": False}]
         bench.floor_checks(rows)
         return rows
 
     low, high = case(0.9)[-1], case(1.2)[-1]
-    assert low["floor"] == "0.90× loop, 1.80× parallel read" and low["floor_within_target"]
-    assert high["floor"] == "1.20× loop, 2.40× parallel read"
+    assert low["floor"] == "0.90× loop (within), 1.80× parallel read (within)"
+    assert low["floor_within_target"] is True
+    assert high["floor"] == "1.20× loop (above), 2.40× parallel read (above)"
     assert high["floor_within_target"] is False
+    mixed = case(0.9, par=6.0)[-1]  # within the loop limit, above the parallel read's
+    assert mixed["floor"] == "0.90× loop (within), 2.70× parallel read (above)"
+    assert mixed["floor_within_target"] is False
     table = bench.targets_table([{"n": 4096, "d": 8, "compressor": "none", **high,
                                   "target": "≤ 1× loop, ≤ 2× parallel read"}])
-    assert "| 1.20× loop, 2.40× parallel read (above the limit) |" in table
+    assert "| 1.20× loop (above), 2.40× parallel read (above) |" in table
