@@ -20,11 +20,13 @@ from streamattn.operators.gram_step import (
     accumulation_length,
     centred_gram_step,
     cholesky_upper,
+    gamma,
     gram_and_bounds,
     gram_step,
     make_frame,
     serial_rows,
     split_rows,
+    sum_length,
     symmetric_from_upper,
     upper,
     window_length,
@@ -287,3 +289,26 @@ def test_matrix_helpers_equal_numpy_and_scipy_bit_for_bit() -> None:
     assert cholesky_upper(indefinite) is None
     with pytest.raises(np.linalg.LinAlgError):
         scipy.linalg.cholesky(indefinite, lower=False)
+
+
+@pytest.mark.parametrize("syrk_rows", [SYRK_ROWS, LONG_SYRK_ROWS])
+def test_column_sums_are_within_their_own_accumulation_length(syrk_rows: int) -> None:
+    """The affine step bounds the rounding of fl(Σz) by γ of ``sum_length``: on rows that
+    make row-after-row summation lose every small term (one 1 per column, then 2⁻⁵⁴'s),
+    the kernel's column sums stay within it, over several pieces, spans and calls."""
+    from fractions import Fraction
+
+    d, m, calls = 3, 3 * PIECE_ROWS + 100, 2
+    x = np.full((m, d), 2.0**-54)
+    x[::PIECE_ROWS] = 1.0  # the first row of every piece
+    frame = make_frame(np.eye(d) * 4.0)
+    assert frame is not None
+    total = np.zeros(d)
+    for _ in range(calls):
+        total += gram_and_bounds(x, frame, np.zeros(d), 0.0, syrk_rows)[1]
+    exact = calls * sum(Fraction(v) for v in x[:, 0])
+    err = abs(Fraction(float(total[0])) - exact)
+    length = window_length(m, calls, syrk_rows)
+    assert float(err) <= gamma(sum_length(length, syrk_rows) + 1) * float(exact)
+    if syrk_rows == LONG_SYRK_ROWS:  # one SYRK call per piece: the Gram's own length
+        assert sum_length(length, syrk_rows) == length

@@ -26,7 +26,8 @@ R'ᵀR' = Rᵀ(M + E)R for the E the rounding leaves, so ‖E‖ ≤ δ gives
 - Cholesky: ĈᵀĈ = M̂ + F, ‖F‖ ≤ γ_{d+1}‖Ĉ‖_F²; the product fl(Ĉ R): relative ρ =
   γ_d‖Ĉ‖_F‖R‖_F/σ_lo (·1.01 for ‖Ĉ⁻¹‖), i.e. 2ρ + ρ² on the Gram.
 - affine (centred frame, rows z = x − μ̂ with μ̂ the mean read off the factor): the extra
-  roundings of z (u per entry), of Σz, of μ̂ itself (|μ̂ − μ̃| ≤ 4u|μ̂|, μ̃ the exact ratio
+  roundings of z (u per entry), of Σz (summed row after row within a piece: its own length,
+  ``sum_length``), of μ̂ itself (|μ̂ − μ̃| ≤ 4u|μ̂|, μ̃ the exact ratio
   in the stored factor: relative ψ_μ = √n‖4u μ̂‖/σ_lo) and of the final row-0 update.
 
 The terms are summed (×1.01, which covers their products while δ ≤ ``GRAM_TOL`` ≪ 1e-3).
@@ -197,6 +198,19 @@ SYRK_ROWS = 128
 #: window), one SYRK call per piece: 1.1–1.5× faster (measured, d = 64 / 128, one core:
 #: a 2048-row piece in 128-row calls 346 / 1163 µs, in one call 266 / 765 µs).
 LONG_SYRK_ROWS = PIECE_ROWS
+
+
+def sum_length(length: int, syrk_rows: int = SYRK_ROWS) -> int:
+    """L of the column sums fl(Σz) formed alongside a Gram of accumulation length ``length``
+    (``accumulation_length`` / ``window_length``) with ``syrk_rows`` rows per SYRK call.
+
+    numpy sums a piece's rows one after another (``xb.sum(axis=0)``: no pairwise summation
+    along axis 0), so a piece contributes ≤ PIECE_ROWS − 1 additions where the Gram has
+    ≤ syrk_rows − 1 per call plus ⌈PIECE_ROWS/syrk_rows⌉ call results; pieces, spans and a
+    window's calls are summed alike. (With the Gram's L, the column sums of 128-row SYRK
+    windows were under-covered ≈ 12×: 2047 sequential terms per piece.)
+    """
+    return length + PIECE_ROWS + 1 - syrk_rows - -(-PIECE_ROWS // syrk_rows)
 
 
 def accumulation_length(m: int, syrk_rows: int = SYRK_ROWS) -> int:
@@ -486,18 +500,20 @@ def gram_step(frame: Frame, gram: np.ndarray, x_fro2: float, m: int, tol: float 
 def centred_gram_step(
     frame: Frame, root_n: float, mean: np.ndarray, zz: np.ndarray, zsum: np.ndarray,
     z_fro2: float, m: int, tol: float = GRAM_TOL, length: int | None = None,
+    syrk_rows: int = SYRK_ROWS,
 ) -> tuple[np.ndarray, float] | None:
     """(R', δ) for the factor of [1, K] (``centred_fast_update``'s layout), or None.
 
     ``frame`` is that of R_c, ``root_n`` = |r₀₀| and ``mean`` = μ̂ of the old factor;
     ``zz`` = fl(ZᵀZ), ``zsum`` = fl(Σz), ``z_fro2`` = Σ fl(‖z‖²) for z = fl(x − μ̂)
-    (``length``: as for :func:`gram_step`).
+    (``length``: as for :func:`gram_step`; ``syrk_rows``: the rows per SYRK call ``zz`` was
+    summed in, for the length of ``zsum``'s sums, :func:`sum_length`).
     In the frame D = diag(√n, R_c) the block adds W = D⁻ᵀ[[m, Σzᵀ], [Σz, ZᵀZ]]D⁻¹;
     R' = chol(I + W) D, then row 0 gains r'₀₀ μ̂ (back from the shifted frame).
     """
     d = zz.shape[0]
     dim = d + 1
-    L = accumulation_length(m) if length is None else length
+    L = accumulation_length(m, syrk_rows) if length is None else length
     t2 = frame.rinv_norm**2
     zf2 = z_fro2 * (1 + gamma(d + m + 4))  # ≥ ‖x − μ̂‖_F² (z rounds by u per entry)
     d_syrk = gamma(L + 3) * zf2 * t2
@@ -505,7 +521,7 @@ def centred_gram_step(
         return None
     w_cc, d_tr = _transform(frame, zz)
     w0 = frame.rinv.T @ zsum / root_n
-    d_sum = (gamma(L + 1) * np.sqrt(m * zf2) * frame.rinv_norm
+    d_sum = (gamma(sum_length(L, syrk_rows) + 1) * np.sqrt(m * zf2) * frame.rinv_norm
              + gamma(d + 1) * float(np.linalg.norm(frame.rinv)) * float(np.linalg.norm(zsum))
              ) / root_n
     w = np.empty((dim, dim))

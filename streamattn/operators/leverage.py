@@ -708,7 +708,7 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         if affine:
             assert shift is not None
             step = centred_gram_step(frame, win.root_n, shift, gram, colsum, fro2, total, tol,
-                                     length)
+                                     length, win.syrk_rows)
         else:
             step = gram_step(frame, gram, fro2, total, tol, length)
         if step is None:
