@@ -344,7 +344,8 @@ class MergeGraph:
     dsk : the graph (dict of dask tasks), ``root`` its final key, ``ranges`` the block row
         ranges, ``parts`` the row range of each leaf (leaf ``i`` folds the consecutive
         blocks inside ``parts[i]``), ``leaf_name`` the leaves' key prefix, ``store`` the
-        store the workers open (None for an in-memory array).
+        store the workers open (None for an in-memory array), ``payload_key`` the key every
+        leaf and merge takes its operators from.
     """
 
     dsk: dict[Any, Any]
@@ -353,6 +354,7 @@ class MergeGraph:
     parts: list[tuple[int, int]]
     leaf_name: str
     store: _StoreRef | None
+    payload_key: str
 
     @property
     def n_tasks(self) -> int:
@@ -434,7 +436,7 @@ def build_graph(
             dsk[(name, j)] = (_merge_states, payload_key, list(members))
         level = [(name, j) for j in range(len(merges))]
         depth += 1
-    return MergeGraph(dsk, level[0], ranges, parts, leaf, ref)
+    return MergeGraph(dsk, level[0], ranges, parts, leaf, ref, payload_key)
 
 
 def _array_leaves(
@@ -794,13 +796,27 @@ def _lost_scheduler_errors() -> tuple[type[BaseException], ...]:
     return (FutureCancelledError, asyncio.CancelledError, CommClosedError)
 
 
+def _with_payload(task: Any, payload_key: str, payload: Any) -> Any:
+    """``task`` with the payload key among its arguments replaced by ``payload`` (a future)."""
+    if isinstance(task, tuple) and payload_key in task[1:2]:
+        return (task[0], payload, *task[2:])
+    return task
+
+
 def _compute_distributed(
     client: Any, graph: MergeGraph, options: DaskOptions, progress: bool, description: str
 ) -> list[State]:
     from distributed import progress as progress_bar
     from distributed.scheduler import KilledWorker
 
-    future = client.get(graph.dsk, graph.root, sync=False, retries=options.retries)
+    # The payload on every worker before the graph: as a task of the graph it lives on the
+    # one worker that ran it, and the scheduler places every leaf there (data locality);
+    # the other workers got a leaf only by work stealing, 0.6–1.4 s later (measured: a
+    # 2-worker LocalCluster, 2^22 × 128, two leaves of 2.3–2.6 s each).
+    payload = client.scatter(graph.dsk[graph.payload_key], broadcast=True, hash=False)
+    dsk = {key: _with_payload(task, graph.payload_key, payload)
+           for key, task in graph.dsk.items() if key != graph.payload_key}
+    future = client.get(dsk, graph.root, sync=False, retries=options.retries)
     try:
         if progress:
             print(
@@ -830,3 +846,4 @@ def _compute_distributed(
         raise type(exc)(f"{exc} (the Dask engine gave up after {options.retries} retries)") from exc
     finally:
         future.release()
+        payload.release()
