@@ -20,7 +20,9 @@ The graph, for ``L`` leaves and ``split_every = s``::
   unpickling imports their module and registers the family on the worker), their empty
   states (the spec, seeds and array-valued fields included) and the client's streamattn
   version. Every leaf and merge depends on this one key, so a spec with large array
-  fields is shipped once per worker, not once per task.
+  fields is shipped once per worker, not once per task. On a distributed cluster it is
+  scattered to every worker before the graph is submitted: as a task of the graph it would
+  live on the one worker that ran it, and the scheduler would place every leaf there.
 
 Why a hand-built low-level graph rather than ``dask.array.reduction``, ``dask.bag`` or
 the futures API: the graph is exactly one task per leaf plus about ``L/(s−1)`` merges —
