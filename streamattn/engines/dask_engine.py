@@ -811,15 +811,16 @@ def _compute_distributed(
     from distributed import progress as progress_bar
     from distributed.scheduler import KilledWorker
 
-    # The payload on every worker before the graph: as a task of the graph it lives on the
-    # one worker that ran it, and the scheduler places every leaf there (data locality);
-    # the other workers got a leaf only by work stealing, 0.6–1.4 s later (measured: a
-    # 2-worker LocalCluster, 2^22 × 128, two leaves of 2.3–2.6 s each).
-    payload = client.scatter(graph.dsk[graph.payload_key], broadcast=True, hash=False)
-    dsk = {key: _with_payload(task, graph.payload_key, payload)
-           for key, task in graph.dsk.items() if key != graph.payload_key}
-    future = client.get(dsk, graph.root, sync=False, retries=options.retries)
+    payload = future = None
     try:
+        # The payload on every worker before the graph: as a task of the graph it lives on
+        # the one worker that ran it, and the scheduler places every leaf there (data
+        # locality); the others got a leaf only by work stealing, 0.1–1.4 s later
+        # (scripts/bench_cluster_passes.py: a 2-worker LocalCluster, 2^22 × 128).
+        payload = client.scatter(graph.dsk[graph.payload_key], broadcast=True, hash=False)
+        dsk = {key: _with_payload(task, graph.payload_key, payload)
+               for key, task in graph.dsk.items() if key != graph.payload_key}
+        future = client.get(dsk, graph.root, sync=False, retries=options.retries)
         if progress:
             print(
                 f"streamattn: {description} on {client.scheduler.address} "
@@ -847,5 +848,6 @@ def _compute_distributed(
     except StreamattnError as exc:
         raise type(exc)(f"{exc} (the Dask engine gave up after {options.retries} retries)") from exc
     finally:
-        future.release()
-        payload.release()
+        for held in (future, payload):
+            if held is not None:
+                held.release()
