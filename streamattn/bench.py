@@ -43,6 +43,7 @@ end with ``--remove-data``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -110,6 +111,11 @@ FLAT_TARGETS: dict[str, float] = {"cache-select": 1.1, "dask-ckpt": 1.1,
 FLOORS: dict[str, str] = {"uset-plain": "gram-floor", "uset-affine": "gram-floor",
                           "uset+jl": "gram-floor", "uset-budget": "gram-floor",
                           "cache-select": "cache-gram-floor"}
+
+
+#: Imported before any configuration is timed: in its process and, for a LocalCluster, on
+#: its workers (part of the cluster's start-up), so neither side's time holds an import.
+PRELOADED = ("scipy.linalg", "zarr", "streamattn.recipes.universal")
 
 
 class NotAvailable(Exception):
@@ -264,9 +270,7 @@ def run_dask_ckpt(path: Path, cluster: bool = False) -> dict[str, Any]:
 
 def run_dask_cluster(path: Path) -> dict[str, Any]:
     """The Dask engine on a 2-worker LocalCluster (1 thread each); start-up (the cluster,
-    and streamattn imported on its workers, as a long-lived cluster has it) timed apart."""
-    import importlib
-
+    and ``PRELOADED`` imported on its workers, as a long-lived cluster has it) timed apart."""
     from distributed import Client, LocalCluster
 
     t0 = time.perf_counter()
@@ -275,7 +279,8 @@ def run_dask_cluster(path: Path) -> dict[str, Any]:
                      scheduler_kwargs={"dashboard": False}) as cluster,
         Client(cluster) as client,
     ):
-        client.run(importlib.import_module, "streamattn.recipes.universal")
+        for module in PRELOADED:  # the workers import what this process has, untimed
+            client.run(importlib.import_module, module)
         startup = time.perf_counter() - t0
         info = run_uset(path, "plain", engine="dask", client=client)
     return {**info, "startup_seconds": startup}
@@ -471,10 +476,8 @@ def measure_here(kind: str, path: Path) -> dict[str, Any]:
     ``cpu_seconds`` the CPU time it used (less sensitive to other jobs than ``seconds``).
     A configuration's ``startup_seconds`` (cluster start) is not counted in ``seconds``.
     """
-    import scipy.linalg  # noqa: F401  (the libraries every configuration loads)
-    import zarr  # noqa: F401
-
-    import streamattn.recipes.universal  # noqa: F401
+    for module in PRELOADED:
+        importlib.import_module(module)
 
     import_rss = peak_rss_bytes()
     idle0, total0 = _cpu_idle()
