@@ -312,3 +312,25 @@ def test_column_sums_are_within_their_own_accumulation_length(syrk_rows: int) ->
     assert float(err) <= gamma(sum_length(length, syrk_rows) + 1) * float(exact)
     if syrk_rows == LONG_SYRK_ROWS:  # one SYRK call per piece: the Gram's own length
         assert sum_length(length, syrk_rows) == length
+
+
+@pytest.mark.parametrize("syrk_rows", [SYRK_ROWS, LONG_SYRK_ROWS])
+def test_gram_sums_are_within_their_accumulation_length(syrk_rows: int) -> None:
+    """The SYRK term's premise: every entry of the kernel's fl(XᵀX), summed over SYRK calls,
+    pieces, spans and a window's calls, is within γ_L·(|X|ᵀ|X|) of the exact sum, L the
+    ``window_length``. Rows built so that row-after-row summation loses every small
+    product (a 1 at the start of every SYRK call, then products of 2⁻⁵⁴)."""
+    from fractions import Fraction
+
+    d, m, calls = 2, 3 * PIECE_ROWS + 100, 2
+    x = np.full((m, d), 2.0**-27)
+    x[::syrk_rows] = 1.0
+    frame = make_frame(np.eye(d) * 4.0)
+    assert frame is not None
+    gram = np.zeros((d, d))
+    for _ in range(calls):
+        gram += gram_and_bounds(x, frame, None, 0.0, syrk_rows)[0]
+    exact = calls * sum(Fraction(a) * Fraction(b) for a, b in x)  # all products ≥ 0
+    err = abs(Fraction(float(gram[0, 1])) - exact)
+    assert float(err) <= gamma(window_length(m, calls, syrk_rows)) * float(exact)
+    assert gram[0, 1] == gram[1, 0]
