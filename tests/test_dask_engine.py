@@ -201,6 +201,23 @@ def test_local_cluster_equals_local(
         assert_same(sets[name], local_sets[name])
 
 
+def test_leaves_get_the_payload_as_data_on_every_worker(
+    store: Path, local_sets: dict, local_cluster: Any
+) -> None:
+    """The operators' payload reaches the workers scattered, not as a graph task: a task
+    holding it lives on one worker and draws every leaf there (data locality). Dask's task
+    stream of a pass shows leaves and merges only, and both workers ran leaves."""
+    from distributed import get_task_stream
+
+    with get_task_stream(local_cluster) as stream:
+        sets = dask_sets(store, client=local_cluster, blocks_per_task=1)
+    for name in SELECTIONS:
+        assert_same(sets[name], local_sets[name])
+    keys = [str(t["key"]) for t in stream.data]
+    assert keys and not any("payload" in k for k in keys)
+    assert len({t["worker"] for t in stream.data if "leaf" in str(t["key"])}) == 2
+
+
 def test_cli_cluster_equals_local(
     store: Path, local_sets: dict, cli_cluster: Any, no_local_engine: None
 ) -> None:
