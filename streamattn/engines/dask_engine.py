@@ -799,10 +799,11 @@ def _lost_scheduler_errors() -> tuple[type[BaseException], ...]:
 
 
 def _with_payload(task: Any, payload_key: str, payload: Any) -> Any:
-    """``task`` with the payload key among its arguments replaced by ``payload`` (a future)."""
-    if isinstance(task, tuple) and payload_key in task[1:2]:
-        return (task[0], payload, *task[2:])
-    return task
+    """``task`` (a leaf's or merge's tuple, or a dask array's own task) with the payload
+    key among its arguments replaced by ``payload`` (a future)."""
+    if not isinstance(task, tuple):
+        return task
+    return tuple(payload if isinstance(a, str) and a == payload_key else a for a in task)
 
 
 def _compute_distributed(
