@@ -135,6 +135,12 @@ class _Window:
     delta: float = 0.0
 
 
+def _sample(rows: np.ndarray) -> np.ndarray:
+    """About 256 evenly spaced rows as float64: what ``_predicted`` sizes a window by
+    (taken once per offered block, not once per prediction)."""
+    return np.asarray(rows[:: max(1, rows.shape[0] // 256)], dtype=np.float64)
+
+
 def augment(rows: np.ndarray, affine: bool) -> np.ndarray:
     """Rows as float64, with a constant-1 column appended for the affine variant."""
     x = np.asarray(rows, dtype=np.float64)
@@ -665,24 +671,26 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
         tol = min(GRAM_TOL, (1.0 + REL_ERR_BUDGET) / (1.0 + self.rel_err) - 1.0)
         aim = tol / PREDICTION_MARGIN
         win = self._window
-        if win is not None and self._predicted(win, rows, win.rows + m) > aim:
+        sample = _sample(rows)
+        if win is not None and self._predicted(win, sample, win.rows + m) > aim:
             self._flush()
             win = None
         if win is None:
             win = self._window = self._open_window(seen)
-            predicted = 0.0 if win is None or tol <= 0 else self._predicted(win, rows, m)
+            predicted = 0.0 if win is None or tol <= 0 else self._predicted(win, sample, m)
             if win is not None and tol > 0 and predicted > aim:  # fewer rows, if enough fit
                 fit = int(m * aim / (2 * predicted)) // PIECE_ROWS * PIECE_ROWS
                 if fit >= max(2 * PIECE_ROWS, MIN_GRAM_ROWS_PER_DIM * win.frame.r.shape[1]):
                     rows, m = rows[:fit], fit
-                    predicted = self._predicted(win, rows, m)
+                    sample = _sample(rows)
+                    predicted = self._predicted(win, sample, m)
             if win is None or tol <= 0 or predicted > aim:
                 self._window = None
                 return None
             # one SYRK call per piece where the certificate has room for its longer sums
             # (predicted for a full window; a block that would not fit closes the window)
             longer = replace(win, syrk_rows=LONG_SYRK_ROWS)
-            if self._predicted(longer, rows, max(m, min(WINDOW_ROWS, seen))) <= aim / 4:
+            if self._predicted(longer, sample, max(m, min(WINDOW_ROWS, seen))) <= aim / 4:
                 win = self._window = longer
         frame, shift = win.frame, win.shift
         thr = self._threshold()
@@ -738,13 +746,12 @@ class LeverageScores(Operator[LeverageSpec, dict[str, Any]]):
             self._flush()
         return admitted, m
 
-    def _predicted(self, win: _Window, rows: np.ndarray, m: int) -> float:
-        """Predicted δ of a window of m rows like ``rows`` (a heuristic; the certificate is
-        computed after the block): the SYRK term, and the transform term for a Gram ≈
-        (m / seen)·RᵀR (stationary rows, seen ≈ ‖R‖_F² / typical). Skips blocks whose
-        certificate would refuse anyway."""
+    def _predicted(self, win: _Window, sample: np.ndarray, m: int) -> float:
+        """Predicted δ of a window of m rows like ``sample`` (``_sample`` of the offered
+        rows; a heuristic, the certificate is computed after the block): the SYRK term, and
+        the transform term for a Gram ≈ (m / seen)·RᵀR (stationary rows, seen ≈ ‖R‖_F² /
+        typical). Skips blocks whose certificate would refuse anyway."""
         frame = win.frame
-        sample = np.asarray(rows[:: max(1, rows.shape[0] // 256)], dtype=np.float64)
         if win.shift is not None:
             sample = sample - win.shift
         typical = float(np.einsum("ij,ij->", sample, sample)) / sample.shape[0]
