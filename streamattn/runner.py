@@ -52,8 +52,11 @@ from streamattn.sources import HeadView, KeySource, MultiHeadSource, open_keys
 
 R = TypeVar("R")
 
-#: Blocks alive at once in a pass: the one being folded plus the local engine's read-ahead.
-BLOCKS_IN_FLIGHT = 3
+
+def blocks_in_flight(source: KeySource | MultiHeadSource) -> int:
+    """Blocks alive at once in a pass: the one being folded plus the source's read-ahead."""
+    return 1 + source.READ_AHEAD
+
 
 
 @dataclass
@@ -233,7 +236,7 @@ def projected_bytes(source: KeySource | MultiHeadSource, ops: Sequence[Operator]
                     chunk_rows: int) -> dict[str, int]:
     """The projected peak of one pass: operator states (``nbytes_bound``) plus blocks."""
     states = sum(int(op.nbytes_bound(source.d)) for op in ops)
-    blocks = BLOCKS_IN_FLIGHT * chunk_rows * source.row_nbytes()
+    blocks = blocks_in_flight(source) * chunk_rows * source.row_nbytes()
     return {"operators": states, "blocks": blocks, "total": states + blocks}
 
 
@@ -261,7 +264,8 @@ class RunReport:
             "projected_peak_bytes": self.projected_peak_bytes,
             "measured_peak_rss_bytes": self.measured_peak_rss_bytes,
             "projection_note": "projected: sum of the operators' nbytes_bound plus "
-            f"{BLOCKS_IN_FLIGHT} blocks in flight; measured: the process's peak RSS "
+            "the blocks in flight (the one folded and the read-ahead: 3 for a key store, 2 "
+            "for a KV cache); measured: the process's peak RSS "
             "(interpreter, libraries and any earlier work included)",
             "passes": self.passes,
         }
@@ -472,7 +476,7 @@ class RowRange(RowWindow):
         self.start, self.stop = start, stop
 
     def blocks(self, chunk_rows: int | None = None, *, start: int = 0, stop: int | None = None,
-               prefetch: int = 2, digests: bool = False) -> Iterator[Any]:
+               prefetch: int | None = None, digests: bool = False) -> Iterator[Any]:
         a = max(start, self.start)
         b = self.stop if stop is None else min(stop, self.stop)
         return iter(()) if b <= a else self._source.blocks(

@@ -221,3 +221,36 @@ def test_a_dask_leaf_reads_into_the_same_few_buffers_and_keeps_kept_blocks_intac
     assert len({id(b.rows.base) for b in kept}) == len(kept)
     for b in kept:
         np.testing.assert_array_equal(b.rows, x[b.start : b.stop])
+
+
+def test_a_cache_pass_reads_one_block_ahead_and_projects_the_blocks_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache's fold is slower than its read: one block ahead (two alive), where a key
+    store keeps two ahead; the runner's memory projection counts the same blocks."""
+    from streamattn.engines.local import run_local
+    from streamattn.operators.leverage import LeverageScores, LeverageSpec
+    from streamattn.operators.multihead import MultiHead
+    from streamattn.runner import projected_bytes
+
+    cache, _ = cache_store(tmp_path / "kv.zarr")
+    kv = open_kv(cache)
+    store, _, _ = key_store(tmp_path / "k.zarr")
+    keys = open_keys(store)
+    assert (kv.READ_AHEAD, keys.READ_AHEAD) == (1, 2)
+    assert distinct_buffers(kv.blocks(CHUNK)) <= 1 + 2 < N // CHUNK
+    for src in (kv, keys):
+        need = projected_bytes(src, [], CHUNK)
+        assert need["blocks"] == (1 + src.READ_AHEAD) * CHUNK * src.row_nbytes()
+    asked: list[int | None] = []
+    blocks = type(kv).blocks
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("prefetch"))
+        return blocks(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(kv), "blocks", spy)
+    op = MultiHead.of([[LeverageScores(LeverageSpec(0.5)) for _ in range(HEADS)]
+                       for _ in range(LAYERS)])
+    run_local(kv, [op], chunk_rows=CHUNK)
+    assert asked == [None] and op.n_rows == N  # the source's own read-ahead

@@ -26,13 +26,14 @@ def run_local(
     start: int = 0,
     stop: int | None = None,
     progress: bool = False,
-    prefetch: int = 2,
+    prefetch: int | None = None,
     description: str = "pass",
     checkpoint: Any = None,
 ) -> list[Operator[Any, Any]]:
     """Fold rows ``[start, stop)`` of ``source`` into each operator, in order, in place.
 
-    With a ``checkpoint`` (``streamattn.io.checkpoint.Checkpointer``) the pass starts from
+    ``prefetch``: blocks read ahead (None: the source's ``READ_AHEAD``). With a
+    ``checkpoint`` (``streamattn.io.checkpoint.Checkpointer``) the pass starts from
     the saved states and position when there are any, offers a checkpoint after every
     block, and records the final states: same blocks, same operations, same result.
     """

@@ -357,6 +357,9 @@ class BlockStream:
 
     n: int
     label: str
+    #: Blocks read ahead of the one being folded by default (``blocks(prefetch=...)``): two
+    #: ride out uneven reads (a file's first chunk, a zstd frame) while the fold works.
+    READ_AHEAD = 2
 
     def read(self, start: int, stop: int) -> Block:
         """Read and validate rows ``[start, stop)`` (keys, and values when present)."""
@@ -409,10 +412,11 @@ class BlockStream:
         *,
         start: int = 0,
         stop: int | None = None,
-        prefetch: int = 2,
+        prefetch: int | None = None,
         digests: bool = False,
     ) -> Iterator[Block]:
-        """Yield validated blocks in row order, reading up to ``prefetch`` blocks ahead.
+        """Yield validated blocks in row order, reading up to ``prefetch`` blocks ahead
+        (None: ``READ_AHEAD``).
 
         Memory: ``prefetch + 1`` block buffers per array (a :class:`BufferPool`), whatever
         ``n`` is: the block the consumer holds and ``prefetch`` read (or being read) ahead;
@@ -424,6 +428,7 @@ class BlockStream:
         thread, off the consumer's path.
         """
         ranges = self.block_ranges(chunk_rows, start, stop)
+        prefetch = self.READ_AHEAD if prefetch is None else prefetch
         # the read ahead waits for the consumer's last block; a read in the consumer's own
         # thread cannot (it holds that block), so it has one more buffer instead
         buffers = BufferPool(prefetch + 1, patience=0.1) if prefetch > 0 else BufferPool(2)
