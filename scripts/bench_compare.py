@@ -48,6 +48,7 @@ from streamattn.bench import (
     fresh_run_dir,
     measure,
     target_check,
+    warm_store,
     write_results,
 )
 
@@ -118,6 +119,7 @@ def targets(args: argparse.Namespace) -> list[dict[str, Any]]:
         cache = isinstance(case[1], tuple)
         path = (ensure_cache_store(data, *case) if cache else
                 ensure_bench_store(data, case[0], case[1], "none"))
+        warm_store(path)
         base: dict[str, float] = {}
         for kind, code in kinds:
             res = measure_as(code, kind, path, args)
@@ -178,6 +180,7 @@ def main() -> int:
     try:
         for d in args.d:
             path = ensure_bench_store(Path(args.data_dir), n, d, "none")
+            warm_store(path)
             base: dict[str, float] = {}
             for kind, code in PLAN:
                 res = measure_as(code, kind, path, args)

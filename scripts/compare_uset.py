@@ -32,6 +32,7 @@ from streamattn.bench import (
     fresh_run_dir,
     measure,
     store_path,
+    warm_store,
     write_results,
 )
 
@@ -64,6 +65,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as scratch:
             for d in args.d:
                 path = ensure_bench_store(data, n, d, "none")
+                warm_store(path)
                 base: dict[str, float] = {}
                 os.chdir(scratch)
                 for kind, code in plan:

@@ -155,6 +155,43 @@ def ensure_cache_store(data_dir: Path, n: int, shape: tuple[int, int, int]) -> P
     return path
 
 
+def warm_store(path: Path, log: Any = print) -> float:
+    """Read every file of the store once (untimed), so that each configuration after it
+    reads from the page cache, as issue 16 measures ("page cache warm"); the seconds.
+
+    Without it, a case's first configuration (its baseline, the zarr loop) read whatever
+    earlier cases had evicted from disk: the d = 128 loop over 2 GiB took 1.6–4.6 s over
+    rounds four to six, and every "× loop" ratio moved with it. A store larger than the
+    memory available cannot stay cached: that is logged.
+    """
+    t0 = time.perf_counter()
+    total = 0
+    buf = bytearray(8 * 2**20)
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb", buffering=0) as fh:
+                while got := fh.readinto(buf):
+                    total += got
+    seconds = time.perf_counter() - t0
+    available = _mem_available()
+    note = ""
+    if available is not None and total > available:
+        note = f"; larger than the {available / 1e9:.1f} GB available: reads may hit the disk"
+    log(f"page cache: read {path.name} ({total / 1e9:.2f} GB) once in {seconds:.2f} s{note}")
+    return seconds
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 # ---------------------------------------------------------------------------- runners
 def _zarr_array(path: Path) -> Any:
     import zarr
@@ -614,12 +651,14 @@ def bench_rows(
     rows: list[dict[str, Any]] = []
     for n, d, comp, kinds in cases:
         path = ensure_bench_store(data_dir, n, d, comp)
+        warmed = warm_store(path, log)
         first = len(rows)
         nbytes = n * d * 4
         base: dict[str, float] = {}
         for kind in kinds:
             res = measure_fn(kind, path, repeat)
-            row = {"n": n, "d": d, "compressor": comp, "config": kind, **res}
+            row = {"n": n, "d": d, "compressor": comp, "config": kind,
+                   "page_cache_warmup_s": warmed, **res}
             if res.get("status") == "ok":
                 sec = res["seconds"]
                 base.setdefault(kind, sec)
@@ -641,6 +680,7 @@ def cache_rows(
     rows: list[dict[str, Any]] = []
     for n, shape, kinds in cases:
         path = ensure_cache_store(data_dir, n, shape)
+        warmed = warm_store(path, log)
         layers, heads, hd = shape
         nbytes = n * layers * heads * hd * 4  # keys
         base: dict[str, float] = {}
@@ -649,7 +689,7 @@ def cache_rows(
             res = measure_fn(kind, path, repeat)
             row = {"n": n, "d": hd, "compressor": "none", "config": kind,
                    "store": f"cache {layers}x{heads}x{hd}", "layers": layers, "heads": heads,
-                   **res}
+                   "page_cache_warmup_s": warmed, **res}
             if res.get("status") == "ok":
                 sec = res["seconds"]
                 base.setdefault(kind, sec)
@@ -880,6 +920,8 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]], extra: dict[str, An
         "CPU idle: share of the machine's CPU time left idle during the run (0%: "
         "contended by other work).\n\n"
         f"Command: `{extra.get('command', '')}`\n\n"
+        "Page cache warm: each store's files were read once before its configurations "
+        "(results.json: page_cache_warmup_s).\n\n"
         "Issue 16's targets (each ratio from configurations measured in this run, a fresh "
         "process each; peak RSS: VmHWM of the process, with its waited-for children for "
         "a LocalCluster; dask-ckpt, dask-ckpt-cluster: the client process only; float64 "

@@ -130,3 +130,36 @@ def test_floor_checks_mark_a_limit_below_the_floor() -> None:
     table = bench.targets_table([{"n": 4096, "d": 8, "compressor": "none", **high,
                                   "target": "≤ 1× loop, ≤ 2× parallel read"}])
     assert "| 1.20× loop (above), 2.40× parallel read (above) |" in table
+
+
+def test_every_store_is_read_once_before_its_first_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16 measures with the page cache warm: the bench reads each store's files
+    (every byte of them) before the case's baseline, for single heads and caches."""
+    events: list[tuple[str, str]] = []
+    warm = bench.warm_store
+
+    def spy(path: Path, log: Any = print) -> float:
+        events.append(("warm", path.name))
+        return warm(path, log)
+
+    def recorded(kind: str, path: Path, repeat: int) -> dict[str, Any]:
+        events.append((kind, path.name))
+        return here(kind, path, repeat)
+
+    monkeypatch.setattr(bench, "warm_store", spy)
+    bench.bench_rows([(2048, 16, "none", ["zarr-loop", "uset-plain"])], tmp_path, 1,
+                     log=lambda _: None, measure_fn=recorded)
+    bench.cache_rows(bench.default_cache_cases(quick=True, sizes=[512], shape=(2, 2, 8)),
+                     tmp_path, 1, log=lambda _: None, measure_fn=recorded)
+    stores = list(dict.fromkeys(name for _, name in events))
+    assert len(stores) == 2
+    for name in stores:
+        mine = [kind for kind, store in events if store == name]
+        assert mine[0] == "warm" and mine.count("warm") == 1 and len(mine) > 2
+    lines: list[str] = []
+    store = tmp_path / stores[0]
+    size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+    assert warm(store, lines.append) >= 0
+    assert f"({size / 1e9:.2f} GB)" in lines[0]
