@@ -66,7 +66,7 @@ def test_only_and_cache_flags_choose_the_cases() -> None:
     cases, caches = bench.plan_cases(parser.parse_args(["--only", "cache-select", "dask-ckpt"]))
     assert [k for *_, k in caches] == [["cache-read-keys", "cache-gram-floor", "cache-select"]] * 2
     assert [(n, k) for n, _, _, k in cases] == [
-        (2**22, ["zarr-loop", "parallel-read", "dask-ckpt"]),
+        (2**22, ["zarr-loop", "zarr-loop-reuse", "parallel-read", "dask-ckpt"]),
         (2**21, ["zarr-loop", "dask-ckpt"]), (2**22, ["zarr-loop", "dask-ckpt"])]
     cases, caches = bench.plan_cases(parser.parse_args(["--no-cache", "--quick"]))
     assert caches == [] and all(n <= 2**20 for n, *_ in cases)
@@ -163,3 +163,21 @@ def test_every_store_is_read_once_before_its_first_configuration(
     size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
     assert warm(store, lines.append) >= 0
     assert f"({size / 1e9:.2f} GB)" in lines[0]
+
+
+def test_the_heap_reusing_loop_runs_in_a_process_with_its_allocator_settings(
+    tmp_path: Path,
+) -> None:
+    """``zarr-loop-reuse`` is the zarr loop in a child whose environment tells glibc to
+    reuse heap memory (``KIND_ENV``); the plain loop's child has the caller's environment."""
+    store = bench.ensure_bench_store(tmp_path, 2048, 16, "none")
+    reuse = bench.measure("zarr-loop-reuse", store, 1)
+    plain = bench.measure("zarr-loop", store, 1)
+    assert reuse["status"] == plain["status"] == "ok"
+    assert reuse["env"] == bench.KIND_ENV["zarr-loop-reuse"] and "env" not in plain
+    rows = bench.bench_rows([(2048, 16, "none", ["zarr-loop", "zarr-loop-reuse", "uset-plain"])],
+                            tmp_path, 1, log=lambda _: None, measure_fn=here)
+    uset = next(r for r in rows if r["config"] == "uset-plain")
+    assert "ratio_to_zarr_loop_reuse" in uset
+    (entry,) = [t for t in bench.target_rows(rows) if t["config"] == "uset-plain"]
+    assert "zarr-loop-reuse)" in entry["measured"]
