@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from streamattn.memory import peak_rss_bytes
+from streamattn.memory import available_bytes, peak_rss_bytes
 
 EPS = 0.01
 KINDS = (
@@ -186,23 +186,12 @@ def warm_store(path: Path, log: Any = print) -> float:
                 while got := fh.readinto(buf):
                     total += got
     seconds = time.perf_counter() - t0
-    available = _mem_available()
+    available = available_bytes()
     note = ""
     if available is not None and total > available:
         note = f"; larger than the {available / 1e9:.1f} GB available: reads may hit the disk"
     log(f"page cache: read {path.name} ({total / 1e9:.2f} GB) once in {seconds:.2f} s{note}")
     return seconds
-
-
-def _mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 # ---------------------------------------------------------------------------- runners

@@ -6,6 +6,25 @@ import resource
 import sys
 
 
+def proc_field(path: str, key: str) -> str | None:
+    """The first word after ``key:`` in a ``/proc`` file of ``Key: value`` lines (None
+    where the file or the key is missing: not Linux)."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(f"{key}:"):
+                    return line.split()[1]
+    except OSError:
+        pass
+    return None
+
+
+def available_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (None where unknown)."""
+    kib = proc_field("/proc/meminfo", "MemAvailable")
+    return None if kib is None else int(kib) * 1024
+
+
 def peak_rss_bytes() -> int:
     """Peak RSS of the current process in bytes.
 
@@ -14,12 +33,8 @@ def peak_rss_bytes() -> int:
     configuration "in a fresh process") would report the parent's peak instead of its own.
     Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
     """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = proc_field("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return int(hwm) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from streamattn.errors import OutputExistsError, OutputLockedError, OutputWriteError
+from streamattn.memory import proc_field
 
 #: The file that marks a directory as a streamattn output (JSON: version, pid, time).
 MARKER = ".streamattn-output"
@@ -172,13 +173,9 @@ def check_replaceable(out: str | os.PathLike[str], overwrite: bool) -> None:
 # ---------------------------------------------------------------------------- permissions
 def current_umask() -> int:
     """The process umask (read without changing it where /proc allows)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
+    listed = proc_field("/proc/self/status", "Umask")
+    if listed is not None:
+        return int(listed, 8)
     with _GUARD:
         mask = os.umask(0o022)
         os.umask(mask)
