@@ -58,7 +58,6 @@ def blocks_in_flight(source: KeySource | MultiHeadSource) -> int:
     return 1 + source.READ_AHEAD
 
 
-
 @dataclass
 class Pass:
     """One proposed pass: operators by name, a progress label, and whether a checkpoint
@@ -264,8 +263,8 @@ class RunReport:
             "projected_peak_bytes": self.projected_peak_bytes,
             "measured_peak_rss_bytes": self.measured_peak_rss_bytes,
             "projection_note": "projected: sum of the operators' nbytes_bound plus "
-            "the blocks in flight (the one folded and the read-ahead: 3 for a key store, 2 "
-            "for a KV cache); measured: the process's peak RSS "
+            "the blocks in flight (the one folded and the source's READ_AHEAD); measured: "
+            "the process's peak RSS "
             "(interpreter, libraries and any earlier work included)",
             "passes": self.passes,
         }

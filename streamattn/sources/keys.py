@@ -357,8 +357,8 @@ class BlockStream:
 
     n: int
     label: str
-    #: Blocks read ahead of the one being folded by default (``blocks(prefetch=...)``): two
-    #: ride out uneven reads (a file's first chunk, a zstd frame) while the fold works.
+    #: Blocks read ahead of the one being folded by default (``blocks(prefetch=...)``); a
+    #: source whose fold is far slower than its read keeps fewer (``MultiHeadSource``).
     READ_AHEAD = 2
 
     def read(self, start: int, stop: int) -> Block:
