@@ -259,15 +259,39 @@ def _first_unreadable_chunk(arr: Any, start: int, stop: int) -> tuple[int, int]:
     return start, stop
 
 
-class _RawChunkReader:
-    """Direct reads of an uncompressed, local, row-chunked zarr array's chunk files.
+def zstd_content_size(frame: memoryview | bytes) -> int | None:
+    """The decompressed size a zstd frame's header declares (RFC 8878, 3.1.1.1), or None
+    where it declares none or ``frame`` is not a zstd frame."""
+    head = bytes(frame[:18])
+    if len(head) < 6 or int.from_bytes(head[:4], "little") != 0xFD2FB528:
+        return None
+    fhd = head[4]
+    single = bool(fhd & 0x20)
+    fcs = (1 if single else 0, 2, 4, 8)[fhd >> 6]
+    at = 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 0x3]
+    if fcs == 0 or len(head) < at + fcs:
+        return None
+    size = int.from_bytes(head[at : at + fcs], "little")
+    return size + 256 if fcs == 2 else size
 
-    For such an array a chunk file is exactly the C-ordered bytes of ``chunk_rows`` full
-    rows, so rows ``[start, stop)`` are read with ``preadv`` straight into the output
-    buffer: no codec pipeline and no intermediate copies (about 3× faster than zarr's
-    own read on 32 MB chunks here). A missing chunk file is an error naming it and its
-    rows (the fill value only with ``fill_missing``); a chunk file of the wrong size
-    raises ``OSError`` (the caller reports it).
+
+class _RawChunkReader:
+    """Direct reads of a local, row-chunked zarr array's chunk files: uncompressed, or
+    zstd-compressed.
+
+    An uncompressed chunk file is exactly the C-ordered bytes of ``chunk_rows`` full rows,
+    so rows ``[start, stop)`` are read with ``preadv`` straight into the output buffer: no
+    codec pipeline and no intermediate copies (about 3× faster than zarr's own read on
+    32 MB chunks here). A zstd chunk file (one frame: zarr v3's ``BytesCodec`` +
+    ``ZstdCodec``, or zarr v2's ``Zstd`` compressor) is read into a per-thread buffer and
+    decompressed straight into the output where the block holds the whole chunk (else into
+    a per-thread chunk buffer, then copied): zarr's own read decodes every chunk into a
+    fresh array, and a 32 MiB one is a fresh mmap whose pages fault in again (the d = 128,
+    2^22 zstd pass: 5.6–8.1 s through zarr, 4.3–4.5 s without those faults). The frame
+    must declare the chunk's size; checksums, where written, are checked by zstd. A
+    missing chunk file is an error naming it and its rows (the fill value only with
+    ``fill_missing``); a chunk file of the wrong size, or a frame that does not decompress
+    to exactly one chunk, raises ``OSError`` (the caller reports it).
     """
 
     def __init__(
@@ -278,19 +302,20 @@ class _RawChunkReader:
         shape: tuple[int, int],
         dtype: np.dtype,
         fill: Any,
+        zstd: bool = False,
     ) -> None:
         self.root, self.encode, self.chunk_rows = root, encode, chunk_rows
-        self.shape, self.dtype, self.fill = shape, dtype, fill
+        self.shape, self.dtype, self.fill, self.zstd = shape, dtype, fill, zstd
         self.row_bytes = shape[1] * dtype.itemsize
         self.fill_missing = False
         self.label = str(root)
         self.what = "key"  # how a missing chunk file names the array ("key", "value")
+        self._scratch = threading.local()  # zstd: per-thread frame and chunk buffers
 
     @classmethod
     def of(cls, arr: Any) -> _RawChunkReader | None:
-        """A reader when ``arr`` qualifies (zarr v2/v3, no codec but plain bytes), else None."""
-        import sys
-
+        """A reader when ``arr`` qualifies (zarr v2/v3, plain bytes, optionally zstd),
+        else None."""
         import zarr
         from zarr.storage import LocalStore
 
@@ -302,19 +327,24 @@ class _RawChunkReader:
             return None
         if meta.zarr_format == 3:
             codecs = meta.codecs
-            if len(codecs) != 1 or type(codecs[0]).__name__ != "BytesCodec":
+            names = [type(c).__name__ for c in codecs]
+            if names not in (["BytesCodec"], ["BytesCodec", "ZstdCodec"]):
                 return None
             codec: Any = codecs[0]
             if codec.endian is not None and codec.endian.value != "little":
                 return None
-        elif meta.compressor is not None or meta.filters or meta.order != "C":
-            return None
+            zstd = len(names) == 2
+        else:
+            compressor = type(meta.compressor).__name__ if meta.compressor is not None else None
+            if compressor not in (None, "Zstd") or meta.filters or meta.order != "C":
+                return None
+            zstd = compressor == "Zstd"
         chunk_rows, chunk_cols = (int(c) for c in arr.chunks)
         if chunk_cols != arr.shape[1]:
             return None
         root = Path(store.root) / arr.store_path.path
         shape = (int(arr.shape[0]), int(arr.shape[1]))
-        return cls(root, meta.encode_chunk_key, chunk_rows, shape, dtype, meta.fill_value)
+        return cls(root, meta.encode_chunk_key, chunk_rows, shape, dtype, meta.fill_value, zstd)
 
     def __call__(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``[start, stop)``, into ``out`` (C-contiguous ``(stop - start, width)``)
@@ -337,18 +367,56 @@ class _RawChunkReader:
                 out[lo - start : hi - start] = self.fill
                 continue
             try:
+                pos, end = (lo - start) * rb, (hi - start) * rb
+                if self.zstd:
+                    self._decompress(fd, path, view[pos:end], lo - c * cr, hi - c * cr)
+                    continue
                 size = os.fstat(fd).st_size
                 if size != cr * rb:
                     raise OSError(f"chunk file {path} has {size} bytes, expected {cr * rb}")
-                pos, end, offset = (lo - start) * rb, (hi - start) * rb, (lo - c * cr) * rb
-                while pos < end:
-                    got = os.preadv(fd, [view[pos:end]], offset)
-                    if got <= 0:
-                        raise OSError(f"chunk file {path} ended early")
-                    pos, offset = pos + got, offset + got
+                _pread_exactly(fd, view[pos:end], (lo - c * cr) * rb, path)
             finally:
                 os.close(fd)
         return out
+
+    def _decompress(self, fd: int, path: Path, dest: memoryview, lo: int, hi: int) -> None:
+        """Chunk rows ``[lo, hi)`` (within the chunk) of the zstd frame in ``fd`` into
+        ``dest``."""
+        from numcodecs import zstd
+
+        rb, full = self.row_bytes, self.chunk_rows * self.row_bytes
+        size = os.fstat(fd).st_size
+        frame = _scratch(self._scratch, "frame", size)[:size]
+        _pread_exactly(fd, frame, 0, path)
+        declared = zstd_content_size(frame)
+        if declared != full:
+            raise OSError(f"chunk file {path} declares {declared} decompressed bytes, "
+                          f"expected {full} (one zstd frame of {self.chunk_rows} rows)")
+        if hi - lo == self.chunk_rows:
+            zstd.decompress(frame, dest)
+            return
+        chunk = _scratch(self._scratch, "chunk", full)
+        zstd.decompress(frame, chunk)
+        dest[:] = chunk[lo * rb : hi * rb]
+
+
+def _scratch(local: threading.local, name: str, size: int) -> memoryview:
+    """A per-thread byte buffer of at least ``size`` bytes, kept for the next call."""
+    buf = getattr(local, name, None)
+    if buf is None or len(buf) < size:
+        buf = memoryview(bytearray(size))
+        setattr(local, name, buf)
+    return buf
+
+
+def _pread_exactly(fd: int, dest: memoryview, offset: int, path: Path) -> None:
+    """Fill ``dest`` from ``fd`` at ``offset`` (``preadv`` until done)."""
+    pos, end = 0, len(dest)
+    while pos < end:
+        got = os.preadv(fd, [dest[pos:end]], offset)
+        if got <= 0:
+            raise OSError(f"chunk file {path} ended early")
+        pos, offset = pos + got, offset + got
 
 
 class BlockStream:

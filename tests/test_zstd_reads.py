@@ -1,0 +1,134 @@
+"""zstd-compressed zarr chunk files read straight into the block buffers (issue 16).
+
+The direct reader (``sources.keys._RawChunkReader`` with ``zstd``) must return exactly what
+zarr's own codec pipeline returns — zarr v3 (``BytesCodec`` + ``ZstdCodec``, with and
+without checksums) and v2 (the ``Zstd`` compressor), blocks aligned to chunks or not, the
+padded edge chunk — and a pass over such a store must give the set an in-memory copy of the
+keys gives. A chunk file that is corrupt, truncated, holds a frame of the wrong size or is
+missing is an error naming its rows; the frame-size parser is checked against numcodecs'
+own frames.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import numpy as np
+import pytest
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numcodecs import zstd
+
+from streamattn.errors import InvalidInputError
+from streamattn.recipes.universal import universal_set
+from streamattn.sources import open_keys, open_kv
+from streamattn.sources.keys import zstd_content_size
+
+N, D, CHUNK = 1000, 6, 128
+
+
+def keys(seed: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, D)).astype(np.float32)
+    x[::97] *= 40.0  # a few heavy rows, so the set is not empty
+    return x
+
+
+def zstd_store(path: Path, x: np.ndarray, fmt: int = 3, checksum: bool = True) -> Path:
+    group = zarr.open_group(str(path), mode="w", zarr_format=fmt)  # type: ignore[arg-type]
+    codec: Any = (zarr.codecs.ZstdCodec(level=1, checksum=checksum) if fmt == 3
+                  else numcodecs.Zstd(level=1))
+    arr = group.create_array("keys", shape=x.shape, dtype=x.dtype, chunks=(CHUNK, D),
+                             compressors=codec)
+    arr[...] = x
+    return path
+
+
+def chunk_file(store: Path, c: int) -> Path:
+    arr: Any = zarr.open_group(str(store), mode="r")["keys"]
+    return store / "keys" / arr.metadata.encode_chunk_key((c, 0))
+
+
+@pytest.mark.parametrize(("fmt", "checksum"), [(3, True), (3, False), (2, False)])
+def test_direct_zstd_reads_equal_zarrs_own(tmp_path: Path, fmt: int, checksum: bool) -> None:
+    x = keys()
+    store = zstd_store(tmp_path / "k.zarr", x, fmt, checksum)
+    src = open_keys(store)
+    assert src._raw_keys is not None and src._raw_keys.zstd  # the direct path is taken
+    arr: Any = zarr.open_group(str(store), mode="r")["keys"]
+    for a, b in ((0, CHUNK), (0, 3 * CHUNK), (5, 300), (CHUNK - 1, CHUNK + 1), (900, N),
+                 (N - 1, N)):
+        np.testing.assert_array_equal(src.read(a, b).rows, arr[a:b])
+    for rows in (CHUNK, 2 * CHUNK, 100):  # chunk-aligned and unaligned blocks
+        got = np.vstack([blk.rows for blk in src.blocks(rows)])
+        np.testing.assert_array_equal(got, x)
+
+
+def test_a_pass_over_a_zstd_store_gives_the_in_memory_set(tmp_path: Path) -> None:
+    x = keys(5)
+    store = zstd_store(tmp_path / "k.zarr", x)
+    for variant in ("plain", "affine"):
+        on_disk: Any = universal_set(store, eps=0.02, variant=variant, chunk_rows=256)
+        in_memory: Any = universal_set(x, eps=0.02, variant=variant, chunk_rows=256)
+        assert on_disk.indices.size > 0
+        np.testing.assert_array_equal(on_disk.indices, in_memory.indices)
+        np.testing.assert_array_equal(on_disk.scores, in_memory.scores)
+
+
+def test_a_whole_cache_of_zstd_layers_reads_what_zarr_reads(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    layers, heads = 2, 3
+    root = zarr.open_group(str(tmp_path / "kv.zarr"), mode="w")
+    data = [rng.standard_normal((N, heads * D)).astype(np.float32) for _ in range(layers)]
+    for lay, a in enumerate(data):
+        arr = root.create_array(f"keys/layer_{lay}", shape=a.shape, dtype=a.dtype,
+                                chunks=(CHUNK, heads * D),
+                                compressors=zarr.codecs.ZstdCodec(level=1))
+        arr[...] = a
+        arr.attrs["n_heads"] = heads
+    src = open_kv(tmp_path / "kv.zarr")
+    blocks = list(src.blocks(300))
+    got = np.concatenate([b.rows for b in blocks])  # (n, layers, heads, d)
+    want = np.stack([a.reshape(N, heads, D) for a in data], axis=1)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "short frame", "missing"])
+def test_a_damaged_chunk_file_is_an_error_naming_its_rows(tmp_path: Path, damage: str) -> None:
+    x = keys()
+    store = zstd_store(tmp_path / "k.zarr", x)
+    src = open_keys(store)
+    victim = chunk_file(store, 2)
+    raw = victim.read_bytes()
+    if damage == "garbage":
+        victim.write_bytes(bytes(len(raw)))
+    elif damage == "truncated":
+        victim.write_bytes(raw[: len(raw) // 2])
+    elif damage == "short frame":  # a valid frame holding one row fewer than a chunk
+        victim.write_bytes(zstd.compress(x[: CHUNK - 1].tobytes()))
+    else:
+        victim.unlink()
+    np.testing.assert_array_equal(src.read(0, 2 * CHUNK).rows, x[: 2 * CHUNK])  # others read
+    with pytest.raises(InvalidInputError, match=r"rows \[256, 384\)|256, 384"):
+        src.read(0, N)
+
+
+def test_a_missing_zstd_chunk_reads_as_fill_only_when_asked(tmp_path: Path) -> None:
+    x = keys()
+    store = zstd_store(tmp_path / "k.zarr", x)
+    chunk_file(store, 1).unlink()
+    src = open_keys(store, fill_missing=True)
+    got = src.read(0, 3 * CHUNK).rows
+    np.testing.assert_array_equal(got[CHUNK : 2 * CHUNK], 0.0)
+    np.testing.assert_array_equal(got[2 * CHUNK :], x[2 * CHUNK : 3 * CHUNK])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 300_000))
+def test_the_frame_size_parser_reads_numcodecs_frames(size: int) -> None:
+    frame = zstd.compress(bytes(size))
+    assert zstd_content_size(frame) == size
+    assert zstd_content_size(b"\x00" * 16) is None and zstd_content_size(frame[:3]) is None
