@@ -126,6 +126,31 @@ def test_a_missing_zstd_chunk_reads_as_fill_only_when_asked(tmp_path: Path) -> N
     np.testing.assert_array_equal(got[2 * CHUNK :], x[2 * CHUNK : 3 * CHUNK])
 
 
+def without_content_size(frame: bytes) -> bytes:
+    """The same zstd frame with its header declaring no content size (a window descriptor
+    instead), as a streaming writer leaves it (RFC 8878, 3.1.1.1)."""
+    fhd = frame[4]
+    single = bool(fhd & 0x20)
+    fcs = (1 if single else 0, 2, 4, 8)[fhd >> 6]
+    at = 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 0x3]
+    assert fhd & 0x3 == 0  # no dictionary id
+    size = CHUNK * D * 4
+    exponent = max(0, (size - 1).bit_length() - 10)
+    return frame[:4] + bytes([fhd & 0x04, exponent << 3]) + frame[at + fcs :]
+
+
+def test_a_frame_without_a_declared_size_still_reads(tmp_path: Path) -> None:
+    x = keys()
+    store = zstd_store(tmp_path / "k.zarr", x)
+    victim = chunk_file(store, 3)
+    frame = without_content_size(victim.read_bytes())
+    assert zstd_content_size(frame) is None
+    victim.write_bytes(frame)
+    src = open_keys(store)
+    np.testing.assert_array_equal(src.read(0, N).rows, x)  # whole chunk and ...
+    np.testing.assert_array_equal(src.read(400, 450).rows, x[400:450])  # ... part of one
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 300_000))
 def test_the_frame_size_parser_reads_numcodecs_frames(size: int) -> None:
