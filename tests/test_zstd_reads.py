@@ -25,7 +25,7 @@ from numcodecs import zstd
 from streamattn.errors import InvalidInputError
 from streamattn.recipes.universal import universal_set
 from streamattn.sources import open_keys, open_kv
-from streamattn.sources.keys import zstd_content_size
+from streamattn.sources.keys import zstd_bound, zstd_content_size
 
 N, D, CHUNK = 1000, 6, 128
 
@@ -96,7 +96,8 @@ def test_a_whole_cache_of_zstd_layers_reads_what_zarr_reads(tmp_path: Path) -> N
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "short frame", "missing"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "short frame", "oversized",
+                                    "missing"])
 def test_a_damaged_chunk_file_is_an_error_naming_its_rows(tmp_path: Path, damage: str) -> None:
     x = keys()
     store = zstd_store(tmp_path / "k.zarr", x)
@@ -109,6 +110,8 @@ def test_a_damaged_chunk_file_is_an_error_naming_its_rows(tmp_path: Path, damage
         victim.write_bytes(raw[: len(raw) // 2])
     elif damage == "short frame":  # a valid frame holding one row fewer than a chunk
         victim.write_bytes(zstd.compress(x[: CHUNK - 1].tobytes()))
+    elif damage == "oversized":  # larger than any frame of one chunk: never read whole
+        victim.write_bytes(raw + bytes(4 * CHUNK * D * 4))
     else:
         victim.unlink()
     np.testing.assert_array_equal(src.read(0, 2 * CHUNK).rows, x[: 2 * CHUNK])  # others read
@@ -156,4 +159,33 @@ def test_a_frame_without_a_declared_size_still_reads(tmp_path: Path) -> None:
 def test_the_frame_size_parser_reads_numcodecs_frames(size: int) -> None:
     frame = zstd.compress(bytes(size))
     assert zstd_content_size(frame) == size
+    noise = np.random.default_rng(size).bytes(size)  # incompressible: the largest frames
+    assert len(zstd.compress(noise)) <= zstd_bound(size)
     assert zstd_content_size(b"\x00" * 16) is None and zstd_content_size(frame[:3]) is None
+
+
+def test_every_layer_of_a_cache_shares_one_thread_buffer(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache has one reader per layer; their frame buffers are the thread's one buffer
+    (per-reader buffers held 2 × layers chunks: 180 MB on a 30-layer cache)."""
+    from streamattn.sources import keys as keys_module
+
+    root = zarr.open_group(str(tmp_path / "kv.zarr"), mode="w")
+    for lay in range(4):
+        arr = root.create_array(f"keys/layer_{lay}", shape=(N, 2 * D), dtype=np.float32,
+                                chunks=(CHUNK, 2 * D), compressors=zarr.codecs.ZstdCodec())
+        arr[...] = np.random.default_rng(lay).standard_normal((N, 2 * D))
+        arr.attrs["n_heads"] = 2
+    seen: list[int] = []
+    scratch = keys_module._scratch
+
+    def spy(name: str, size: int) -> memoryview:
+        buf = scratch(name, size)
+        if name == "frame":
+            seen.append(id(buf.obj))
+        return buf
+
+    monkeypatch.setattr(keys_module, "_scratch", spy)
+    for _ in open_kv(tmp_path / "kv.zarr").blocks(2 * CHUNK, prefetch=0):
+        pass
+    assert len(seen) >= 4 * (N // CHUNK) and len(set(seen)) <= 2  # grown at most once

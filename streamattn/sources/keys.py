@@ -275,6 +275,13 @@ def zstd_content_size(frame: memoryview | bytes) -> int | None:
     return size + 256 if fcs == 2 else size
 
 
+def zstd_bound(size: int) -> int:
+    """The most bytes a zstd frame of ``size`` bytes takes (zstd's ZSTD_COMPRESSBOUND),
+    plus 64 for the frame's header and checksum."""
+    small = (128 * 1024 - size) >> 11 if size < 128 * 1024 else 0
+    return size + (size >> 8) + small + 64
+
+
 class _RawChunkReader:
     """Direct reads of a local, row-chunked zarr array's chunk files: uncompressed, or
     zstd-compressed.
@@ -312,7 +319,6 @@ class _RawChunkReader:
         self.fill_missing = False
         self.label = str(root)
         self.what = "key"  # how a missing chunk file names the array ("key", "value")
-        self._scratch = threading.local()  # zstd: per-thread frame and chunk buffers
 
     @classmethod
     def of(cls, arr: Any) -> _RawChunkReader | None:
@@ -387,8 +393,11 @@ class _RawChunkReader:
         from numcodecs import zstd
 
         rb, full = self.row_bytes, self.chunk_rows * self.row_bytes
-        size = os.fstat(fd).st_size
-        frame = _scratch(self._scratch, "frame", size)[:size]
+        size, bound = os.fstat(fd).st_size, zstd_bound(full)
+        if size > bound:
+            raise OSError(f"chunk file {path} has {size} bytes, more than any zstd frame of "
+                          f"{full} bytes ({self.chunk_rows} rows) takes ({bound})")
+        frame = _scratch("frame", bound)[:size]
         _pread_exactly(fd, frame, 0, path)
         if zstd_content_size(frame) != full:  # no size declared (or not one chunk's):
             data = memoryview(zstd.decompress(frame))  # numcodecs' own buffer, then checked
@@ -399,17 +408,22 @@ class _RawChunkReader:
         elif hi - lo == self.chunk_rows:
             zstd.decompress(frame, dest)
         else:
-            chunk = _scratch(self._scratch, "chunk", full)
+            chunk = _scratch("chunk", full)
             zstd.decompress(frame, chunk)
             dest[:] = chunk[lo * rb : hi * rb]
 
 
-def _scratch(local: threading.local, name: str, size: int) -> memoryview:
-    """A per-thread byte buffer of at least ``size`` bytes, kept for the next call."""
-    buf = getattr(local, name, None)
+#: The zstd reads' frame and chunk buffers, one of each per thread, shared by every array's
+#: reader (a cache has one reader per layer: per-reader buffers held 30 × 2 chunks, 180 MB).
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, size: int) -> memoryview:
+    """This thread's byte buffer ``name`` of at least ``size`` bytes, kept for the next call."""
+    buf = getattr(_SCRATCH, name, None)
     if buf is None or len(buf) < size:
         buf = memoryview(bytearray(size))
-        setattr(local, name, buf)
+        setattr(_SCRATCH, name, buf)
     return buf
 
 
