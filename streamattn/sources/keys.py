@@ -297,10 +297,10 @@ class _RawChunkReader:
     2^22 zstd pass: 5.6–8.1 s through zarr, 4.3–4.5 s without those faults). A frame
     that does not declare one chunk's size (written without it) is decompressed by
     numcodecs into its own buffer and must come to one chunk; checksums, where written,
-    are checked by zstd. A
-    missing chunk file is an error naming it and its rows (the fill value only with
-    ``fill_missing``); a chunk file of the wrong size, or a frame that does not decompress
-    to exactly one chunk, raises ``OSError`` (the caller reports it).
+    are checked by zstd. A missing chunk file is an error naming it and its rows (the fill
+    value only with ``fill_missing``); a chunk file of the wrong size (zstd: larger than any
+    frame of one chunk), or a frame that does not decompress to exactly one chunk, raises
+    ``OSError`` (the caller reports it).
     """
 
     def __init__(
