@@ -5,7 +5,7 @@ fill value, silently; for a key store that is data loss read as zeros. A source 
 once at open that every chunk file of its arrays exists, and again for each block it
 reads (a file deleted mid-run), and raises an error naming the chunk and its rows
 unless the caller asked for fill values explicitly. The per-block check is a ``stat``
-after zarr's read for arrays zarr reads; uncompressed or zstd local arrays read directly
+after zarr's read for arrays zarr reads; uncompressed, zstd or blosc local arrays read directly
 (``sources.keys._RawChunkReader``) need none: the read opens every chunk file holding
 the block's rows (a missing one is the same error) and checks its size.
 (2) **Stamps.** The store-change check (``streamattn.io.readlog``) records each file's

@@ -1,12 +1,12 @@
-"""zstd-compressed zarr chunk files read straight into the block buffers (issue 16).
+"""zstd- and blosc-compressed zarr chunk files read straight into the block buffers (issue 16).
 
-The direct reader (``sources.keys._RawChunkReader`` with ``zstd``) must return exactly what
-zarr's own codec pipeline returns — zarr v3 (``BytesCodec`` + ``ZstdCodec``, with and
-without checksums) and v2 (the ``Zstd`` compressor), blocks aligned to chunks or not, the
-padded edge chunk — and a pass over such a store must give the set an in-memory copy of the
-keys gives. A chunk file that is corrupt, truncated, holds a frame of the wrong size or is
-missing is an error naming its rows; the frame-size parser is checked against numcodecs'
-own frames.
+The direct reader (``sources.keys._RawChunkReader`` with a ``codec``) must return exactly
+what zarr's own codec pipeline returns — zarr v3 (``BytesCodec`` + ``ZstdCodec``, with and
+without checksums, or ``BloscCodec``) and v2 (the ``Zstd`` and ``Blosc`` compressors),
+blocks aligned to chunks or not, the padded edge chunk — and a pass over such a store must
+give the set an in-memory copy of the keys gives. A chunk file that is corrupt, truncated,
+oversized, holds a frame of the wrong size or is missing is an error naming its rows; the
+frame-size parsers and bounds are checked against numcodecs' own frames.
 """
 
 from __future__ import annotations
@@ -20,12 +20,17 @@ import pytest
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from numcodecs import zstd
+from numcodecs import blosc, zstd
 
 from streamattn.errors import InvalidInputError
 from streamattn.recipes.universal import universal_set
 from streamattn.sources import open_keys, open_kv
-from streamattn.sources.keys import zstd_bound, zstd_content_size
+from streamattn.sources.keys import (
+    blosc_bound,
+    blosc_content_size,
+    zstd_bound,
+    zstd_content_size,
+)
 
 N, D, CHUNK = 1000, 6, 128
 
@@ -37,12 +42,21 @@ def keys(seed: int = 3) -> np.ndarray:
     return x
 
 
-def zstd_store(path: Path, x: np.ndarray, fmt: int = 3, checksum: bool = True) -> Path:
+#: (zarr format, codec) of every compressed layout the direct reader takes.
+LAYOUTS = {
+    "v3-zstd-checksum": (3, lambda: zarr.codecs.ZstdCodec(level=1, checksum=True)),
+    "v3-zstd": (3, lambda: zarr.codecs.ZstdCodec(level=1, checksum=False)),
+    "v2-zstd": (2, lambda: numcodecs.Zstd(level=1)),
+    "v3-blosc": (3, lambda: zarr.codecs.BloscCodec()),
+    "v2-blosc": (2, lambda: numcodecs.Blosc()),
+}
+
+
+def compressed_store(path: Path, x: np.ndarray, layout: str = "v3-zstd-checksum") -> Path:
+    fmt, codec = LAYOUTS[layout]
     group = zarr.open_group(str(path), mode="w", zarr_format=fmt)  # type: ignore[arg-type]
-    codec: Any = (zarr.codecs.ZstdCodec(level=1, checksum=checksum) if fmt == 3
-                  else numcodecs.Zstd(level=1))
     arr = group.create_array("keys", shape=x.shape, dtype=x.dtype, chunks=(CHUNK, D),
-                             compressors=codec)
+                             compressors=codec())
     arr[...] = x
     return path
 
@@ -52,12 +66,13 @@ def chunk_file(store: Path, c: int) -> Path:
     return store / "keys" / arr.metadata.encode_chunk_key((c, 0))
 
 
-@pytest.mark.parametrize(("fmt", "checksum"), [(3, True), (3, False), (2, False)])
-def test_direct_zstd_reads_equal_zarrs_own(tmp_path: Path, fmt: int, checksum: bool) -> None:
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_direct_reads_equal_zarrs_own(tmp_path: Path, layout: str) -> None:
     x = keys()
-    store = zstd_store(tmp_path / "k.zarr", x, fmt, checksum)
+    store = compressed_store(tmp_path / "k.zarr", x, layout)
     src = open_keys(store)
-    assert src._raw_keys is not None and src._raw_keys.zstd  # the direct path is taken
+    assert src._raw_keys is not None  # read directly, with the codec of the layout
+    assert src._raw_keys.codec == layout.split("-")[1]
     arr: Any = zarr.open_group(str(store), mode="r")["keys"]
     for a, b in ((0, CHUNK), (0, 3 * CHUNK), (5, 300), (CHUNK - 1, CHUNK + 1), (900, N),
                  (N - 1, N)):
@@ -67,9 +82,9 @@ def test_direct_zstd_reads_equal_zarrs_own(tmp_path: Path, fmt: int, checksum: b
         np.testing.assert_array_equal(got, x)
 
 
-def test_a_pass_over_a_zstd_store_gives_the_in_memory_set(tmp_path: Path) -> None:
+def test_a_pass_over_a_compressed_store_gives_the_in_memory_set(tmp_path: Path) -> None:
     x = keys(5)
-    store = zstd_store(tmp_path / "k.zarr", x)
+    store = compressed_store(tmp_path / "k.zarr", x)
     for variant in ("plain", "affine"):
         on_disk: Any = universal_set(store, eps=0.02, variant=variant, chunk_rows=256)
         in_memory: Any = universal_set(x, eps=0.02, variant=variant, chunk_rows=256)
@@ -96,11 +111,13 @@ def test_a_whole_cache_of_zstd_layers_reads_what_zarr_reads(tmp_path: Path) -> N
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("layout", ["v3-zstd-checksum", "v2-blosc"])
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "short frame", "oversized",
                                     "missing"])
-def test_a_damaged_chunk_file_is_an_error_naming_its_rows(tmp_path: Path, damage: str) -> None:
+def test_a_damaged_chunk_file_is_an_error_naming_its_rows(tmp_path: Path, damage: str,
+                                                          layout: str) -> None:
     x = keys()
-    store = zstd_store(tmp_path / "k.zarr", x)
+    store = compressed_store(tmp_path / "k.zarr", x, layout)
     src = open_keys(store)
     victim = chunk_file(store, 2)
     raw = victim.read_bytes()
@@ -109,9 +126,14 @@ def test_a_damaged_chunk_file_is_an_error_naming_its_rows(tmp_path: Path, damage
     elif damage == "truncated":
         victim.write_bytes(raw[: len(raw) // 2])
     elif damage == "short frame":  # a valid frame holding one row fewer than a chunk
-        victim.write_bytes(zstd.compress(x[: CHUNK - 1].tobytes()))
-    elif damage == "oversized":  # larger than any frame of one chunk: never read whole
+        short = x[: CHUNK - 1].tobytes()
+        victim.write_bytes(zstd.compress(short) if "zstd" in layout else
+                           bytes(numcodecs.Blosc().encode(short)))
+    elif damage == "oversized":  # more bytes than any frame of one chunk (never read whole)
         victim.write_bytes(raw + bytes(4 * CHUNK * D * 4))
+        if "blosc" in layout:  # blosc (and so zarr) ignore the bytes after the frame
+            np.testing.assert_array_equal(src.read(0, N).rows, x)
+            return
     else:
         victim.unlink()
     np.testing.assert_array_equal(src.read(0, 2 * CHUNK).rows, x[: 2 * CHUNK])  # others read
@@ -121,7 +143,7 @@ def test_a_damaged_chunk_file_is_an_error_naming_its_rows(tmp_path: Path, damage
 
 def test_a_missing_zstd_chunk_reads_as_fill_only_when_asked(tmp_path: Path) -> None:
     x = keys()
-    store = zstd_store(tmp_path / "k.zarr", x)
+    store = compressed_store(tmp_path / "k.zarr", x)
     chunk_file(store, 1).unlink()
     src = open_keys(store, fill_missing=True)
     got = src.read(0, 3 * CHUNK).rows
@@ -144,7 +166,7 @@ def without_content_size(frame: bytes) -> bytes:
 
 def test_a_frame_without_a_declared_size_still_reads(tmp_path: Path) -> None:
     x = keys()
-    store = zstd_store(tmp_path / "k.zarr", x)
+    store = compressed_store(tmp_path / "k.zarr", x)
     victim = chunk_file(store, 3)
     frame = without_content_size(victim.read_bytes())
     assert zstd_content_size(frame) is None
@@ -161,6 +183,12 @@ def test_the_frame_size_parser_reads_numcodecs_frames(size: int) -> None:
     assert zstd_content_size(frame) == size
     noise = np.random.default_rng(size).bytes(size)  # incompressible: the largest frames
     assert len(zstd.compress(noise)) <= zstd_bound(size)
+    if size:  # (blosc refuses to decode an empty frame)
+        packed = bytes(numcodecs.Blosc().encode(noise))
+        assert blosc_content_size(packed) == size and len(packed) <= blosc_bound(size)
+        assert blosc_content_size(packed[:-1]) is None  # shorter than its declared size
+        assert blosc_content_size(packed + b"tail") == size  # what follows is ignored
+        assert bytes(blosc.decompress(packed)) == noise
     assert zstd_content_size(b"\x00" * 16) is None and zstd_content_size(frame[:3]) is None
 
 
