@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from streamattn.errors import ConfigError, InvalidInputError
-from streamattn.sources.keys import _check_float_array
+from streamattn.sources.keys import MemmapRows, _check_float_array, block_buffer
 
 LAYER_NAME = re.compile(r"^layer_(\d+)$")
 
@@ -250,6 +250,14 @@ class Part:
         return out
 
     def _gather(self, rows: slice | np.ndarray, r: int) -> np.ndarray:
+        direct = MemmapRows.of(self.arrays[0]) if self.layout in ("lhnd", "hnd") else None
+        layers = 1 if self.layout == "hnd" else int(self.arrays[0].shape[0])
+        whole = self.full and list(self.layer_pos) == list(range(layers))
+        if direct is not None and whole and isinstance(rows, slice):
+            # a .npy memmap: read into a block buffer, not mapped (RSS would grow with n)
+            buf = direct(rows.start, rows.stop, block_buffer(
+                (*direct.shape[:-2], r, direct.shape[-1]), direct.dtype, "key"))
+            return buf if self.layout == "lhnd" else buf[None]
         if self.layout == "lhnd":
             arr = self.arrays[0]
             if self.full and list(self.layer_pos) == list(range(int(arr.shape[0]))):

@@ -53,10 +53,12 @@ from streamattn.sources.keys import (
     Block,
     BlockStream,
     KeySource,
+    MemmapRows,
     _chunk_rows_of,
     _RawChunkReader,
     all_finite,
     block_buffer,
+    raw_reader,
     storage_order,
 )
 
@@ -189,10 +191,10 @@ class MultiHeadSource(BlockStream):
             self._check_chunks(0, self.n)
 
     def _raw_readers(self, part: Part, what: str, label: str
-                     ) -> list[_RawChunkReader | None]:
+                     ) -> list[_RawChunkReader | MemmapRows | None]:
         if part.layout != "layers" or not part.full:
             return [None] * len(part.arrays)
-        out = [_RawChunkReader.of(a) for a in part.arrays]
+        out = [raw_reader(a) for a in part.arrays]
         for raw in out:
             if raw is not None:
                 raw.fill_missing, raw.label, raw.what = self.fill_missing, label, what
@@ -284,7 +286,8 @@ class MultiHeadSource(BlockStream):
                 raise InvalidInputError(f"{self.label}: {what} {exc}") from exc
         r, width = stop - start, part.n_heads_total * part.d
         first = part.arrays[0]
-        if len(part.arrays) == 1 and isinstance(first, np.ndarray) and first.ndim == 2:
+        if (len(part.arrays) == 1 and isinstance(first, np.ndarray) and first.ndim == 2
+                and raws[0] is None):  # in memory: a view (a .npy memmap is read, not mapped)
             buf = first[start:stop][None]
         else:
             buf = block_buffer((part.layers, r, width), part.dtype, what)
