@@ -82,3 +82,20 @@ def test_a_npy_cut_short_after_opening_is_an_error_naming_rows(tmp_path: Path) -
     np.testing.assert_array_equal(src.read(0, 900).rows, x[:900])
     with pytest.raises(InvalidInputError, match=r"rows \[\d+, 1000\)"):
         src.read(900, N)
+
+
+def test_a_copy_on_write_memmap_is_read_as_the_array_holds_it(tmp_path: Path) -> None:
+    """A ``mode="c"`` memmap's changes live in memory, not in the file: it is read through
+    the array (a file read would return the old rows)."""
+    x = np.random.default_rng(4).standard_normal((N, D)).astype(np.float32)
+    path = saved(tmp_path / "k.npy", x)
+    cow = np.load(path, mmap_mode="c")
+    cow[10] = 7.0
+    src = open_keys(cow)
+    assert src._raw_keys is None
+    np.testing.assert_array_equal(src.read(0, 20).rows[10], 7.0)
+    shared = np.load(path, mmap_mode="r+")
+    shared[11] = 5.0  # a shared mapping's writes reach the file: read directly
+    src = open_keys(shared)
+    assert isinstance(src._raw_keys, MemmapRows)
+    np.testing.assert_array_equal(src.read(0, 20).rows[11], 5.0)

@@ -468,12 +468,14 @@ class MemmapRows:
 
     @classmethod
     def of(cls, arr: Any) -> MemmapRows | None:
-        """A reader for a whole, C-ordered, native-endian memmap of ≥ 2 axes, else None."""
+        """A reader for a whole, C-ordered, native-endian memmap of ≥ 2 axes whose writes
+        reach the file (not copy-on-write: ``mode="c"`` changes live in memory only), else
+        None."""
         import mmap
 
         if (not isinstance(arr, np.memmap) or arr.ndim < 2 or arr.filename is None
                 or not isinstance(arr.base, mmap.mmap) or not arr.flags.c_contiguous
-                or not arr.dtype.isnative):
+                or not arr.dtype.isnative or arr.mode == "c"):
             return None
         return cls(str(arr.filename), int(arr.offset), tuple(int(s) for s in arr.shape),
                    np.dtype(arr.dtype))
