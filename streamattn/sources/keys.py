@@ -491,7 +491,7 @@ class MemmapRows:
         try:
             for i in range(runs.shape[0]):
                 at = self.offset + (i * n + start) * self.row_bytes
-                _pread_exactly(fd, runs[i].view(np.uint8).data, at, Path(self.path))
+                _pread_exactly(fd, runs[i].view(np.uint8).data, at, Path(self.path), "file")
         finally:
             os.close(fd)
         return out
@@ -517,13 +517,14 @@ def _scratch(name: str, size: int) -> memoryview:
     return buf
 
 
-def _pread_exactly(fd: int, dest: memoryview, offset: int, path: Path) -> None:
+def _pread_exactly(fd: int, dest: memoryview, offset: int, path: Path,
+                   what: str = "chunk file") -> None:
     """Fill ``dest`` from ``fd`` at ``offset`` (``preadv`` until done)."""
     pos, end = 0, len(dest)
     while pos < end:
         got = os.preadv(fd, [dest[pos:end]], offset)
         if got <= 0:
-            raise OSError(f"chunk file {path} ended early")
+            raise OSError(f"{what} {path} ended early (at byte {offset})")
         pos, offset = pos + got, offset + got
 
 

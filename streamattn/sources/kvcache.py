@@ -272,8 +272,9 @@ class MultiHeadSource(BlockStream):
 
         Per-layer ``(n, H·d)`` arrays with every head chosen (the documented layout) are
         read straight into one ``(layers, r, H·d)`` buffer — chunk files of a local zarr
-        array by ``preadv`` into it (zstd or blosc ones decompressed into it), anything else by one
-        read and one copy per layer; a single in-memory layer is a view, not a copy — and the
+        array by ``preadv`` into it (zstd or blosc ones decompressed into it), a ``.npy``
+        file likewise, anything else by one read and one copy per layer; a single in-memory
+        layer is a view, not a copy — and the
         block is a strided view of that buffer: head (l, h) is ``rows[:, l, h]``, an
         ``r × d`` view with row stride H·d (no per-head copy; the operators convert
         their pieces to float64 themselves). Other layouts go through ``Part.read``.
