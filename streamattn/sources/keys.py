@@ -362,14 +362,13 @@ class _RawChunkReader:
         if meta.zarr_format == 3:
             codecs = meta.codecs
             names = [type(c).__name__ for c in codecs]
-            known = {"ZstdCodec": "zstd", "BloscCodec": "blosc"}
-            if names[:1] != ["BytesCodec"] or len(names) > 2 or names[1:2] not in (
-                    [], ["ZstdCodec"], ["BloscCodec"]):
+            compressors = {"ZstdCodec": "zstd", "BloscCodec": "blosc"}
+            if names[:1] != ["BytesCodec"] or names[1:] not in ([], *([c] for c in compressors)):
                 return None
             first: Any = codecs[0]
             if first.endian is not None and first.endian.value != "little":
                 return None
-            codec = known[names[1]] if len(names) == 2 else None
+            codec = compressors[names[1]] if len(names) == 2 else None
         else:
             compressor = type(meta.compressor).__name__ if meta.compressor is not None else None
             if compressor not in (None, "Zstd", "Blosc") or meta.filters or meta.order != "C":
