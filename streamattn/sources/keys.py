@@ -300,10 +300,27 @@ def blosc_bound(size: int) -> int:
     return size + 16
 
 
-#: Compressed chunk files read directly: (declared size, largest frame, numcodecs module).
-FRAMES: dict[str, tuple[Callable[[Any], int | None], Callable[[int], int], str]] = {
-    "zstd": (zstd_content_size, zstd_bound, "numcodecs.zstd"),
-    "blosc": (blosc_content_size, blosc_bound, "numcodecs.blosc"),
+@dataclass(frozen=True)
+class FrameFormat:
+    """How a compressed chunk file is read directly: its frame header's declared size (None:
+    none declared, or a frame this format cannot decode safely), the largest frame of a
+    given size, the numcodecs module that decodes it, whether bytes after the frame are
+    ignored (the decoder reads only the declared frame) and whether a frame may omit its
+    size (then numcodecs decodes it into its own buffer, whose size is checked)."""
+
+    declared_size: Callable[[Any], int | None]
+    largest: Callable[[int], int]
+    module: str
+    tail_ignored: bool
+    size_optional: bool
+
+
+#: The compressed chunk files read directly, by codec.
+FRAMES = {
+    "zstd": FrameFormat(zstd_content_size, zstd_bound, "numcodecs.zstd",
+                        tail_ignored=False, size_optional=True),
+    "blosc": FrameFormat(blosc_content_size, blosc_bound, "numcodecs.blosc",
+                         tail_ignored=True, size_optional=False),
 }
 
 
@@ -419,21 +436,21 @@ class _RawChunkReader:
         """Chunk rows ``[lo, hi)`` (within the chunk) of the compressed frame in ``fd`` into
         ``dest``."""
         assert self.codec is not None
-        declared_size, largest, module = FRAMES[self.codec]
-        codec = importlib.import_module(module)
+        fmt = FRAMES[self.codec]
+        codec = importlib.import_module(fmt.module)
         rb, full = self.row_bytes, self.chunk_rows * self.row_bytes
-        size, bound = os.fstat(fd).st_size, largest(full)
-        if size > bound and self.codec == "zstd":  # blosc: the frame is within ``bound``
+        size, bound = os.fstat(fd).st_size, fmt.largest(full)
+        if size > bound and not fmt.tail_ignored:  # else the frame lies within ``bound``
             raise OSError(f"chunk file {path} has {size} bytes, more than any {self.codec} "
                           f"frame of {full} bytes ({self.chunk_rows} rows) takes ({bound})")
         frame = _scratch("frame", bound)[: min(size, bound)]
         _pread_exactly(fd, frame, 0, path)
-        declared = declared_size(frame)
+        declared = fmt.declared_size(frame)
         if declared != full:
-            if self.codec != "zstd" or declared is not None:
+            if declared is not None or not fmt.size_optional:
                 raise OSError(f"chunk file {path} declares {declared} decompressed bytes "
                               f"for {full} ({self.chunk_rows} rows)")
-            # a zstd frame written without its size: numcodecs' own buffer, then checked
+            # a frame written without its size: numcodecs' own buffer, then checked
             data = memoryview(codec.decompress(frame))
             if len(data) != full:
                 raise OSError(f"chunk file {path} decompresses to {len(data)} bytes, "
