@@ -585,8 +585,13 @@ def measure(kind: str, path: Path, repeat: int, timeout: float = 1800,
 
 
 def machine_info() -> dict[str, Any]:
+    from streamattn.cores import usable_cores
+    from streamattn.operators.gram_step import STREAM_THREADS
+
     info: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "stream_threads": STREAM_THREADS,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -924,7 +929,8 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]], extra: dict[str, An
                      f"({b.get('architecture', '')}, {b.get('num_threads', '?')} threads)"
                      for b in info["blas"])
     md = (
-        f"Machine: {info['cpu']}, {info['cpu_count']} cores, BLAS: {blas}, "
+        f"Machine: {info['cpu']}, {info['cpu_count']} cores ({info.get('usable_cores', '?')} "
+        f"usable, {info.get('stream_threads', '?')} stream threads), BLAS: {blas}, "
         f"numpy {info['numpy']}, Python {info['python']}; commit {payload['commit']}. "
         "CPU idle: share of the machine's CPU time left idle during the run (0%: "
         "contended by other work).\n\n"

@@ -59,7 +59,9 @@ from typing import Any
 import numpy as np
 
 import streamattn
+from streamattn.cores import usable_cores
 from streamattn.errors import ConfigError, InvalidInputError, StreamattnError
+from streamattn.operators.gram_step import STREAM_THREADS_ENV
 from streamattn.operators.protocol import Operator, State
 from streamattn.sources import Block, BlockStream, KeySource, open_keys
 from streamattn.sources.keys import BufferPool, pooled_read
@@ -513,6 +515,22 @@ def _stop_http(cluster: Any, client: Any) -> None:
     client.run(_stop_worker_http)
 
 
+def worker_env(n_workers: int | None) -> dict[str, str]:
+    """Environment of a LocalCluster's worker processes: each its share of the cores
+    (``usable_cores() // n_workers``, at least 1) as stream threads, unless this process
+    sets ``STREAMATTN_STREAM_THREADS`` (the workers inherit it). Each worker would
+    otherwise size its thread pool by every core, n_workers times over. ``n_workers``
+    None: dask's own choice for the cores (``nprocesses_nthreads``)."""
+    if os.environ.get(STREAM_THREADS_ENV):
+        return {}
+    cores = usable_cores()
+    if n_workers is None:
+        from distributed.deploy.utils import nprocesses_nthreads
+
+        n_workers = nprocesses_nthreads(cores)[0]
+    return {STREAM_THREADS_ENV: str(max(1, cores // max(1, n_workers)))}
+
+
 @contextmanager
 def dask_session(
     options: DaskOptions, client: Any | None = None, *, progress: bool = False
@@ -542,6 +560,7 @@ def dask_session(
                 n_workers=options.n_workers,
                 threads_per_worker=options.threads_per_worker,
                 processes=True,
+                env=worker_env(options.n_workers),
                 host=LOCAL_HOST,
                 dashboard_address=_dashboard_address() if options.dashboard
                 else f"{LOCAL_HOST}:0",
@@ -744,7 +763,7 @@ def run_dask(
             threads = (
                 sum(live.nthreads().values())
                 if live is not None
-                else (threads_per_worker or os.cpu_count() or 1)
+                else (threads_per_worker or usable_cores())
             )
             blocks_per_task = auto_blocks_per_task(len(source.block_ranges(chunk_rows)), threads)
         graph = build_graph(

@@ -14,7 +14,7 @@ R'ᵀR' = Rᵀ(M + E)R for the E the rounding leaves, so ‖E‖ ≤ δ gives
 
 - SYRK: |fl(G_b) − G_b| ≤ γ_L |X|ᵀ|X| entrywise, L = S + ⌈P/S⌉ + ⌈m/P⌉ + 2
   (``accumulation_length``: SYRK calls of S = 128 rows with β = 0 into a scratch, summed
-  per piece of P rows, pieces per thread, then the two threads; + 1 for float64 keys,
+  per piece of P rows, pieces per row span, then the spans (any number); + 1 for float64 keys,
   whose products round), so ‖TᵀΔG T‖ ≤ γ_L ‖X‖_F² ‖T‖², ‖T‖ ≤ (1 + ψ)/σ_lo.
 - σ_lo: σ̂_min − ``SVD_BACKWARD``·d·u·σ̂_max from the SVD of R. Assumption (stated, not
   proved here): LAPACK's SVD is backward stable with ‖ΔR‖ ≤ SVD_BACKWARD·d·u·‖R‖, so by
@@ -68,17 +68,21 @@ from functools import cache
 import numpy as np
 from scipy.linalg import lapack
 
+from streamattn.cores import usable_cores
+
 #: Unit roundoff of float64.
 U = 2.0**-53
+#: The environment variable that sets ``STREAM_THREADS``.
+STREAM_THREADS_ENV = "STREAMATTN_STREAM_THREADS"
 #: Rows per piece of the streaming kernels: float64 work buffers of PIECE_ROWS × dim stay
 #: in cache, and the float32 → float64 conversion happens piece by piece.
 PIECE_ROWS = 2048
 #: Python threads sharing one block's GEMM/SYRK work (single-threaded BLAS each; they
-#: block instead of spinning, so a busy machine degrades gracefully). The environment
+#: block instead of spinning, so a busy machine degrades gracefully): one per core this
+#: process may use (``cores.usable_cores``: affinity mask, cgroup quota). The environment
 #: variable STREAMATTN_STREAM_THREADS sets it (e.g. 1 in each of several worker processes
-#: sharing a machine's cores).
-STREAM_THREADS = max(1, int(os.environ.get("STREAMATTN_STREAM_THREADS", "0"))
-                     or min(2, os.cpu_count() or 1))
+#: sharing a machine's cores; the Dask engine's LocalCluster sets it for its workers).
+STREAM_THREADS = max(1, int(os.environ.get(STREAM_THREADS_ENV, "0")) or usable_cores())
 #: Largest certified relative Gram error of one Gram step (else: the TRMM step) ...
 GRAM_TOL = 1e-9
 #: ... and of all steps together (Δ): below float32's unit roundoff 6e-8, so below the
