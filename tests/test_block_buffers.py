@@ -254,3 +254,39 @@ def test_a_cache_pass_reads_one_block_ahead_and_projects_the_blocks_it_holds(
                        for _ in range(LAYERS)])
     run_local(kv, [op], chunk_rows=CHUNK)
     assert asked == [None] and op.n_rows == N  # the source's own read-ahead
+
+
+def test_the_read_ahead_reads_its_blocks_side_by_side_and_yields_them_in_order() -> None:
+    """``prefetch`` reads in flight at once (one reader thread each: on a machine with more
+    cores than the kernels' threads, a single reader's copies bound the pass); blocks still
+    come in row order with their own rows, whichever read finishes first, and a failed
+    read is raised at its own block, after every block before it."""
+    from streamattn.sources import KeySource
+
+    x = np.random.default_rng(3).standard_normal((N, D)).astype(np.float32)
+    both_inside = threading.Barrier(2, timeout=10)
+    inside: list[int] = []
+
+    class Racing(KeySource):
+        def _read_block(self, start: int, stop: int) -> Any:
+            if start < 2 * CHUNK:  # the first two reads wait for each other
+                both_inside.wait()
+                if start == 0:  # ... and the first finishes last
+                    threading.Event().wait(0.2)
+            inside.append(start)
+            if start == 7 * CHUNK and fail:
+                raise InvalidInputError(f"planted failure at row {start}")
+            return super()._read_block(start, stop)
+
+    fail = False
+    got = list(Racing(x).blocks(CHUNK, prefetch=2))
+    assert inside[:2] == [CHUNK, 0]  # read side by side; the second finished first
+    assert [b.start for b in got] == list(range(0, N, CHUNK))
+    for b in got:
+        np.testing.assert_array_equal(b.rows, x[b.start : b.stop])
+    fail, seen = True, []
+    both_inside.reset()
+    with pytest.raises(InvalidInputError, match="planted failure at row 700"):
+        for b in Racing(x).blocks(CHUNK, prefetch=2):
+            seen.append(b.start)
+    assert seen == list(range(0, 7 * CHUNK, CHUNK))

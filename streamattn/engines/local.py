@@ -1,7 +1,7 @@
 """The local engine: one sequential pass folding every block through every operator.
 
-Reads run ahead in a background thread (``KeySource.blocks``), so reading and
-decompressing the next block overlaps with the BLAS work on the current one. Several
+Reads run ahead in background threads (``KeySource.blocks``: one per block read ahead), so
+reading and decompressing the next blocks overlaps with the BLAS work on the current one. Several
 operators share each block: one read of the data serves them all; those that allow it
 (``Operator.concurrent_updates``: the leverage set, JL embeddings, top-B) fold it side by
 side in threads (their kernels release the GIL), the same arithmetic as one after another.
@@ -52,7 +52,7 @@ def run_local(
     with (progress_bar(stop - start, description, enabled=progress) as bar,
           ThreadPoolExecutor(max(1, len(beside) - 1),
                              thread_name_prefix="streamattn-ops") as pool):
-        # with a checkpoint, the read log's digest of each block is taken by the reader thread
+        # with a checkpoint, the read log's digest of each block is taken by its reader thread
         for block in source.blocks(chunk_rows, start=start, stop=stop, prefetch=prefetch,
                                    digests=checkpoint is not None):
             _fold_block(block, beside, inline, pool)

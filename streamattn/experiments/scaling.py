@@ -191,7 +191,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
             pass
         read_seconds = time.perf_counter() - t1
     else:
-        read_seconds = source.array.seconds  # time spent generating, in the reader thread
+        read_seconds = source.array.seconds  # time spent generating, summed over the readers
     return {
         "universal_set_size": len(uset),
         "numerical_rank": int(uset.certificate["numerical_rank"]),
@@ -211,7 +211,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cpu_seconds() -> float:
-    """User + system CPU time of this process, all threads (the reader thread included)."""
+    """User + system CPU time of this process, all threads (the reader threads included)."""
     import resource
 
     use = resource.getrusage(resource.RUSAGE_SELF)
@@ -484,12 +484,12 @@ def _report(cfg: ScalingConfig, rows: list[dict], meas: list[dict], skipped: lis
     lines += [
         "",
         "- wall s is the pass's elapsed time, CPU s its user + system time over all threads "
-        "(the reader thread included); on a shared machine only the CPU time is comparable "
+        "(the reader threads included); on a shared machine only the CPU time is comparable "
         "across runs.",
         f"- generator and zarr runs of the same (n, d) give identical results.csv rows in "
         f"{sum(1 for v in both if v[0] == v[1])} of {len(both)} pairs.",
-        "- 'read s' is the time spent generating rows (generator; in the reader thread, "
-        "overlapped with the pass) or a raw read of the store after the pass (zarr).",
+        "- 'read s' is the time spent generating rows (generator; summed over the reader "
+        "threads, overlapped with the pass) or a raw read of the store after the pass (zarr).",
     ]
     if skipped:
         lines += ["", f"Skipped by the time budget ({cfg.time_budget_s} s):", ""]
