@@ -18,10 +18,10 @@ size default, a checkpoint or a head grid. The runner owns all of that:
 - **KV caches**: a recipe written for one head is lifted to a whole cache by running
   one copy per (layer, head) and wrapping each round's per-head operators in one
   ``MultiHead`` per name, so every head is served by the same read of each block;
-- **a memory budget**: before each read, the sum of the operators' ``nbytes_bound`` plus
-  the blocks in flight is compared with ``memory_limit``; a plan over it is refused with
-  ``MemoryBudgetError`` before any row is read, and the report records the projected
-  peak next to the measured peak RSS;
+- **a memory budget**: before each read, the sum of the operators' ``nbytes_bound``, the
+  blocks in flight and the threads' own buffers is compared with ``memory_limit``; a plan
+  over it is refused with ``MemoryBudgetError`` before any row is read, and the report
+  records the projected peak next to the measured peak RSS;
 - **prefix snapshots** (``run_pass(..., snapshots=(n1, n2, ...), on_snapshot=f)``): one
   read of the store, with ``f(n_i, ops)`` called when the operators hold exactly the first
   n_i rows, so a sweep over n costs one pass (the rows are read once, segment by segment,
@@ -44,6 +44,7 @@ from streamattn.engines import engine_session, run_operators
 from streamattn.errors import ConfigError, MemoryBudgetError
 from streamattn.io.checkpoint import RowWindow
 from streamattn.memory import peak_rss_bytes
+from streamattn.operators.gram_step import kernel_threads, work_bytes
 from streamattn.operators.multihead import MultiHead
 from streamattn.operators.protocol import Operator
 from streamattn.progress import progress_bar
@@ -233,10 +234,16 @@ def parse_bytes(value: int | str | None) -> int | None:
 
 def projected_bytes(source: KeySource | MultiHeadSource, ops: Sequence[Operator],
                     chunk_rows: int) -> dict[str, int]:
-    """The projected peak of one pass: operator states (``nbytes_bound``) plus blocks."""
+    """The projected peak of one pass: operator states (``nbytes_bound``), blocks in
+    flight, and the threads' own buffers: each reader thread's (a compressed store's frame
+    and chunk, ``reader_scratch_bytes``) and each kernel thread's work buffers
+    (``gram_step.work_bytes``; their number grows with the cores, not with n)."""
     states = sum(int(op.nbytes_bound(source.d)) for op in ops)
     blocks = blocks_in_flight(source) * chunk_rows * source.row_nbytes()
-    return {"operators": states, "blocks": blocks, "total": states + blocks}
+    threads = (source.READ_AHEAD * source.reader_scratch_bytes()
+               + kernel_threads(len(ops)) * work_bytes(source.d))
+    return {"operators": states, "blocks": blocks, "threads": threads,
+            "total": states + blocks + threads}
 
 
 # ---------------------------------------------------------------------------- the runner
@@ -263,7 +270,8 @@ class RunReport:
             "projected_peak_bytes": self.projected_peak_bytes,
             "measured_peak_rss_bytes": self.measured_peak_rss_bytes,
             "projection_note": "projected: sum of the operators' nbytes_bound plus "
-            "the blocks in flight (the one folded and the source's READ_AHEAD); measured: "
+            "the blocks in flight (the one folded and the source's READ_AHEAD) and the "
+            "reader and kernel threads' own buffers; measured: "
             "the process's peak RSS "
             "(interpreter, libraries and any earlier work included)",
             "passes": self.passes,
@@ -350,7 +358,8 @@ def _drive(
                 raise MemoryBudgetError(
                     f"{src.label}: the pass '{step.description}' needs up to "
                     f"{_mib(need['total'])} ({_mib(need['operators'])} of operator state, "
-                    f"{_mib(need['blocks'])} of blocks of {rows} rows), over memory_limit = "
+                    f"{_mib(need['blocks'])} of blocks of {rows} rows, "
+                    f"{_mib(need['threads'])} of thread buffers), over memory_limit = "
                     f"{_mib(limit)}; {what}. Lower chunk_rows, ask for fewer or smaller "
                     "sets, or raise memory_limit."
                 )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -290,3 +291,65 @@ def test_the_read_ahead_reads_its_blocks_side_by_side_and_yields_them_in_order()
         for b in Racing(x).blocks(CHUNK, prefetch=2):
             seen.append(b.start)
     assert seen == list(range(0, 7 * CHUNK, CHUNK))
+
+
+def _work_nbytes() -> tuple[str, int]:
+    """This thread's name and the bytes of its kernel work buffers."""
+    from streamattn.operators import gram_step
+
+    bufs = getattr(gram_step._local, "work", {})
+    return threading.current_thread().name, sum(b.nbytes for b in bufs.values())
+
+
+def _every_thread_of(pool: Any, threads: int) -> dict[str, int]:
+    """``_work_nbytes`` of each of the pool's threads (a barrier holds each to one task)."""
+    meet = threading.Barrier(threads, timeout=10)
+
+    def one(_: int) -> tuple[str, int]:
+        meet.wait()
+        return _work_nbytes()
+
+    return dict(pool.map(one, range(threads)))
+
+
+def test_the_projection_covers_the_threads_own_buffers(tmp_path: Path) -> None:
+    """The runner's ``threads`` term against the buffers the threads really hold after
+    passes that take every kernel (Gram, TRMM, the budget pass's scoring map; one head in
+    row spans, a cache's head lanes, small blocks in the caller), and a zstd store's reader
+    buffers."""
+    import streamattn as sa
+    from streamattn.operators import gram_step
+    from streamattn.operators.gram_step import STREAM_THREADS, kernel_threads, work_bytes
+    from streamattn.operators.multihead import _head_pool
+    from streamattn.sources import KeySource
+    from streamattn.sources.keys import _SCRATCH
+
+    d = 24
+    x = np.random.default_rng(1).standard_normal((40000, d)).astype(np.float32) * np.logspace(
+        0, -2, d).astype(np.float32)
+    for variant in ("plain", "affine"):
+        for rows in (16384, 1000):
+            sa.universal_sets(KeySource(x), [sa.Selection(eps=0.002, variant=variant),
+                                             sa.Selection(budget=300, variant=variant)],
+                              chunk_rows=rows)
+    cache, _ = cache_store(tmp_path / "kv.zarr")  # heads of d = 5, in the head lanes
+    sa.universal_sets(open_kv(cache), [sa.Selection(eps=0.05)], chunk_rows=CHUNK)
+    held = {**_every_thread_of(gram_step.pool(), STREAM_THREADS),
+            **_every_thread_of(_head_pool(), STREAM_THREADS), **dict([_work_nbytes()])}
+    assert max(held.values()) > 0.5 * work_bytes(d)  # the probe sees the buffers
+    assert all(b <= work_bytes(d) for b in held.values()), (held, work_bytes(d))
+    assert sum(1 for b in held.values() if b) <= kernel_threads(1)
+    # a zstd store: one reader thread's frame and chunk buffers, aligned and partial chunks
+    store = tmp_path / "z.zarr"
+    arr = zarr.create_array(str(store), shape=x.shape, dtype=x.dtype, chunks=(4096, d))
+    arr[...] = x
+    src = open_keys(store)
+    assert src.reader_scratch_bytes() > 4096 * d * 4
+
+    def read_both() -> int:
+        src.read(0, 4096)
+        src.read(100, 5000)
+        return sum(len(getattr(_SCRATCH, name, b"")) for name in ("frame", "chunk"))
+
+    with ThreadPoolExecutor(1) as one:
+        assert 4096 * d * 4 < one.submit(read_both).result() <= src.reader_scratch_bytes()

@@ -11,6 +11,7 @@ from conftest import svd_leverage
 import streamattn as sa
 from streamattn.errors import ConfigError, MemoryBudgetError
 from streamattn.operators.frequent_directions import FDSpec, FrequentDirections
+from streamattn.operators.gram_step import STREAM_THREADS
 from streamattn.recipes.universal import selection_recipe
 from streamattn.runner import OnePass, parse_bytes, run_recipes
 from streamattn.sources import KeySource
@@ -49,7 +50,11 @@ def test_plan_over_memory_limit_is_refused_before_any_read() -> None:
     # the leverage state: R, an open Gram window (7 x 16 x 16), <= d/eps candidates (row, index)
     state = out.report.passes[0]["projected_bytes"]["operators"]
     assert state == 8 * (7 * 16 * 16 + int(16 / 0.01) * (16 + 1))
-    assert report["projected_peak_bytes"] == state + 3 * 500 * 16 * 8
+    # + each kernel thread's work buffers (2048-row pieces: 16 + 2 x 4 + 16 + 17 + 16 + 17
+    # floats a row) for the stream pool, the head pool and the pass's one operator
+    threads = (2 * STREAM_THREADS + 1) * 8 * 2048 * 90
+    assert out.report.passes[0]["projected_bytes"]["threads"] == threads
+    assert report["projected_peak_bytes"] == state + 3 * 500 * 16 * 8 + threads
     assert report["measured_peak_rss_bytes"] > 0
     assert report["reads"] == 1
     tau, _ = svd_leverage(x)

@@ -183,6 +183,21 @@ def work_buffer(name: str, rows: int, cols: int) -> np.ndarray:
     return have[:size].reshape(rows, cols)
 
 
+def work_bytes(d: int) -> int:
+    """The most one thread's ``work_buffer`` buffers hold for keys of dimension d: pieces of
+    PIECE_ROWS rows of the Gram pass (d, and 2 × k ≤ SPLIT_MAX_FRACTION·d of the split
+    bound), the TRMM pass (d and d + 1) and the scoring map (d and ≤ d + 1)."""
+    k = int(SPLIT_MAX_FRACTION * d)
+    return 8 * PIECE_ROWS * (d + 2 * k + d + (d + 1) + d + (d + 1))
+
+
+def kernel_threads(operators: int) -> int:
+    """Threads that may hold kernel work buffers in a pass of this many operators: the
+    stream pool's, the head pool's (``MultiHead``) and one per operator folding in a
+    thread of its own (small blocks run their one span there)."""
+    return 2 * STREAM_THREADS + max(1, operators)
+
+
 def split_rows(m: int) -> list[tuple[int, int]]:
     """Contiguous row spans, ``SPANS_PER_THREAD`` per stream thread (fewer for small m),
     each a whole number of pieces (one span inside :func:`serial_rows`). Their results

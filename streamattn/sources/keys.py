@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -363,6 +363,14 @@ class _RawChunkReader:
         self.label = str(root)
         self.what = "key"  # how a missing chunk file names the array ("key", "value")
 
+    def scratch(self) -> tuple[int, int]:
+        """Bytes of this thread's frame and chunk buffers (``_scratch``) its reads take:
+        the largest frame of one chunk and one chunk; (0, 0) uncompressed."""
+        if self.codec is None:
+            return 0, 0
+        full = self.chunk_rows * self.row_bytes
+        return FRAMES[self.codec].largest(full), full
+
     @classmethod
     def of(cls, arr: Any) -> _RawChunkReader | None:
         """A reader when ``arr`` qualifies (zarr v2/v3, plain bytes, optionally zstd or
@@ -524,6 +532,13 @@ def raw_reader(arr: Any) -> _RawChunkReader | MemmapRows | None:
 _SCRATCH = threading.local()
 
 
+def scratch_bytes(readers: Iterable[_RawChunkReader | MemmapRows | None]) -> int:
+    """What one reader thread's ``_scratch`` buffers reach for these readers: each buffer
+    grows to the largest request, so the largest frame plus the largest chunk."""
+    sizes = [r.scratch() for r in readers if isinstance(r, _RawChunkReader)]
+    return max((f for f, _ in sizes), default=0) + max((c for _, c in sizes), default=0)
+
+
 def _scratch(name: str, size: int) -> memoryview:
     """This thread's byte buffer ``name`` of at least ``size`` bytes, kept for the next call."""
     buf = getattr(_SCRATCH, name, None)
@@ -576,6 +591,11 @@ class BlockStream:
     def row_nbytes(self) -> int:  # pragma: no cover - abstract
         """Bytes of one row as a block holds it (keys and values, every head)."""
         raise NotImplementedError
+
+    def reader_scratch_bytes(self) -> int:
+        """Bytes a reader thread keeps besides the block buffers (a compressed store's
+        frame and chunk buffers; 0 here)."""
+        return 0
 
     def rows_per_block(self, chunk_rows: int | None = None) -> int:
         """The block size of a pass: ``chunk_rows``, or the storage-aligned default.
@@ -751,6 +771,9 @@ class KeySource(BlockStream):
         return None
 
     # ------------------------------------------------------------------ layout
+    def reader_scratch_bytes(self) -> int:
+        return scratch_bytes((self._raw_keys, self._raw_values))
+
     def row_nbytes(self) -> int:
         values = 0 if self.values is None else int(np.prod(self.values.shape[1:]))
         vbytes = 0 if self.values is None else values * np.dtype(self.values.dtype).itemsize

@@ -59,6 +59,7 @@ from streamattn.sources.keys import (
     all_finite,
     block_buffer,
     raw_reader,
+    scratch_bytes,
     storage_order,
 )
 
@@ -223,6 +224,9 @@ class MultiHeadSource(BlockStream):
 
     def head(self, layer: int, head: int) -> HeadView:
         return HeadView(self, layer, head)
+
+    def reader_scratch_bytes(self) -> int:
+        return scratch_bytes(r for readers in self._raw.values() for r in readers)
 
     def row_nbytes(self) -> int:
         parts = [self._keys] if self._values is None else [self._keys, self._values]
