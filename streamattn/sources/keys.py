@@ -678,6 +678,8 @@ class KeySource(BlockStream):
     ----------
     keys
         Array-like of shape ``(n, d)`` with a float dtype (numpy, zarr, dask, memmap).
+        Its row slices are read from up to ``READ_AHEAD`` threads at once (and from the
+        Dask engine's tasks): slicing must be thread-safe, as it is for these.
     label
         How error messages name this input (a path and array name).
     values, queries
