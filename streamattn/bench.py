@@ -806,7 +806,8 @@ def flat_checks(rows: list[dict[str, Any]]) -> None:
             within = all(r[rss] - r["import_rss_bytes"] <= r["projected_peak_bytes"]
                          for r in group)
             big["rss_within_projection"] = within
-            big["rss_target"] += "; peak − import floor ≤ projected (states + blocks + thread buffers)"
+            big["rss_target"] += ("; peak − import floor ≤ projected (states + blocks + "
+                                  "thread buffers)")
             ok = ok and within
         big["meets_rss_target"] = bool(ok)
 
