@@ -91,6 +91,19 @@ def test_the_stream_threads_follow_the_affinity_mask_unless_set() -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["1"]
     assert child(code, STREAMATTN_STREAM_THREADS="4").split() == ["4"]
+    # no cap below the usable cores (the old default was min(2, cores) on every machine)
+    many = """
+        import os
+        os.sched_getaffinity = lambda pid: set(range(7))  # before streamattn is imported
+        from streamattn import cores
+        from streamattn.operators import gram_step
+        print(gram_step.STREAM_THREADS, cores.usable_cores())
+    """
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(many)], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    threads, usable = out.stdout.split()
+    assert threads == usable  # 7 unless a cgroup quota caps it
 
 
 KERNELS_AT_THREADS = """
